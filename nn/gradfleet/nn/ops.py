@@ -1,0 +1,356 @@
+"""Every differentiable operation and its derivative rule, in one place.
+
+Each op computes its forward value with NumPy and records a closure ``g -> grads`` that
+maps the upstream gradient to one gradient per input (the vector-Jacobian product).
+Elementwise ops broadcast; ``_unbroadcast`` sums gradients back to each input's shape.
+All rules are checked against finite differences in tests/nn/test_gradcheck.py.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from gradfleet.nn.tensor import ArrayLike, Tensor
+
+Axis = int | tuple[int, ...] | None
+
+
+def as_tensor(value: ArrayLike, like: Tensor | None = None) -> Tensor:
+    """Wrap a constant; Python scalars take ``like``'s dtype so float32 stays float32."""
+    if isinstance(value, Tensor):
+        return value
+    if like is not None and isinstance(value, int | float) and like.dtype.kind == "f":
+        return Tensor(np.asarray(value, dtype=like.dtype))
+    return Tensor(value)
+
+
+def _unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum ``grad`` over the axes that broadcasting added or stretched to reach ``shape``."""
+    if grad.shape == shape:
+        return grad
+    extra = grad.ndim - len(shape)
+    if extra:
+        grad = grad.sum(axis=tuple(range(extra)))
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if stretched:
+        grad = grad.sum(axis=stretched, keepdims=True)
+    return grad
+
+
+def _binary(a: ArrayLike, b: ArrayLike) -> tuple[Tensor, Tensor]:
+    if isinstance(a, Tensor):
+        return a, as_tensor(b, like=a)
+    b = as_tensor(b)
+    return as_tensor(a, like=b), b
+
+
+def add(a: ArrayLike, b: ArrayLike) -> Tensor:
+    a, b = _binary(a, b)
+    return Tensor._from_op(
+        "+",
+        a.data + b.data,
+        (a, b),
+        lambda g: (_unbroadcast(g, a.shape), _unbroadcast(g, b.shape)),
+    )
+
+
+def sub(a: ArrayLike, b: ArrayLike) -> Tensor:
+    a, b = _binary(a, b)
+    return Tensor._from_op(
+        "-",
+        a.data - b.data,
+        (a, b),
+        lambda g: (_unbroadcast(g, a.shape), _unbroadcast(-g, b.shape)),
+    )
+
+
+def mul(a: ArrayLike, b: ArrayLike) -> Tensor:
+    a, b = _binary(a, b)
+    return Tensor._from_op(
+        "*",
+        a.data * b.data,
+        (a, b),
+        lambda g: (_unbroadcast(g * b.data, a.shape), _unbroadcast(g * a.data, b.shape)),
+    )
+
+
+def div(a: ArrayLike, b: ArrayLike) -> Tensor:
+    a, b = _binary(a, b)
+    out = a.data / b.data
+    return Tensor._from_op(
+        "/",
+        out,
+        (a, b),
+        lambda g: (_unbroadcast(g / b.data, a.shape), _unbroadcast(-g * out / b.data, b.shape)),
+    )
+
+
+def power(a: ArrayLike, b: ArrayLike) -> Tensor:
+    """a ** b; the exponent may be a tensor too (d/db a**b = a**b · log a, for a > 0)."""
+    a, b = _binary(a, b)
+    out = a.data**b.data
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        grad_a = _unbroadcast(g * b.data * a.data ** (b.data - 1), a.shape)
+        if not b.requires_grad:
+            return grad_a, None
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_a = np.where(a.data > 0, np.log(np.where(a.data > 0, a.data, 1)), 0)
+        return grad_a, _unbroadcast(g * out * log_a, b.shape)
+
+    return Tensor._from_op("**", out, (a, b), backward)
+
+
+def neg(a: Tensor) -> Tensor:
+    return Tensor._from_op("neg", -a.data, (a,), lambda g: (-g,))
+
+
+def matmul(a: ArrayLike, b: ArrayLike) -> Tensor:
+    """Matrix product of 1-D or 2-D operands (batched products are not needed by an MLP)."""
+    a, b = _binary(a, b)
+    if a.ndim not in (1, 2) or b.ndim not in (1, 2):
+        raise ValueError(f"matmul takes 1-D or 2-D operands, got shapes {a.shape} and {b.shape}")
+    if a.shape[-1] != b.shape[0]:
+        raise ValueError(
+            f"matmul shapes do not match: {a.shape} @ {b.shape} "
+            f"(the last size of the left, {a.shape[-1]}, must equal the first of the right)"
+        )
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        a2 = a.data if a.ndim == 2 else a.data[None, :]
+        b2 = b.data if b.ndim == 2 else b.data[:, None]
+        g2 = g.reshape(a2.shape[0], b2.shape[1])
+        return (g2 @ b2.T).reshape(a.shape), (a2.T @ g2).reshape(b.shape)
+
+    return Tensor._from_op("@", a.data @ b.data, (a, b), backward)
+
+
+def _expand(g: np.ndarray, shape: tuple[int, ...], axis: Axis, keepdims: bool) -> np.ndarray:
+    """Give a reduced gradient back the reduced axes so it broadcasts over the input."""
+    if axis is not None and not keepdims:
+        g = np.expand_dims(g, axis)
+    elif axis is None and not keepdims:
+        g = np.reshape(g, (1,) * len(shape))
+    return np.broadcast_to(g, shape)
+
+
+def _count(shape: tuple[int, ...], axis: Axis) -> int:
+    if axis is None:
+        return math.prod(shape)
+    axes = (axis,) if isinstance(axis, int) else axis
+    return math.prod(shape[i] for i in axes)
+
+
+def sum(a: Tensor, axis: Axis = None, keepdims: bool = False) -> Tensor:
+    return Tensor._from_op(
+        "sum",
+        np.sum(a.data, axis=axis, keepdims=keepdims),
+        (a,),
+        lambda g: (_expand(g, a.shape, axis, keepdims),),
+    )
+
+
+def mean(a: Tensor, axis: Axis = None, keepdims: bool = False) -> Tensor:
+    n = _count(a.shape, axis)
+    return Tensor._from_op(
+        "mean",
+        np.mean(a.data, axis=axis, keepdims=keepdims),
+        (a,),
+        lambda g: (_expand(g, a.shape, axis, keepdims) / np.asarray(n, dtype=a.dtype),),
+    )
+
+
+def max(a: Tensor, axis: Axis = None, keepdims: bool = False) -> Tensor:
+    """Maximum; tied maxima share the gradient equally (a subgradient that sums to g)."""
+    out = np.max(a.data, axis=axis, keepdims=True)
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        mask = (a.data == out).astype(a.dtype)
+        mask /= mask.sum(axis=axis, keepdims=True)
+        return (mask * _expand(g, a.shape, axis, keepdims),)
+
+    value = out if keepdims else np.squeeze(out, axis=axis)
+    return Tensor._from_op("max", value, (a,), backward)
+
+
+def exp(a: Tensor) -> Tensor:
+    out = np.exp(a.data)
+    return Tensor._from_op("exp", out, (a,), lambda g: (g * out,))
+
+
+def log(a: Tensor) -> Tensor:
+    return Tensor._from_op("log", np.log(a.data), (a,), lambda g: (g / a.data,))
+
+
+def sqrt(a: Tensor) -> Tensor:
+    out = np.sqrt(a.data)
+    return Tensor._from_op("sqrt", out, (a,), lambda g: (g / (2 * out),))
+
+
+def tanh(a: Tensor) -> Tensor:
+    out = np.tanh(a.data)
+    return Tensor._from_op("tanh", out, (a,), lambda g: (g * (1 - out * out),))
+
+
+def stable_sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + e^-x) without overflow for large |x| (uses e^-|x| only)."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+
+def sigmoid(a: Tensor) -> Tensor:
+    out = stable_sigmoid(a.data)
+    return Tensor._from_op("sigmoid", out, (a,), lambda g: (g * out * (1 - out),))
+
+
+def relu(a: Tensor) -> Tensor:
+    # The derivative at exactly 0 is taken as 0, as in every mainstream framework;
+    # maximum(a, 0) would instead split the gradient at the tie.
+    mask = a.data > 0
+    return Tensor._from_op("relu", a.data * mask, (a,), lambda g: (g * mask,))
+
+
+def leaky_relu(a: Tensor, alpha: float = 0.01) -> Tensor:
+    slope = np.where(a.data > 0, 1, alpha).astype(a.dtype)
+    return Tensor._from_op("leaky_relu", a.data * slope, (a,), lambda g: (g * slope,))
+
+
+_GELU_C = math.sqrt(2 / math.pi)
+
+
+def gelu_forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GELU, tanh approximation (NumPy has no erf); returns (value, tanh term) for backward."""
+    t = np.tanh(_GELU_C * (x + 0.044715 * x**3))
+    return 0.5 * x * (1 + t), t
+
+
+def gelu_derivative(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * x * x)
+
+
+def gelu(a: Tensor) -> Tensor:
+    out, t = gelu_forward(a.data)
+    return Tensor._from_op("gelu", out, (a,), lambda g: (g * gelu_derivative(a.data, t),))
+
+
+def reshape(a: Tensor, *shape: Any) -> Tensor:
+    new_shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
+    return Tensor._from_op(
+        "reshape", a.data.reshape(new_shape), (a,), lambda g: (g.reshape(a.shape),)
+    )
+
+
+def transpose(a: Tensor, axes: tuple[int, ...] | None = None) -> Tensor:
+    inverse = None if axes is None else tuple(np.argsort(axes))
+    return Tensor._from_op(
+        "transpose",
+        np.transpose(a.data, axes),
+        (a,),
+        lambda g: (np.transpose(g, inverse),),
+    )
+
+
+def getitem(a: Tensor, index: Any) -> Tensor:
+    if isinstance(index, Tensor):
+        index = index.data
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        grad = np.zeros_like(a.data)
+        np.add.at(grad, index, g)  # repeated indices accumulate
+        return (grad,)
+
+    return Tensor._from_op("getitem", a.data[index], (a,), backward)
+
+
+def maximum(a: ArrayLike, b: ArrayLike) -> Tensor:
+    """Elementwise maximum; where a == b each side gets half the gradient."""
+    a, b = _binary(a, b)
+    share = np.where(a.data > b.data, 1.0, np.where(a.data == b.data, 0.5, 0.0)).astype(
+        np.result_type(a.dtype, b.dtype)
+    )
+    return Tensor._from_op(
+        "maximum",
+        np.maximum(a.data, b.data),
+        (a, b),
+        lambda g: (_unbroadcast(g * share, a.shape), _unbroadcast(g * (1 - share), b.shape)),
+    )
+
+
+def clip(a: Tensor, low: float | None, high: float | None) -> Tensor:
+    """Clamp to [low, high]; the gradient passes only where the value was inside."""
+    out = np.clip(a.data, low, high)
+    inside = np.ones(a.shape, dtype=bool)
+    if low is not None:
+        inside &= a.data >= low
+    if high is not None:
+        inside &= a.data <= high
+    return Tensor._from_op("clip", out, (a,), lambda g: (g * inside,))
+
+
+def log_softmax(a: Tensor, axis: int = -1) -> Tensor:
+    """log(softmax(a)), computed as a - max - log Σ exp(a - max) so it never overflows."""
+    shifted = a.data - np.max(a.data, axis=axis, keepdims=True)
+    out = shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+    softmax_values = np.exp(out)
+    return Tensor._from_op(
+        "log_softmax",
+        out,
+        (a,),
+        lambda g: (g - softmax_values * np.sum(g, axis=axis, keepdims=True),),
+    )
+
+
+def softmax(a: Tensor, axis: int = -1) -> Tensor:
+    shifted = np.exp(a.data - np.max(a.data, axis=axis, keepdims=True))
+    out = shifted / np.sum(shifted, axis=axis, keepdims=True)
+    return Tensor._from_op(
+        "softmax",
+        out,
+        (a,),
+        lambda g: (out * (g - np.sum(g * out, axis=axis, keepdims=True)),),
+    )
+
+
+def _attach() -> None:
+    """Give Tensor its operators and methods, all backed by the rules above."""
+    t = Tensor
+    t.__add__ = add  # type: ignore[method-assign,assignment]
+    t.__radd__ = lambda self, other: add(other, self)  # type: ignore[method-assign]
+    t.__sub__ = sub  # type: ignore[method-assign,assignment]
+    t.__rsub__ = lambda self, other: sub(other, self)  # type: ignore[method-assign]
+    t.__mul__ = mul  # type: ignore[method-assign,assignment]
+    t.__rmul__ = lambda self, other: mul(other, self)  # type: ignore[method-assign]
+    t.__truediv__ = div  # type: ignore[method-assign,assignment]
+    t.__rtruediv__ = lambda self, other: div(other, self)  # type: ignore[method-assign]
+    t.__matmul__ = matmul  # type: ignore[method-assign,assignment]
+    t.__rmatmul__ = lambda self, other: matmul(other, self)  # type: ignore[method-assign]
+    t.__pow__ = power  # type: ignore[method-assign,assignment]
+    t.__rpow__ = lambda self, other: power(other, self)  # type: ignore[method-assign]
+    t.__neg__ = neg  # type: ignore[method-assign,assignment]
+    t.__getitem__ = getitem  # type: ignore[method-assign,assignment]
+    for name, fn in {
+        "sum": sum,
+        "mean": mean,
+        "max": max,
+        "exp": exp,
+        "log": log,
+        "sqrt": sqrt,
+        "tanh": tanh,
+        "sigmoid": sigmoid,
+        "relu": relu,
+        "leaky_relu": leaky_relu,
+        "gelu": gelu,
+        "reshape": reshape,
+        "transpose": transpose,
+        "maximum": maximum,
+        "clip": clip,
+        "log_softmax": log_softmax,
+        "softmax": softmax,
+    }.items():
+        setattr(t, name, fn)
+    t.T = property(lambda self: transpose(self))  # type: ignore[attr-defined]
+
+
+_attach()
