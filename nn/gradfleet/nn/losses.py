@@ -57,7 +57,10 @@ def cross_entropy(logits: Tensor, labels: Any) -> Tensor:
 
 
 def binary_cross_entropy_with_logits(logits: Tensor, targets: Any) -> Tensor:
-    """Mean of max(z,0) − z·y + log(1 + e^−|z|): the stable form of −[y log σ(z) + (1−y) log(1−σ(z))]."""
+    """Mean of max(z,0) − z·y + log(1 + e^−|z|).
+
+    The stable form of −[y log σ(z) + (1−y) log(1−σ(z))]: it never exponentiates a large z.
+    """
     targets = _tensor(targets, logits)
     check_targets(targets.data, logits.shape)
     softplus_neg_abs = ops.log(1 + ops.exp(-ops.maximum(logits, -logits)))

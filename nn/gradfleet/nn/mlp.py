@@ -10,6 +10,7 @@ tests/nn/test_mlp.py checks it against the graph.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -60,7 +61,7 @@ class MLP(Module):
         self.dtype = check_dtype(dtype)
         rng = np.random.default_rng(self.seed)
         modules: list[Module] = []
-        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
             modules.append(Linear(fan_in, fan_out, self.dtype, _INIT_FOR[activation], rng))
             if i < len(sizes) - 2:
                 modules.append(_activation_module(activation, alpha))

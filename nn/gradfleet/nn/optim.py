@@ -55,7 +55,7 @@ class StepSchedule(Schedule):
 
 
 class CosineSchedule(Schedule):
-    """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_factor`` at ``total_steps``."""
+    """Linear warm-up for ``warmup_steps``, then cosine decay to ``min_factor`` at the end."""
 
     name = "cosine"
 
@@ -66,7 +66,8 @@ class CosineSchedule(Schedule):
             )
         if not isinstance(warmup_steps, int) or not 0 <= warmup_steps < total_steps:
             raise ValueError(
-                f"cosine schedule warmup_steps must be an integer in [0, total_steps), got {warmup_steps!r}"
+                "cosine schedule warmup_steps must be an integer in [0, total_steps), "
+                f"got {warmup_steps!r}"
             )
         self.total_steps, self.warmup_steps = total_steps, warmup_steps
         self.min_factor = _finite_number("cosine schedule min_factor", min_factor, 0.0, 1.0)
