@@ -1,0 +1,75 @@
+"""Local single-process mode: the whole job in one process, no Ray, no sockets.
+
+N virtual workers compute on the same per-worker batches as Ray workers would
+(``BatchPlan``), and their gradients are averaged exactly as the parameter server does:
+summed in float64 in worker order, divided by the count, cast to the model's dtype, then
+the same optimiser code. So a sync job gives the same weights here and on a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+from gradfleet.nn import MLP, make_optimizer
+from gradfleet.worker.batches import BatchPlan, shard_rows
+from gradfleet.worker.config import JobConfig
+from gradfleet.worker.datasets import ArrayDataset
+from gradfleet.worker.result import TrainResult, evaluate
+
+logger = logging.getLogger(__name__)
+ProgressFn = Callable[[dict[str, float]], None]
+
+
+def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResult:
+    """Run ``job`` in this process and return the trained model with its history."""
+    data = job.dataset
+    assert isinstance(data, ArrayDataset)
+    started = time.perf_counter()
+    model = MLP.from_spec(job.model_spec)
+    params = model.unflatten(model.flat)
+    optimizer = make_optimizer(job.optimizer)
+    shards = []
+    for worker in range(job.workers):
+        start, stop = shard_rows(len(data.x), worker, job.workers)
+        plan = BatchPlan(job.seed, worker, stop - start, job.rows_per_worker)
+        shards.append((data.x[start:stop], data.y[start:stop], plan))
+    grad = np.empty_like(model.flat)
+    grad_sum = np.empty(model.flat.shape, dtype=np.float64)
+    result = TrainResult(model=model, backend="local")
+    for step in range(job.total_steps):
+        step_started = time.perf_counter()
+        grad_sum[...] = 0.0
+        weighted_loss = 0.0
+        for x, y, plan in shards:
+            rows = plan.indices(step)
+            loss, _ = model.loss_and_grads(x[rows], y[rows], job.loss, out=grad)
+            np.add(grad_sum, grad, out=grad_sum)
+            weighted_loss += loss * len(rows)
+        mean_grad = (grad_sum / job.workers).astype(model.dtype)
+        optimizer.step(params, model.unflatten(mean_grad))
+        elapsed = time.perf_counter() - step_started
+        entry = {
+            "step": step + 1,
+            "loss": weighted_loss / job.batch_size,
+            "rows": job.batch_size,
+            "samples_per_s": job.batch_size / elapsed if elapsed > 0 else 0.0,
+            "wall_time": time.perf_counter() - started,
+        }
+        result.history.append(entry)
+        if job.eval_every and (step + 1) % job.eval_every == 0:
+            result.evaluations.append({"step": step + 1, **_evaluate(model, job)})
+        if progress is not None:
+            progress(entry | (result.evaluations[-1] if result.evaluations else {}))
+    result.final_metrics = {"steps": job.total_steps, **_evaluate(model, job)}
+    result.wall_time = time.perf_counter() - started
+    logger.info("local training finished: %s", result.final_metrics)
+    return result
+
+
+def _evaluate(model: MLP, job: JobConfig) -> dict[str, float]:
+    data = job.dataset
+    assert isinstance(data, ArrayDataset)
+    return evaluate(model, data.x_val, data.y_val, job.loss)

@@ -1,0 +1,60 @@
+"""What a training run returns, and the held-out evaluation every backend shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from gradfleet.nn import MLP
+
+
+@dataclass
+class TrainResult:
+    """The trained model and how it got there.
+
+    ``history`` holds one entry per step (step, loss, rows, samples_per_s, wall_time) and
+    ``evaluations`` one per held-out evaluation (step, val_loss, val_accuracy).
+    """
+
+    model: MLP
+    history: list[dict[str, float]] = field(default_factory=list)
+    evaluations: list[dict[str, float]] = field(default_factory=list)
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    wall_time: float = 0.0
+    backend: str = "local"
+    job_id: str = ""
+
+    @property
+    def weights(self) -> dict[str, np.ndarray]:
+        return self.model.state_dict()
+
+    @property
+    def losses(self) -> list[float]:
+        return [entry["loss"] for entry in self.history]
+
+
+def evaluate(
+    model: MLP, x: np.ndarray | None, y: np.ndarray | None, loss: str, batch: int = 4096
+) -> dict[str, float]:
+    """Mean loss (and accuracy for classification) of ``model`` on held-out rows."""
+    if x is None or y is None or len(x) == 0:
+        return {}
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(x), batch):
+        xb, yb = x[start : start + batch], y[start : start + batch]
+        logits = model.predict(xb)
+        if loss == "cross_entropy":
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+            total_loss -= float(log_probs[np.arange(len(yb)), yb].sum())
+            correct += int((logits.argmax(axis=1) == yb).sum())
+        else:
+            value, _ = model.loss_and_grads(xb, yb, loss)
+            total_loss += value * len(xb)
+            if loss == "binary_cross_entropy":
+                target = np.asarray(yb).reshape(logits.shape)
+                correct += int(((logits > 0) == (target > 0.5)).all(axis=1).sum())
+    metrics = {"val_loss": total_loss / len(x)}
+    if loss != "mse":
+        metrics["val_accuracy"] = correct / len(x)
+    return metrics
