@@ -1,0 +1,309 @@
+"""The ``gradfleet`` command: server, train, status, watch, evaluate, predict, export.
+
+Bad input (a missing file, an unknown config key, an unreachable server, a model file
+that is not ours) exits with status 2 and one line on stderr; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("gradfleet")
+
+DEFAULT_JOB: dict[str, Any] = {
+    "name": "digits-default",
+    "model": {"sizes": [64, 128, 10], "activation": "relu", "seed": 0},
+    "dataset": "digits",
+    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+    "batch_size": 64,
+    "epochs": 20,
+    "workers": 2,
+    "eval_every": 50,
+    "seed": 0,
+}
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradfleet",
+        description="Data-parallel MLP training: parameter server, Ray workers, NumPy core.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    commands.add_parser(
+        "server", help="run a parameter server in the foreground", add_help=False
+    ).add_argument("server_args", nargs=argparse.REMAINDER)
+
+    train = commands.add_parser("train", help="train a job (no CONFIG: the embedded default)")
+    train.add_argument("config", nargs="?", help="job description in TOML")
+    train.add_argument("--backend", choices=["local", "ray"], default="ray")
+    train.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    train.add_argument("--server", help="parameter server host:port (default: start one)")
+    train.add_argument("--token-file", help="file holding the server's bearer token")
+    train.add_argument("--workers", type=int, help="number of workers")
+    train.add_argument("--epochs", type=int, help="epochs (replaces steps)")
+    train.add_argument("--steps", type=int, help="steps (replaces epochs)")
+    train.add_argument("--batch-size", type=int, help="global batch size")
+    train.add_argument("--seed", type=int, help="random seed")
+    train.add_argument("--mode", choices=["sync", "async"], help="sync or async updates")
+    train.add_argument("--out", help="output folder (default: runs/<name>-<time>)")
+    train.add_argument("--no-progress", action="store_true", help="log lines, no progress bar")
+
+    status = commands.add_parser("status", help="show one job or list all jobs on a server")
+    status.add_argument("job", nargs="?")
+    _server_options(status)
+
+    watch = commands.add_parser("watch", help="follow a job's progress events")
+    watch.add_argument("job")
+    _server_options(watch)
+
+    evaluate = commands.add_parser("evaluate", help="held-out loss and accuracy of a saved model")
+    evaluate.add_argument("model", help="model folder or its model.npz")
+    evaluate.add_argument("--data", required=True, help="dataset name or path")
+    evaluate.add_argument("--labels", help="label file for .npy/IDX features")
+
+    predict = commands.add_parser("predict", help="predict classes for rows of a file")
+    predict.add_argument("model", help="model folder or its model.npz")
+    predict.add_argument("--input", required=True, help=".npy, .npz (array x) or .csv features")
+    predict.add_argument("--output", help="write predictions here (.npy or .csv); else stdout")
+
+    export = commands.add_parser("export", help="save a job's current weights as a model")
+    export.add_argument("job")
+    export.add_argument("--out", required=True, help="output folder")
+    _server_options(export)
+    return parser
+
+
+def _server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default="127.0.0.1:50051", help="server host:port")
+    parser.add_argument("--token-file", help="file holding the server's bearer token")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["server"]:
+        from gradfleet.server import main as server_main
+
+        return server_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.INFO - 10 * args.verbose + 10 * args.quiet
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("gradfleet: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"gradfleet: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or exc.__class__.__name__
+    return " ".join(text.split())
+
+
+def _token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read token file {path}: {exc.strerror}") from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gradfleet.client.reporting import ProgressReporter, write_run
+    from gradfleet.client.training import train
+    from gradfleet.worker.config import JobConfig
+
+    if args.config:
+        if not Path(args.config).is_file():
+            raise UsageError(f"config file {args.config} does not exist")
+        table = _read_toml(args.config)
+    else:
+        table = dict(DEFAULT_JOB)
+        logger.info("no config given: training the embedded default (digits, 2 workers)")
+    overrides = {
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "mode": args.mode,
+        "epochs": args.epochs,
+        "steps": args.steps,
+    }
+    table.update({k: v for k, v in overrides.items() if v is not None})
+    if args.epochs is not None:
+        table.pop("steps", None)
+    if args.steps is not None:
+        table.pop("epochs", None)
+    job = JobConfig.from_dict(table, args.config or "default job")
+    out = Path(args.out or f"runs/{job.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    reporter = ProgressReporter(job.total_steps, job.steps_per_epoch, enabled=not args.no_progress)
+    with reporter:
+        result = train(
+            job,
+            backend=args.backend,
+            address=args.ray_address,
+            server=args.server,
+            token=_token(args.token_file),
+            progress=reporter.update,
+        )
+    model_path = write_run(result, job, out)
+    accuracy = result.final_metrics.get("val_accuracy")
+    summary = (
+        f"held-out accuracy {accuracy:.2%}"
+        if accuracy is not None
+        else (f"held-out loss {result.final_metrics.get('val_loss', float('nan')):.4f}")
+    )
+    print(
+        f"trained {job.name} for {result.final_metrics['steps']} steps on {args.backend} in "
+        f"{result.wall_time:.1f}s: {summary}; model saved to {model_path}"
+    )
+    return 0
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path} is not valid TOML: {exc}") from None
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from gradfleet.client.sdk import Client
+
+    return Client(args.server, token=_token(args.token_file))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        handles = [client.job(args.job)] if args.job else client.list_jobs()
+        if not handles:
+            print("no jobs")
+        for handle in handles:
+            status = handle.status()
+            loss = f"{status.last_loss:.4f}" if status.last_loss is not None else "-"
+            print(
+                f"{status.job_id}  {status.state}  step {status.version}/{status.total_steps}  "
+                f"loss {loss}"
+            )
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for event in client.job(args.job).watch():
+            print(event)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from gradfleet.client.model_files import load_model
+    from gradfleet.worker.datasets import load_dataset
+    from gradfleet.worker.result import evaluate
+
+    model = load_model(args.model)
+    options = {"labels": args.labels} if args.labels else {}
+    data = load_dataset(args.data, validation_split=0.0, **options)
+    if data.num_features != model.sizes[0]:
+        raise UsageError(
+            f"{args.data} has {data.num_features} features, the model expects {model.sizes[0]}"
+        )
+    x = data.x.astype(model.dtype)
+    metrics = evaluate(model, x, data.y.astype(np.int64), "cross_entropy")
+    print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from gradfleet.client.model_files import load_model
+    from gradfleet.worker.datasets import load_csv
+
+    model = load_model(args.model)
+    path = Path(args.input)
+    if not path.is_file():
+        raise UsageError(f"input file {path} does not exist")
+    if path.suffix == ".csv":
+        x, _ = (
+            load_csv(path, label_column=-1)
+            if _has_label_column(path, model)
+            else (_csv_features(path), None)
+        )
+    elif path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            if "x" not in archive.files:
+                raise UsageError(f"{path} needs an array named 'x'")
+            x = archive["x"]
+    else:
+        x = np.load(path, allow_pickle=False)
+    x = np.asarray(x).reshape(len(x), -1)
+    if x.shape[1] != model.sizes[0]:
+        raise UsageError(
+            f"{path} rows have {x.shape[1]} features, the model expects {model.sizes[0]}"
+        )
+    predictions = model.predict(x).argmax(axis=1)
+    if args.output:
+        if args.output.endswith(".csv"):
+            np.savetxt(args.output, predictions, fmt="%d")
+        else:
+            np.save(args.output, predictions)
+        print(f"wrote {len(predictions)} predictions to {args.output}")
+    else:
+        sys.stdout.write("\n".join(str(int(p)) for p in predictions) + "\n")
+    return 0
+
+
+def _has_label_column(path: Path, model: Any) -> bool:
+    with open(path) as f:
+        first = f.readline()
+    return len(first.split(",")) == model.sizes[0] + 1
+
+
+def _csv_features(path: Path) -> np.ndarray:
+    from gradfleet.worker.datasets import load_csv
+
+    x, y = load_csv(path, label_column=-1)
+    return np.column_stack([x, y])
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gradfleet.client.model_files import save_model
+
+    with _client(args) as client:
+        model = client.job(args.job).model()
+    path = save_model(model, args.out)
+    print(f"saved job {args.job} to {path}")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "status": cmd_status,
+    "watch": cmd_watch,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "export": cmd_export,
+}

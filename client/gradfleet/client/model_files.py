@@ -1,0 +1,49 @@
+"""A trained model on disk: ``model.npz`` (weights, no pickle) beside ``model.json`` (spec)."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from gradfleet.nn import MLP
+
+FORMAT = "gradfleet.model/1"
+
+
+def save_model(model: MLP, directory: str | Path, extra: dict | None = None) -> Path:
+    """Write the weights and spec into ``directory``; returns the path of ``model.npz``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights_path = directory / "model.npz"
+    np.savez(weights_path, **model.state_dict())
+    meta = {"format": FORMAT, "spec": model.spec(), **(extra or {})}
+    (directory / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return weights_path
+
+
+def load_model(path: str | Path) -> MLP:
+    """Load a model saved by ``save_model`` from its directory or its ``model.npz``."""
+    path = Path(path)
+    weights_path = path / "model.npz" if path.is_dir() else path
+    meta_path = weights_path.with_suffix(".json")
+    if not weights_path.exists():
+        raise ValueError(f"no model at {path}: expected a model directory or its model.npz")
+    if not meta_path.exists():
+        raise ValueError(f"{weights_path} is not a gradfleet model: {meta_path.name} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{meta_path} is not a gradfleet model description: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path} is not a gradfleet model description ({FORMAT})")
+    model = MLP.from_spec(meta.get("spec"))
+    try:
+        with np.load(weights_path, allow_pickle=False) as archive:
+            weights = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{weights_path} is not a readable weights file: {exc}") from None
+    model.load_state_dict(weights)
+    return model

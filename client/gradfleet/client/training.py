@@ -1,0 +1,186 @@
+"""``train(job, backend=...)``: one job, run in this process or on Ray workers.
+
+``backend="local"`` runs everything in this process (no Ray, no sockets).
+``backend="ray"`` joins the Ray cluster at ``address`` / ``RAY_ADDRESS`` (or starts a
+local one), uses the parameter server at ``server`` (or starts one in this process on a
+free loopback port), creates the job, runs one worker actor per shard, and shuts down
+whatever it started — also on Ctrl-C and on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from gradfleet.nn import MLP
+from gradfleet.worker.config import JobConfig
+from gradfleet.worker.datasets import ArrayDataset
+from gradfleet.worker.local import train_local
+from gradfleet.worker.ps_client import ParameterServerClient
+from gradfleet.worker.result import TrainResult, evaluate
+
+logger = logging.getLogger(__name__)
+ProgressFn = Callable[[dict[str, float]], None]
+BACKENDS = ("local", "ray")
+
+
+def train(
+    job: JobConfig,
+    backend: str = "local",
+    *,
+    address: str | None = None,
+    server: str | None = None,
+    token: str | None = None,
+    progress: ProgressFn | None = None,
+    worker_options: Any = None,
+    checkpoint_dir: str | None = None,
+) -> TrainResult:
+    """Train ``job`` and return the trained model, its weights and history."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose 'local' or 'ray'")
+    if backend == "local":
+        return train_local(job, progress)
+    return _train_ray(job, address, server, token, progress, worker_options, checkpoint_dir)
+
+
+def _train_ray(
+    job: JobConfig,
+    address: str | None,
+    server: str | None,
+    token: str | None,
+    progress: ProgressFn | None,
+    worker_options: Any,
+    checkpoint_dir: str | None,
+) -> TrainResult:
+    started = time.perf_counter()
+    with _ray_session(address), _server_session(server, token, checkpoint_dir) as server_address:
+        from gradfleet.worker import ray_runner
+
+        client = ParameterServerClient(server_address, token=token)
+        group = None
+        try:
+            job_id = client.create_job(
+                model_spec=job.model_spec,
+                optimizer=job.optimizer,
+                mode=job.mode,
+                num_workers=job.workers,
+                backup_workers=job.backup_workers,
+                staleness_bound=job.staleness_bound,
+                checkpoint_every=job.checkpoint_every,
+                total_steps=job.total_steps,
+                seed=job.seed,
+                job_config=job.summary(),
+            )
+            logger.info(
+                "job %s on %s: %d steps, %d workers",
+                job_id,
+                server_address,
+                job.total_steps,
+                job.workers,
+            )
+            monitor = _Monitor(client, job_id, job, progress, started)
+            group = ray_runner.start_workers(job, server_address, job_id, token, worker_options)
+            timings = ray_runner.run_workers(group, poll=monitor.poll)
+            monitor.poll()
+            result = monitor.result(timings)
+        finally:
+            if group is not None:
+                ray_runner.stop_workers(group)
+            client.close()
+    result.wall_time = time.perf_counter() - started
+    return result
+
+
+class _Monitor:
+    """Follows the job on the server: step history, evaluations, progress callbacks."""
+
+    def __init__(
+        self,
+        client: ParameterServerClient,
+        job_id: str,
+        job: JobConfig,
+        progress: ProgressFn | None,
+        started: float,
+    ) -> None:
+        self.client, self.job_id, self.job = client, job_id, job
+        self.progress, self.started = progress, started
+        self.model = MLP.from_spec(job.model_spec)
+        self.history: list[dict[str, float]] = []
+        self.evaluations: list[dict[str, float]] = []
+        self.next_eval = job.eval_every or 0
+
+    def poll(self) -> None:
+        info = self.client.get_job(self.job_id, history_since=len(self.history))
+        for record in info.history:
+            if record.step < len(self.history):
+                continue
+            self.history.append(
+                {
+                    "step": record.step + 1,
+                    "loss": record.loss,
+                    "rows": record.rows,
+                    "samples_per_s": record.samples_per_sec,
+                    "wall_time": time.perf_counter() - self.started,
+                }
+            )
+        if self.next_eval and info.version >= self.next_eval:
+            version, _ = self.client.pull_weights(self.job_id, min_version=0, out=self.model.flat)
+            self.evaluations.append({"step": version, **self._evaluate()})
+            while self.next_eval <= info.version:
+                self.next_eval += self.job.eval_every
+        if self.progress is not None and self.history:
+            self.progress(self.history[-1] | (self.evaluations[-1] if self.evaluations else {}))
+
+    def _evaluate(self) -> dict[str, float]:
+        data = self.job.dataset
+        assert isinstance(data, ArrayDataset)
+        return evaluate(self.model, data.x_val, data.y_val, self.job.loss)
+
+    def result(self, timings: list[dict[str, float]]) -> TrainResult:
+        version, _ = self.client.pull_weights(self.job_id, min_version=0, out=self.model.flat)
+        metrics: dict[str, Any] = {"steps": version, **self._evaluate()}
+        metrics["worker_timings"] = timings
+        return TrainResult(
+            model=self.model,
+            history=self.history,
+            evaluations=self.evaluations,
+            final_metrics=metrics,
+            backend="ray",
+            job_id=self.job_id,
+        )
+
+
+@contextlib.contextmanager
+def _ray_session(address: str | None) -> Iterator[None]:
+    """Join the given cluster (or RAY_ADDRESS), else start a local one; stop only ours."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    target = address or os.environ.get("RAY_ADDRESS")
+    ray.init(
+        address=target, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _server_session(
+    server: str | None, token: str | None, checkpoint_dir: str | None
+) -> Iterator[str]:
+    """The given server's address, or a new in-process server on a free loopback port."""
+    if server:
+        yield server
+        return
+    from gradfleet.server import serve
+
+    with serve(host="127.0.0.1", port=0, token=token, checkpoint_dir=checkpoint_dir) as running:
+        yield running.address

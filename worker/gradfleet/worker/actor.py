@@ -1,0 +1,93 @@
+"""The gradient worker: pull weights at version v, compute on its shard, push, repeat.
+
+It runs as a Ray actor (see ``ray_runner``) but is a plain class, so it is also usable
+in a thread. It talks to the parameter server only over gRPC. Its batches depend only
+on (seed, v, worker), so a restarted worker simply asks the server for its current
+version and carries on: in sync mode nothing is lost and nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from gradfleet.nn import MLP
+from gradfleet.worker.batches import BatchPlan
+from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
+
+logger = logging.getLogger(__name__)
+
+
+class GradientWorker:
+    """One data-parallel worker owning one shard of the training data."""
+
+    def __init__(
+        self,
+        address: str,
+        job_id: str,
+        worker: int,
+        x: np.ndarray,
+        y: np.ndarray,
+        model_spec: dict[str, Any],
+        loss: str,
+        rows_per_worker: int,
+        seed: int,
+        total_steps: int,
+        mode: str = "sync",
+        token: str | None = None,
+        blas_threads: int = 1,
+    ) -> None:
+        # One BLAS thread per worker: workers share the node's cores with each other.
+        self._blas_limit = threadpool_limits(blas_threads)
+        self.job_id, self.worker, self.mode = job_id, worker, mode
+        self.x, self.y, self.loss = x, y, loss
+        self.total_steps = total_steps
+        self.model = MLP.from_spec(model_spec)
+        self.grad = np.empty_like(self.model.flat)
+        self.plan = BatchPlan(seed, worker, len(x), rows_per_worker)
+        self.client = ParameterServerClient(address, token=token)
+        self.timings = {"pull": 0.0, "compute": 0.0, "push": 0.0, "steps": 0, "stale": 0}
+
+    def pid(self) -> int:
+        """The worker's process id (tests use it to kill the process)."""
+        return os.getpid()
+
+    def run(self) -> dict[str, float]:
+        """Train until the job's version reaches ``total_steps``; return time per phase."""
+        version = 0
+        while True:
+            started = time.perf_counter()
+            version, _ = self.client.pull_weights(
+                self.job_id, min_version=version, out=self.model.flat
+            )
+            pulled = time.perf_counter()
+            if version >= self.total_steps:
+                break
+            rows = self.plan.indices(version)
+            loss, _ = self.model.loss_and_grads(
+                self.x[rows], self.y[rows], self.loss, out=self.grad
+            )
+            computed = time.perf_counter()
+            try:
+                ack_version = self.client.push_gradient(
+                    self.job_id, self.worker, version, len(rows), loss, self.grad
+                ).version
+            except ParameterServerError as exc:
+                if self.mode != "async" or exc.code != "FAILED_PRECONDITION":
+                    raise
+                ack_version = version + 1  # too stale: the server moved on; pull again
+                self.timings["stale"] += 1
+            pushed = time.perf_counter()
+            self.timings["pull"] += pulled - started
+            self.timings["compute"] += computed - pulled
+            self.timings["push"] += pushed - computed
+            self.timings["steps"] += 1
+            # Sync: wait for the step we pushed to close. Async: take whatever is newest.
+            version = version + 1 if self.mode == "sync" else max(version + 1, ack_version)
+        self.client.close()
+        return dict(self.timings)

@@ -1,0 +1,143 @@
+"""Launch one Ray actor per shard against a running parameter server and see the job through.
+
+Each shard is put in Ray's object store once and handed to its actor; actors are spread
+over nodes (SPREAD) and restarted by Ray when they die (``max_restarts``), and their
+``run`` task is retried on the restarted actor, which resumes at the server's version.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from gradfleet.worker.actor import GradientWorker
+from gradfleet.worker.batches import shard_rows
+from gradfleet.worker.config import JobConfig
+from gradfleet.worker.datasets import ArrayDataset
+
+logger = logging.getLogger(__name__)
+PollFn = Callable[[], None]
+
+
+class WorkersFailed(RuntimeError):
+    """The workers died more often than ``max_restarts`` allows; the job cannot finish."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self.args)
+
+
+@dataclass
+class WorkerOptions:
+    """How each worker actor is scheduled: CPUs, custom resources, restarts."""
+
+    num_cpus: float | None = None  # None: min(1, cluster CPUs / workers)
+    resources: dict[str, float] = field(default_factory=dict)
+    max_restarts: int = 3
+    blas_threads: int = 1
+
+
+@dataclass
+class WorkerGroup:
+    """The actors of one job and their shards in the object store.
+
+    The shard references are held here for the job's lifetime: a restarted actor reads
+    its constructor arguments again, so they must not go out of scope.
+    """
+
+    actors: list[Any]
+    shard_refs: list[Any]
+
+
+def start_workers(
+    job: JobConfig,
+    address: str,
+    job_id: str,
+    token: str | None = None,
+    options: WorkerOptions | None = None,
+) -> WorkerGroup:
+    """Create the actors (one per shard)."""
+    options = options or WorkerOptions()
+    data = job.dataset
+    assert isinstance(data, ArrayDataset)
+    num_cpus = options.num_cpus
+    if num_cpus is None:
+        num_cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / job.workers)
+    actor_class = ray.remote(GradientWorker).options(
+        num_cpus=num_cpus,
+        resources=options.resources or None,
+        max_restarts=options.max_restarts,
+        max_task_retries=-1 if options.max_restarts else 0,
+        scheduling_strategy="SPREAD",
+    )
+    actors, refs = [], []
+    for worker in range(job.workers):
+        start, stop = shard_rows(len(data.x), worker, job.workers)
+        # Top-level ObjectRef arguments are resolved by Ray: each actor reads its shard
+        # from the object store once, and again only if it is restarted.
+        x_ref, y_ref = ray.put(data.x[start:stop]), ray.put(data.y[start:stop])
+        refs += [x_ref, y_ref]
+        actors.append(
+            actor_class.remote(
+                address,
+                job_id,
+                worker,
+                x_ref,
+                y_ref,
+                job.model_spec,
+                job.loss,
+                job.rows_per_worker,
+                job.seed,
+                job.total_steps,
+                job.mode,
+                token,
+                options.blas_threads,
+            )
+        )
+    return actors
+
+
+def run_workers(
+    group: WorkerGroup, poll: PollFn | None = None, poll_every: float = 0.5
+) -> list[dict]:
+    """Run every actor's loop to the end, calling ``poll`` meanwhile; returns their timings."""
+    refs = [actor.run.remote() for actor in group.actors]
+    pending = list(refs)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_every)
+        if poll is not None:
+            poll()
+    try:
+        return ray.get(refs)
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as exc:
+        raise WorkersFailed(
+            f"workers died more often than max_restarts allows: {exc.__class__.__name__}"
+        ) from exc
+
+
+def stop_workers(group: WorkerGroup) -> None:
+    actors = group.actors
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already gone
+            logger.debug("actor already stopped", exc_info=True)
+    # Give Ray a moment to reap the processes so nothing of ours outlives train().
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(actors):
+        time.sleep(0.1)
+
+
+def _alive(actors: list[Any]) -> bool:
+    from ray.util.state import list_actors
+
+    ids = {actor._actor_id.hex() for actor in actors}
+    try:
+        states = list_actors(filters=[("state", "!=", "DEAD")], raise_on_missing_output=False)
+    except Exception:  # the state API needs the dashboard; without it, do not wait
+        return False
+    return any(a.actor_id in ids for a in states)
