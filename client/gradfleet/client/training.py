@@ -38,13 +38,21 @@ def train(
     progress: ProgressFn | None = None,
     worker_options: Any = None,
     checkpoint_dir: str | None = None,
+    server_placement: str = "driver",
 ) -> TrainResult:
-    """Train ``job`` and return the trained model, its weights and history."""
+    """Train ``job`` and return the trained model, its weights and history.
+
+    With ``backend="ray"`` and no ``server``, the parameter server runs in this process
+    (``server_placement="driver"``) or as a Ray actor: ``"head"`` pins it to the head
+    node, ``"node:<node id>"`` to a given node (see ``gradfleet.client.cluster``).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose 'local' or 'ray'")
     if backend == "local":
         return train_local(job, progress)
-    return _train_ray(job, address, server, token, progress, worker_options, checkpoint_dir)
+    return _train_ray(
+        job, address, server, token, progress, worker_options, checkpoint_dir, server_placement
+    )
 
 
 def _train_ray(
@@ -55,9 +63,13 @@ def _train_ray(
     progress: ProgressFn | None,
     worker_options: Any,
     checkpoint_dir: str | None,
+    server_placement: str,
 ) -> TrainResult:
     started = time.perf_counter()
-    with _ray_session(address), _server_session(server, token, checkpoint_dir) as server_address:
+    with (
+        _ray_session(address),
+        _server_session(server, token, checkpoint_dir, server_placement) as server_address,
+    ):
         from gradfleet.worker import ray_runner
 
         client = ParameterServerClient(server_address, token=token)
@@ -142,8 +154,16 @@ class _Monitor:
 
     def result(self, timings: list[dict[str, float]]) -> TrainResult:
         version, _ = self.client.pull_weights(self.job_id, min_version=0, out=self.model.flat)
+        counters = self.client.get_job(self.job_id, history=False).counters
         metrics: dict[str, Any] = {"steps": version, **self._evaluate()}
         metrics["worker_timings"] = timings
+        metrics["server_counters"] = {
+            "received": counters.received,
+            "accepted": counters.accepted,
+            "duplicate": counters.duplicate,
+            "dropped_late": counters.dropped_late,
+            "rejected": dict(counters.rejected),
+        }
         return TrainResult(
             model=self.model,
             history=self.history,
@@ -151,6 +171,7 @@ class _Monitor:
             final_metrics=metrics,
             backend="ray",
             job_id=self.job_id,
+            server_address=self.client.address,
         )
 
 
@@ -174,11 +195,17 @@ def _ray_session(address: str | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _server_session(
-    server: str | None, token: str | None, checkpoint_dir: str | None
+    server: str | None, token: str | None, checkpoint_dir: str | None, placement: str
 ) -> Iterator[str]:
-    """The given server's address, or a new in-process server on a free loopback port."""
+    """The given server's address, or a new server: in this process or as a Ray actor."""
     if server:
         yield server
+        return
+    if placement != "driver":
+        from gradfleet.client.cluster import server_actor_session
+
+        with server_actor_session(placement, token, checkpoint_dir) as address:
+            yield address
         return
     from gradfleet.server import serve
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from gradfleet.nn import MLP
 from gradfleet.nn.losses import LOSSES
 from gradfleet.nn.optim import Optimizer, make_optimizer
@@ -135,10 +136,13 @@ class JobConfig:
 
     @property
     def total_steps(self) -> int:
+        """Updates the job applies: one per closed step in sync mode, one per gradient in
+        async mode (so ``epochs`` means the same passes over the data in both)."""
         if self.steps is not None:
             return self.steps
         assert self.epochs is not None
-        return self.epochs * self.steps_per_epoch
+        per_epoch = self.steps_per_epoch * (self.workers if self.mode == "async" else 1)
+        return self.epochs * per_epoch
 
     def summary(self) -> dict[str, Any]:
         """The JSON-serialisable settings (model spec, no data arrays): saved with each run."""

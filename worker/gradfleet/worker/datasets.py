@@ -95,7 +95,7 @@ class ArrayDataset:
             bad = np.flatnonzero((labels != np.round(labels)) | (labels < 0) | (labels >= classes))
             if bad.size:
                 raise ValueError(
-                    f"{self.name}: {part} label {labels[bad[0]]!r} in row {bad[0]} is not a "
+                    f"{self.name}: {part} label {labels[bad[0]].item()} in row {bad[0]} is not a "
                     f"class index 0..{classes - 1}"
                 )
 

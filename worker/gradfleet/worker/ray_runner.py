@@ -98,7 +98,7 @@ def start_workers(
                 options.blas_threads,
             )
         )
-    return actors
+    return WorkerGroup(actors, refs)
 
 
 def run_workers(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from gradfleet.nn import MLP
 
 
@@ -23,6 +24,7 @@ class TrainResult:
     wall_time: float = 0.0
     backend: str = "local"
     job_id: str = ""
+    server_address: str = ""
 
     @property
     def weights(self) -> dict[str, np.ndarray]:

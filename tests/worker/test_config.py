@@ -1,0 +1,77 @@
+"""JobConfig validation and TOML loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradfleet import nn
+from gradfleet.worker.config import JobConfig
+from gradfleet.worker.datasets import ArrayDataset
+
+
+def small_data(classes: int = 3, rows: int = 60, features: int = 4) -> ArrayDataset:
+    rng = np.random.default_rng(0)
+    return ArrayDataset(
+        rng.standard_normal((rows, features)), rng.integers(0, classes, rows), validation_split=0.2
+    )
+
+
+def test_valid_job_knows_its_steps() -> None:
+    job = JobConfig(
+        model=nn.MLP([4, 8, 3]), dataset=small_data(), batch_size=8, epochs=2, workers=2
+    )
+
+    assert job.rows_per_worker == 4
+    assert job.shard_size == 24
+    assert job.total_steps == 2 * (24 // 4)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"batch_size": 9, "workers": 2}, "not divisible by workers"),
+        ({"workers": 0}, "workers must be at least 1"),
+        ({"optimizer": {"name": "rmsprop", "lr": 0.1}}, "unknown optimizer"),
+        ({"optimizer": {"name": "sgd", "lr": float("nan")}}, "learning rate"),
+        ({"model": {"type": "MLP", "sizes": [5, 8, 3]}}, "features but the model's input size"),
+        ({"model": {"type": "MLP", "sizes": [4, 8, 2]}}, "not a class index 0..1"),
+        ({"mode": "eventually"}, "mode must be"),
+        ({"backup_workers": 2, "workers": 2}, "backup_workers"),
+        ({"loss": "hinge"}, "unknown loss"),
+        ({"epochs": None}, "exactly one of epochs or steps"),
+        ({"steps": 3}, "exactly one of epochs or steps"),
+        ({"batch_size": 64}, "only 48"),
+    ],
+)
+def test_wrong_values_raise_one_clear_sentence(changes: dict, message: str) -> None:
+    settings = {"model": nn.MLP([4, 8, 3]), "dataset": small_data(), "batch_size": 8, "epochs": 1}
+    settings.update(changes)
+
+    with pytest.raises(ValueError, match=message):
+        JobConfig(**settings)
+
+
+def test_toml_round_trip_with_overrides(tmp_path: Path) -> None:
+    config = tmp_path / "job.toml"
+    config.write_text(
+        'name = "iris"\ndataset = "iris"\nbatch_size = 12\nepochs = 3\nworkers = 2\n'
+        '[model]\nsizes = [4, 16, 3]\nactivation = "tanh"\n'
+        '[optimizer]\nname = "adam"\nlr = 0.01\n'
+    )
+
+    job = JobConfig.from_toml(config, workers=3)
+
+    assert job.workers == 3
+    assert job.model_spec["activation"] == "tanh"
+    assert job.optimizer == {"name": "adam", "lr": 0.01}
+
+
+def test_toml_unknown_key_is_named(tmp_path: Path) -> None:
+    config = tmp_path / "job.toml"
+    config.write_text('dataset = "iris"\nepochs = 1\nlearning_rate = 3\n[model]\nsizes = [4, 3]\n')
+
+    with pytest.raises(ValueError, match="learning_rate"):
+        JobConfig.from_toml(config)
