@@ -44,8 +44,10 @@ class ProgressReporter:
 
     def update(self, entry: dict[str, float]) -> None:
         step = int(entry.get("step", self.done))
+        if step == self.done and step:
+            return  # nothing new since the last call
         fields = {
-            "epoch": step // self.steps_per_epoch + 1,
+            "epoch": (step - 1) // self.steps_per_epoch + 1,
             "loss": f"{entry.get('loss', float('nan')):.4f}",
             "samples/s": f"{entry.get('samples_per_s', 0):.0f}",
         }

@@ -6,6 +6,7 @@ import sys
 from typing import TextIO
 
 import numpy as np
+
 from gradfleet.nn.tensor import Tensor, gradients
 
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+
 from gradfleet.nn import ops
 from gradfleet.nn.tensor import Tensor
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from gradfleet.nn import ops
 from gradfleet.nn.layers import (
     GELU,

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import numpy as np
+
 from gradfleet.nn.tensor import ArrayLike, Tensor
 
 Axis = int | tuple[int, ...] | None

@@ -1,0 +1,218 @@
+"""The Python SDK for a running parameter server.
+
+    with Client("127.0.0.1:50051", token=...) as client:
+        handle = client.create_job(job)      # a JobConfig
+        handle.status(); handle.wait(); model = handle.model()
+
+Workers are launched by ``train(job, backend="ray", server=...)``; the SDK creates,
+inspects, follows, checkpoints, stops and deletes jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from gradfleet.client.errors import (
+    GradfleetError,
+    ServerUnavailable,
+    from_server_error,
+)
+from gradfleet.nn import MLP
+from gradfleet.proto.v1 import parameter_server_pb2 as pb
+from gradfleet.worker.config import JobConfig
+from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
+
+T = TypeVar("T")
+STATES = {
+    pb.JOB_STATE_RUNNING: "running",
+    pb.JOB_STATE_COMPLETED: "completed",
+    pb.JOB_STATE_STOPPED: "stopped",
+    pb.JOB_STATE_DELETED: "deleted",
+}
+FINISHED = ("completed", "stopped", "deleted")
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job_id: str
+    state: str
+    version: int
+    total_steps: int
+    last_loss: float | None
+    counters: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    job_id: str
+    version: int
+    state: str
+    step: int | None = None
+    loss: float | None = None
+    samples_per_s: float | None = None
+
+    def __str__(self) -> str:
+        if self.step is None:
+            return f"{self.job_id} {self.state} at version {self.version}"
+        return (
+            f"{self.job_id} step {self.step + 1} loss {self.loss:.4f} "
+            f"{self.samples_per_s:.0f} samples/s"
+        )
+
+
+def _translated(call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except ParameterServerError as exc:
+        raise from_server_error(exc) from None
+
+
+class Client:
+    """A connection to one gradfleet server; use it as a context manager."""
+
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        tls: str | Path | bytes | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.address = address
+        self._ps = ParameterServerClient(address, token=token, tls_root_cert=tls, timeout=timeout)
+        try:
+            self._ps.wait_ready(timeout=timeout)  # gRPC reconnects with backoff meanwhile
+        except ParameterServerError:
+            self._ps.close()
+            raise ServerUnavailable(
+                f"no gradfleet server at {address} (is `gradfleet server` running?)"
+            ) from None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._ps.close()
+
+    def create_job(self, job: JobConfig, job_id: str | None = None) -> JobHandle:
+        """Create ``job`` on the server (initial weights from its model spec)."""
+        created = _translated(
+            lambda: self._ps.create_job(
+                model_spec=job.model_spec,
+                optimizer=job.optimizer,
+                mode=job.mode,
+                num_workers=job.workers,
+                backup_workers=job.backup_workers,
+                staleness_bound=job.staleness_bound,
+                checkpoint_every=job.checkpoint_every,
+                total_steps=job.total_steps,
+                seed=job.seed,
+                job_config=job.summary(),
+                job_id=job_id,
+            )
+        )
+        return JobHandle(self, created)
+
+    def list_jobs(self) -> list[JobHandle]:
+        return [JobHandle(self, info.job_id) for info in _translated(self._ps.list_jobs)]
+
+    def job(self, job_id: str) -> JobHandle:
+        """A handle on an existing job; raises JobNotFound when there is none."""
+        handle = JobHandle(self, job_id)
+        handle.status()
+        return handle
+
+
+class JobHandle:
+    """One job on the server."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client, self.job_id = client, job_id
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.job_id!r} on {self.client.address})"
+
+    def _info(self, history: bool = False) -> pb.JobInfo:
+        return _translated(lambda: self.client._ps.get_job(self.job_id, history=history))
+
+    def status(self) -> JobStatus:
+        info = self._info(history=True)
+        counters = info.counters
+        return JobStatus(
+            job_id=info.job_id,
+            state=STATES.get(info.state, "unknown"),
+            version=info.version,
+            total_steps=info.spec.total_steps,
+            last_loss=info.history[-1].loss if info.history else None,
+            counters={
+                "received": counters.received,
+                "accepted": counters.accepted,
+                "duplicate": counters.duplicate,
+                "dropped_late": counters.dropped_late,
+                "rejected": dict(counters.rejected),
+            },
+        )
+
+    def watch(self, from_version: int = 0) -> Iterator[JobEvent]:
+        """Progress events (closed steps, state changes) until the job finishes."""
+        events = self.client._ps.watch(self.job_id, from_version=from_version)
+        try:
+            for event in events:
+                record = event.step if event.HasField("step") else None
+                yield JobEvent(
+                    job_id=event.job_id,
+                    version=event.version,
+                    state=STATES.get(event.state, "unknown"),
+                    step=record.step if record else None,
+                    loss=record.loss if record else None,
+                    samples_per_s=record.samples_per_sec if record else None,
+                )
+        except ParameterServerError as exc:
+            raise from_server_error(exc) from None
+
+    def wait(self, timeout: float | None = None, poll: float = 0.2) -> JobStatus:
+        """Block until the job completes or stops; raises TimeoutError after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if status.state in FINISHED:
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"job {self.job_id} is still {status.state} at step {status.version}/"
+                    f"{status.total_steps} after {timeout}s"
+                )
+            time.sleep(poll)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """The current weights by parameter name."""
+        return self.model().state_dict()
+
+    def model(self) -> MLP:
+        """A ready ``gradfleet.nn.MLP`` holding the job's current weights."""
+        info = self._info()
+        model = MLP.from_spec(json.loads(info.spec.model_spec_json))
+        _translated(lambda: self.client._ps.pull_weights(self.job_id, 0, out=model.flat))
+        return model
+
+    def checkpoint(self) -> str:
+        """Write a checkpoint now; returns its path on the server."""
+        return str(_translated(lambda: self.client._ps.checkpoint(self.job_id)).path)
+
+    def stop(self) -> None:
+        _translated(lambda: self.client._ps.stop_job(self.job_id))
+
+    def delete(self) -> None:
+        _translated(lambda: self.client._ps.delete_job(self.job_id))
+
+
+__all__ = ["Client", "GradfleetError", "JobEvent", "JobHandle", "JobStatus"]
