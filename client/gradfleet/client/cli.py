@@ -175,8 +175,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if accuracy is not None
         else (f"held-out loss {result.final_metrics.get('val_loss', float('nan')):.4f}")
     )
+    job_note = f" (job {result.job_id})" if result.job_id else ""
     print(
-        f"trained {job.name} for {result.final_metrics['steps']} steps on {args.backend} in "
+        f"trained {job.name}{job_note} for {result.final_metrics['steps']} steps on "
+        f"{args.backend} in "
         f"{result.wall_time:.1f}s: {summary}; model saved to {model_path}"
     )
     return 0
@@ -307,3 +309,7 @@ COMMANDS = {
     "predict": cmd_predict,
     "export": cmd_export,
 }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

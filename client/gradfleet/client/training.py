@@ -183,7 +183,9 @@ def _ray_session(address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    target = address or os.environ.get("RAY_ADDRESS")
+    # "local" starts a new instance: without it Ray would join any cluster that a
+    # `ray start` left running on this machine.
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(
         address=target, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True
     )

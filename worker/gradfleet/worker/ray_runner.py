@@ -59,8 +59,13 @@ def start_workers(
     job_id: str,
     token: str | None = None,
     options: WorkerOptions | None = None,
+    server_actor_name: str | None = None,
 ) -> WorkerGroup:
-    """Create the actors (one per shard)."""
+    """Create the actors (one per shard).
+
+    ``server_actor_name`` names the server's Ray actor when it runs as one: workers ask it
+    for the server's new address if the server moves to another node.
+    """
     options = options or WorkerOptions()
     data = job.dataset
     assert isinstance(data, ArrayDataset)
@@ -77,8 +82,8 @@ def start_workers(
     actors, refs = [], []
     for worker in range(job.workers):
         start, stop = shard_rows(len(data.x), worker, job.workers)
-        # Top-level ObjectRef arguments are resolved by Ray: each actor reads its shard
-        # from the object store once, and again only if it is restarted.
+        # Each shard is put once; Ray resolves these top-level references when it builds
+        # the actor (again only after a restart, which is why the group keeps them).
         x_ref, y_ref = ray.put(data.x[start:stop]), ray.put(data.y[start:stop])
         refs += [x_ref, y_ref]
         actors.append(
@@ -96,6 +101,7 @@ def start_workers(
                 job.mode,
                 token,
                 options.blas_threads,
+                server_actor_name,
             )
         )
     return WorkerGroup(actors, refs)
@@ -114,8 +120,9 @@ def run_workers(
     try:
         return ray.get(refs)
     except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WorkersFailed(
-            f"workers died more often than max_restarts allows: {exc.__class__.__name__}"
+            f"a worker died more often than max_restarts allows, so the job cannot finish: {reason}"
         ) from exc
 
 

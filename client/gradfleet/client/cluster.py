@@ -1,0 +1,174 @@
+"""The parameter server as a Ray actor pinned to a chosen node of the cluster.
+
+``train(..., server_placement="head")`` (or ``"node:<node id>"``) runs the server inside
+a named actor on that node, serving gRPC on the node's IP, and hands ``<node ip>:<port>``
+to the workers. The actor's name is published in the ``gradfleet`` namespace, so a
+worker that loses the server asks the actor for its current address
+(``resolve_server_address``). If the node dies and ``checkpoint_dir`` is a path every
+node can read, Ray restarts the actor on a surviving node and the server resumes every
+job from its last checkpoint; without it, the job fails with ``ServerLost``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from gradfleet.worker.actor import SERVER_ACTOR_NAMESPACE
+
+logger = logging.getLogger(__name__)
+
+HEAD_RESOURCE = "node:__internal_head__"
+# Ray restarts the server actor this often after its node dies (only with a checkpoint dir).
+SERVER_MAX_RESTARTS = 3
+# With shared storage, checkpoint at least this often so a lost node costs few steps.
+DEFAULT_CHECKPOINT_EVERY = 10
+
+
+class ServerLost(RuntimeError):
+    """The server actor's node died and the server could not be restarted."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self.args)
+
+
+class ServerActor:
+    """Runs a ``ParameterServer`` in a Ray actor process, bound to its node's IP."""
+
+    def __init__(
+        self, token: str | None, checkpoint_dir: str | None, checkpoint_every: int
+    ) -> None:
+        from gradfleet.server import ParameterServer, ServerConfig
+
+        # Bind the node's own address, not 0.0.0.0: reachable by the other nodes,
+        # not by every network the machine happens to be on.
+        config = ServerConfig(
+            host=ray.util.get_node_ip_address(),
+            port=0,
+            token=token,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every if checkpoint_dir else 0,
+        )
+        self.server = ParameterServer(config).start()
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def get_address(self) -> str:
+        """``<node ip>:<port>`` of the running server (changes when the actor restarts)."""
+        return self.server.address
+
+    def get_node_id(self) -> str:
+        """The node the server runs on (tests check the placement with it)."""
+        return self.node_id
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Graceful stop: drain calls, write a final checkpoint of every job."""
+        self.server.stop(grace)
+
+
+def resolve_node(placement: str) -> str:
+    """The node id (hex) that ``placement`` ("head" or "node:<node id>") names."""
+    alive = [node for node in ray.nodes() if node["Alive"]]
+    if placement == "head":
+        for node in alive:
+            if HEAD_RESOURCE in node["Resources"]:
+                return str(node["NodeID"])
+        raise ValueError("the Ray cluster reports no live head node to place the server on")
+    if placement.startswith("node:"):
+        node_id = placement.removeprefix("node:")
+        if any(node["NodeID"] == node_id for node in alive):
+            return node_id
+        known = ", ".join(str(node["NodeID"]) for node in alive)
+        raise ValueError(f"server_placement names node {node_id!r}, not a live node: {known}")
+    raise ValueError(
+        f"server_placement must be 'driver', 'head' or 'node:<node id>', got {placement!r}"
+    )
+
+
+def start_server_actor(
+    placement: str,
+    token: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    name: str | None = None,
+) -> tuple[Any, str]:
+    """Start the server actor on the chosen node; returns (actor handle, actor name)."""
+    node_id = resolve_node(placement)
+    name = name or f"gradfleet-server-{uuid.uuid4().hex[:8]}"
+    restartable = checkpoint_dir is not None
+    actor = (
+        ray.remote(ServerActor)
+        .options(
+            name=name,
+            namespace=SERVER_ACTOR_NAMESPACE,
+            num_cpus=0,  # it must fit on a head node that offers no CPUs to tasks
+            # Hard affinity cannot follow a dead node: with a checkpoint to resume from,
+            # ask softly so that Ray can restart the actor on a surviving node.
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=restartable),
+            max_restarts=SERVER_MAX_RESTARTS if restartable else 0,
+            max_task_retries=-1 if restartable else 0,
+        )
+        .remote(token, str(checkpoint_dir) if restartable else None, checkpoint_every)
+    )
+    placed = ray.get(actor.get_node_id.remote())
+    if placed != node_id:  # soft affinity only moves it when the node is gone
+        ray.kill(actor, no_restart=True)
+        raise RuntimeError(f"the server actor landed on node {placed}, not on {node_id}")
+    return actor, name
+
+
+def resolve_server_address(name: str, timeout: float = 120.0) -> str:
+    """The current address of the named server actor, waiting while Ray restarts it."""
+    actor = ray.get_actor(name, namespace=SERVER_ACTOR_NAMESPACE)
+    return str(ray.get(actor.get_address.remote(), timeout=timeout))
+
+
+@contextlib.contextmanager
+def server_actor_session(
+    placement: str,
+    token: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    *,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+) -> Iterator[str]:
+    """Run the server as an actor on ``placement`` for the block; yields its address.
+
+    The actor is owned by this driver, so it also ends if the driver dies. On leaving,
+    the server stops gracefully (final checkpoint) and the actor is killed.
+    """
+    actor, name = start_server_actor(placement, token, checkpoint_dir, checkpoint_every)
+    address = str(ray.get(actor.get_address.remote()))
+    logger.info("parameter server actor %s on %s (%s)", name, address, placement)
+    try:
+        yield address
+    except Exception as exc:
+        if checkpoint_dir is None and not _is_alive(actor):
+            raise ServerLost(
+                f"the parameter server's node died (actor {name}) and the job cannot "
+                "resume: pass checkpoint_dir, a path every node can read, to resume "
+                "from the last checkpoint"
+            ) from exc
+        raise
+    finally:
+        _stop(actor)
+
+
+def _is_alive(actor: Any) -> bool:
+    try:
+        ray.get(actor.get_node_id.remote(), timeout=10)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return False
+    return True
+
+
+def _stop(actor: Any) -> None:
+    with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        ray.get(actor.stop.remote(), timeout=30)
+    with contextlib.suppress(Exception):  # already gone
+        ray.kill(actor, no_restart=True)

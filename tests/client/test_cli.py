@@ -1,0 +1,164 @@
+"""The `gradfleet` command end to end, through real processes."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradfleet.client import Client
+from gradfleet.client.cli import build_parser
+
+pytestmark = [pytest.mark.integration]
+GRADFLEET = str(Path(sys.executable).with_name("gradfleet"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [GRADFLEET, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def server_address() -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [GRADFLEET, "server", "--port", str(port), "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        Client(address, timeout=30).close()  # waits until it answers
+        yield address
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_help_lists_every_subcommand() -> None:
+    result = run("--help")
+
+    assert result.returncode == 0
+    for command in ("server", "train", "status", "watch", "evaluate", "predict", "export"):
+        assert command in result.stdout
+    subcommands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert set(subcommands) == {
+        "server",
+        "train",
+        "status",
+        "watch",
+        "evaluate",
+        "predict",
+        "export",
+    }
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_status_predict_against_a_separate_server(
+    server_address: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "job.toml"
+    config.write_text(
+        'name = "iris-cli"\ndataset = "iris"\nbatch_size = 16\nepochs = 30\nworkers = 2\n'
+        '[model]\nsizes = [4, 16, 3]\n[optimizer]\nname = "sgd"\nlr = 0.1\nmomentum = 0.9\n'
+    )
+    out = tmp_path / "run"
+
+    trained = run("train", str(config), "--server", server_address, "--out", str(out))
+    job_id = re.search(r"\(job (\w+)\)", trained.stdout)
+    status = run("status", "--server", server_address)
+    rows = np.random.default_rng(0).standard_normal((7, 4))
+    np.save(tmp_path / "rows.npy", rows)
+    predicted = run(
+        "predict",
+        str(out),
+        "--input",
+        str(tmp_path / "rows.npy"),
+        "--output",
+        str(tmp_path / "pred.npy"),
+    )
+
+    assert trained.returncode == 0, trained.stderr
+    assert job_id is not None
+    assert {p.name for p in out.iterdir()} >= {
+        "model.npz",
+        "model.json",
+        "history.csv",
+        "history.json",
+        "config.json",
+    }
+    assert status.returncode == 0
+    assert f"{job_id.group(1)}  completed" in status.stdout
+    assert predicted.returncode == 0, predicted.stderr
+    with Client(server_address) as client:
+        expected = client.job(job_id.group(1)).model().predict(rows).argmax(axis=1)
+    np.testing.assert_array_equal(np.load(tmp_path / "pred.npy"), expected)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_embedded_default_job_reaches_90_percent(tmp_path: Path) -> None:
+    result = run("train", "--out", str(tmp_path / "default"), cwd=tmp_path)
+
+    accuracy = re.search(r"held-out accuracy ([\d.]+)%", result.stdout)
+    assert result.returncode == 0, result.stderr
+    assert accuracy is not None
+    assert float(accuracy.group(1)) >= 90.0
+    assert (tmp_path / "default" / "model.npz").exists()
+
+
+def bad_config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / f"bad-{len(list(tmp_path.glob('bad-*')))}.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing config", "does not exist"),
+        ("unknown key", "unknown key"),
+        ("wrong type", "batch_size must be an integer"),
+        ("not toml", "not valid TOML"),
+        ("unreachable server", "no gradfleet server at"),
+        ("foreign model file", "not a gradfleet model"),
+        ("missing model", "no model at"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(case: str, message: str, tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, w=np.zeros(3))
+    good = 'dataset = "iris"\nepochs = 1\n[model]\nsizes = [4, 3]\n'
+    args = {
+        "missing config": ["train", str(tmp_path / "nope.toml")],
+        "unknown key": ["train", bad_config(tmp_path, "colour = 'blue'\n" + good)],
+        "wrong type": ["train", bad_config(tmp_path, 'batch_size = "big"\n' + good)],
+        "not toml": ["train", bad_config(tmp_path, "this is = = not toml")],
+        "unreachable server": ["status", "--server", f"127.0.0.1:{free_port()}"],
+        "foreign model file": ["predict", str(foreign), "--input", str(foreign)],
+        "missing model": ["evaluate", str(tmp_path / "none"), "--data", "iris"],
+    }[case]
+
+    result = run(*args, "--backend", "local") if args[0] == "train" else run(*args)
+
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert lines[-1].startswith("gradfleet: error:")
+    assert message in lines[-1]
+    assert len([line for line in lines if line.startswith("gradfleet: error")]) == 1
