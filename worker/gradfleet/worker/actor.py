@@ -4,6 +4,11 @@ It runs as a Ray actor (see ``ray_runner``) but is a plain class, so it is also 
 in a thread. It talks to the parameter server only over gRPC. Its batches depend only
 on (seed, v, worker), so a restarted worker simply asks the server for its current
 version and carries on: in sync mode nothing is lost and nothing is counted twice.
+
+With ``server_actor_name`` (the server runs as a named Ray actor, see
+``gradfleet.client.cluster``), a worker that finds the server unreachable asks that actor
+for its current address: after a node loss Ray restarts the server elsewhere, it resumes
+from its last checkpoint, and the worker carries on from the server's version.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from gradfleet.worker.batches import BatchPlan
 from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
 
 logger = logging.getLogger(__name__)
+# Ray namespace of the named server actors (``gradfleet.client.cluster`` creates them).
+SERVER_ACTOR_NAMESPACE = "gradfleet"
 
 
 class GradientWorker:
@@ -41,6 +48,7 @@ class GradientWorker:
         mode: str = "sync",
         token: str | None = None,
         blas_threads: int = 1,
+        server_actor_name: str | None = None,
     ) -> None:
         # One BLAS thread per worker: workers share the node's cores with each other.
         self._blas_limit = threadpool_limits(blas_threads)
@@ -50,6 +58,7 @@ class GradientWorker:
         self.model = MLP.from_spec(model_spec)
         self.grad = np.empty_like(self.model.flat)
         self.plan = BatchPlan(seed, worker, len(x), rows_per_worker)
+        self.token, self.server_actor_name = token, server_actor_name
         self.client = ParameterServerClient(address, token=token)
         self.timings = {"pull": 0.0, "compute": 0.0, "push": 0.0, "steps": 0, "stale": 0}
 
@@ -62,9 +71,16 @@ class GradientWorker:
         version = 0
         while True:
             started = time.perf_counter()
-            version, _ = self.client.pull_weights(
-                self.job_id, min_version=version, out=self.model.flat
-            )
+            try:
+                version, _ = self.client.pull_weights(
+                    self.job_id, min_version=version, out=self.model.flat
+                )
+            except ParameterServerError as exc:
+                if exc.code != "UNAVAILABLE" or self.server_actor_name is None:
+                    raise
+                self._reconnect()
+                version = 0  # the server resumed from a checkpoint: take its version
+                continue
             pulled = time.perf_counter()
             if version >= self.total_steps:
                 break
@@ -78,6 +94,10 @@ class GradientWorker:
                     self.job_id, self.worker, version, len(rows), loss, self.grad
                 ).version
             except ParameterServerError as exc:
+                if exc.code == "UNAVAILABLE" and self.server_actor_name is not None:
+                    self._reconnect()
+                    version = 0
+                    continue
                 if self.mode != "async" or exc.code != "FAILED_PRECONDITION":
                     raise
                 ack_version = version + 1  # too stale: the server moved on; pull again
@@ -91,3 +111,21 @@ class GradientWorker:
             version = version + 1 if self.mode == "sync" else max(version + 1, ack_version)
         self.client.close()
         return dict(self.timings)
+
+    def _reconnect(self) -> None:
+        """Ask the named server actor for its address (Ray may be restarting it)."""
+        import ray
+
+        try:
+            server = ray.get_actor(self.server_actor_name, namespace=SERVER_ACTOR_NAMESPACE)
+            address = ray.get(server.get_address.remote(), timeout=300)
+        except (ValueError, ray.exceptions.RayActorError) as exc:
+            raise ParameterServerError(
+                "UNAVAILABLE",
+                f"the parameter server actor {self.server_actor_name} is gone and was not "
+                "restarted; give the job a checkpoint directory every node can read so that "
+                "it can resume after a node loss.",
+            ) from exc
+        logger.warning("worker %d: parameter server moved to %s", self.worker, address)
+        self.client.close()
+        self.client = ParameterServerClient(address, token=self.token)
