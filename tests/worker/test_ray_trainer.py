@@ -31,10 +31,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+STATE_API: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance() -> Any:
     # The dashboard serves Ray's state API, which these tests use to find actors.
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False)
+    context = ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_port=free_port(),
+        log_to_driver=False,
+    )
+    STATE_API["address"] = f"http://{context.dashboard_url}"
     yield
     ray.shutdown()
 
@@ -58,7 +68,9 @@ def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
 
 def our_live_actors() -> list[Any]:
     return list_actors(
-        filters=[("class_name", "=", "GradientWorker"), ("state", "!=", "DEAD")], detail=True
+        address=STATE_API["address"],
+        filters=[("class_name", "=", "GradientWorker"), ("state", "!=", "DEAD")],
+        detail=True,
     )
 
 

@@ -65,7 +65,7 @@ def _train_ray(
     checkpoint_dir: str | None,
     server_placement: str,
 ) -> TrainResult:
-    started = time.perf_counter()
+    started, started_unix = time.perf_counter(), time.time()
     with (
         _ray_session(address),
         _server_session(server, token, checkpoint_dir, server_placement) as server_address,
@@ -94,7 +94,7 @@ def _train_ray(
                 job.total_steps,
                 job.workers,
             )
-            monitor = _Monitor(client, job_id, job, progress, started)
+            monitor = _Monitor(client, job_id, job, progress, started_unix)
             group = ray_runner.start_workers(job, server_address, job_id, token, worker_options)
             timings = ray_runner.run_workers(group, poll=monitor.poll)
             monitor.poll()
@@ -136,12 +136,17 @@ class _Monitor:
                     "loss": record.loss,
                     "rows": record.rows,
                     "samples_per_s": record.samples_per_sec,
-                    "wall_time": time.perf_counter() - self.started,
+                    "wall_time": record.wall_time - self.started,  # applied, server clock
                 }
             )
         if self.next_eval and info.version >= self.next_eval:
             version, _ = self.client.pull_weights(self.job_id, min_version=0, out=self.model.flat)
-            self.evaluations.append({"step": version, **self._evaluate()})
+            applied = (
+                self.history[version - 1]["wall_time"]
+                if version <= len(self.history)
+                else (time.time() - self.started)
+            )
+            self.evaluations.append({"step": version, "wall_time": applied, **self._evaluate()})
             while self.next_eval <= info.version:
                 self.next_eval += self.job.eval_every
         if self.progress is not None and self.history:

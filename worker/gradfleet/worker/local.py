@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+
 from gradfleet.nn import MLP, make_optimizer
 from gradfleet.worker.batches import BatchPlan, shard_rows
 from gradfleet.worker.config import JobConfig
@@ -38,29 +39,40 @@ def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResu
         shards.append((data.x[start:stop], data.y[start:stop], plan))
     grad = np.empty_like(model.flat)
     grad_sum = np.empty(model.flat.shape, dtype=np.float64)
+    mean_grad = grad if job.workers == 1 else np.empty_like(model.flat)
+    mean_views = model.unflatten(mean_grad)
     result = TrainResult(model=model, backend="local")
+    evaluating = 0.0  # time spent on held-out evaluation, left out of wall_time
     for step in range(job.total_steps):
         step_started = time.perf_counter()
-        grad_sum[...] = 0.0
         weighted_loss = 0.0
-        for x, y, plan in shards:
+        for worker, (x, y, plan) in enumerate(shards):
             rows = plan.indices(step)
             loss, _ = model.loss_and_grads(x[rows], y[rows], job.loss, out=grad)
-            np.add(grad_sum, grad, out=grad_sum)
             weighted_loss += loss * len(rows)
-        mean_grad = (grad_sum / job.workers).astype(model.dtype)
-        optimizer.step(params, model.unflatten(mean_grad))
+            if job.workers > 1:  # one worker's mean is its gradient, bit for bit
+                if worker == 0:
+                    np.copyto(grad_sum, grad)
+                else:
+                    np.add(grad_sum, grad, out=grad_sum)
+        if job.workers > 1:
+            np.divide(grad_sum, job.workers, out=grad_sum)
+            np.copyto(mean_grad, grad_sum, casting="same_kind")
+        optimizer.step(params, mean_views)
         elapsed = time.perf_counter() - step_started
         entry = {
             "step": step + 1,
             "loss": weighted_loss / job.batch_size,
             "rows": job.batch_size,
             "samples_per_s": job.batch_size / elapsed if elapsed > 0 else 0.0,
-            "wall_time": time.perf_counter() - started,
+            "wall_time": time.perf_counter() - started - evaluating,
         }
         result.history.append(entry)
         if job.eval_every and (step + 1) % job.eval_every == 0:
-            result.evaluations.append({"step": step + 1, **_evaluate(model, job)})
+            eval_started = time.perf_counter()
+            metrics = {"step": step + 1, "wall_time": entry["wall_time"], **_evaluate(model, job)}
+            result.evaluations.append(metrics)
+            evaluating += time.perf_counter() - eval_started
         if progress is not None:
             progress(entry | (result.evaluations[-1] if result.evaluations else {}))
     result.final_metrics = {"steps": job.total_steps, **_evaluate(model, job)}

@@ -133,18 +133,12 @@ def stop_workers(group: WorkerGroup) -> None:
             ray.kill(actor, no_restart=True)
         except Exception:  # already gone
             logger.debug("actor already stopped", exc_info=True)
-    # Give Ray a moment to reap the processes so nothing of ours outlives train().
+    # Wait until Ray reports each actor dead, so nothing of ours outlives train().
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _alive(actors):
-        time.sleep(0.1)
-
-
-def _alive(actors: list[Any]) -> bool:
-    from ray.util.state import list_actors
-
-    ids = {actor._actor_id.hex() for actor in actors}
-    try:
-        states = list_actors(filters=[("state", "!=", "DEAD")], raise_on_missing_output=False)
-    except Exception:  # the state API needs the dashboard; without it, do not wait
-        return False
-    return any(a.actor_id in ids for a in states)
+    for actor in actors:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(actor.pid.remote(), timeout=1)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                break
+            time.sleep(0.05)

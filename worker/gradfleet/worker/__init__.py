@@ -1,0 +1,1 @@
+"""gradfleet workers: Ray actors, the trainer and local mode."""
