@@ -16,8 +16,8 @@ def _format(value: np.ndarray) -> str:
     return np.array2string(value, precision=4, threshold=8, separator=", ")
 
 
-def explain(output: Tensor, file: TextIO | None = sys.stdout, output_name: str = "y") -> str:
-    """Write and return each node's forward value and d(output)/d(node), in topological order.
+def explain(output: Tensor, file: TextIO | None = None, output_name: str = "y") -> str:
+    """Print (to ``file``, default stdout) and return each node's value and d(output)/d(node).
 
     Inputs keep their ``name`` (x1, x2, ...); intermediate nodes are named z1, z2, ... in
     the order they were computed; constants are shown inline. The graph is left intact.
@@ -59,6 +59,5 @@ def explain(output: Tensor, file: TextIO | None = sys.stdout, output_name: str =
         for row in rows
     ]
     text = "\n".join(lines) + "\n"
-    if file is not None:
-        file.write(text)
+    (file or sys.stdout).write(text)
     return text
