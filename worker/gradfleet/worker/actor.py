@@ -28,6 +28,8 @@ from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerErr
 logger = logging.getLogger(__name__)
 # Ray namespace of the named server actors (``gradfleet.client.cluster`` creates them).
 SERVER_ACTOR_NAMESPACE = "gradfleet"
+# Longest wait for a new version before re-syncing with the server's current one.
+PULL_WAIT = 10.0
 
 
 class GradientWorker:
@@ -49,6 +51,7 @@ class GradientWorker:
         token: str | None = None,
         blas_threads: int = 1,
         server_actor_name: str | None = None,
+        server_patience: float = 120.0,
     ) -> None:
         # One BLAS thread per worker: workers share the node's cores with each other.
         self._blas_limit = threadpool_limits(blas_threads)
@@ -61,6 +64,8 @@ class GradientWorker:
         self.token, self.server_actor_name = token, server_actor_name
         self.client = ParameterServerClient(address, token=token)
         self.timings = {"pull": 0.0, "compute": 0.0, "push": 0.0, "steps": 0, "stale": 0}
+        self.server_patience = server_patience
+        self._unavailable_since: float | None = None
 
     def pid(self) -> int:
         """The worker's process id (tests use it to kill the process)."""
@@ -70,47 +75,62 @@ class GradientWorker:
         """Train until the job's version reaches ``total_steps``; return time per phase."""
         version = 0
         while True:
-            started = time.perf_counter()
             try:
+                started = time.perf_counter()
                 version, _ = self.client.pull_weights(
-                    self.job_id, min_version=version, out=self.model.flat
+                    self.job_id, min_version=version, out=self.model.flat, timeout=PULL_WAIT
+                )
+                pulled = time.perf_counter()
+                if version >= self.total_steps:
+                    break
+                rows = self.plan.indices(version)
+                loss, _ = self.model.loss_and_grads(
+                    self.x[rows], self.y[rows], self.loss, out=self.grad
+                )
+                computed = time.perf_counter()
+                ack = self.client.push_gradient(
+                    self.job_id, self.worker, version, len(rows), loss, self.grad
                 )
             except ParameterServerError as exc:
-                if exc.code != "UNAVAILABLE" or self.server_actor_name is None:
-                    raise
-                self._reconnect()
-                version = 0  # the server resumed from a checkpoint: take its version
+                version = self._recover(exc)
                 continue
-            pulled = time.perf_counter()
-            if version >= self.total_steps:
-                break
-            rows = self.plan.indices(version)
-            loss, _ = self.model.loss_and_grads(
-                self.x[rows], self.y[rows], self.loss, out=self.grad
-            )
-            computed = time.perf_counter()
-            try:
-                ack_version = self.client.push_gradient(
-                    self.job_id, self.worker, version, len(rows), loss, self.grad
-                ).version
-            except ParameterServerError as exc:
-                if exc.code == "UNAVAILABLE" and self.server_actor_name is not None:
-                    self._reconnect()
-                    version = 0
-                    continue
-                if self.mode != "async" or exc.code != "FAILED_PRECONDITION":
-                    raise
-                ack_version = version + 1  # too stale: the server moved on; pull again
-                self.timings["stale"] += 1
-            pushed = time.perf_counter()
+            self._unavailable_since = None
             self.timings["pull"] += pulled - started
             self.timings["compute"] += computed - pulled
-            self.timings["push"] += pushed - computed
+            self.timings["push"] += time.perf_counter() - computed
             self.timings["steps"] += 1
             # Sync: wait for the step we pushed to close. Async: take whatever is newest.
-            version = version + 1 if self.mode == "sync" else max(version + 1, ack_version)
+            version = version + 1 if self.mode == "sync" else max(version + 1, ack.version)
         self.client.close()
         return dict(self.timings)
+
+    def _recover(self, exc: ParameterServerError) -> int:
+        """Decide how to go on after a failed call; returns the version to pull next (0 =
+        whatever the server has now). Anything but a known transient condition re-raises."""
+        if exc.code == "DEADLINE_EXCEEDED":
+            # No new version in PULL_WAIT: a peer is slow or restarting, or the server
+            # restarted from an older checkpoint. Re-sync; a repeated push is a duplicate.
+            return 0
+        if exc.code == "FAILED_PRECONDITION":
+            # Async: too stale. Sync: a step the server does not have (it went back to a
+            # checkpoint). Either way, take the server's current version.
+            self.timings["stale"] += self.mode == "async"
+            return 0
+        if exc.code != "UNAVAILABLE":
+            raise exc
+        if self.server_actor_name is not None:
+            self._reconnect()
+            return 0
+        now = time.monotonic()
+        self._unavailable_since = self._unavailable_since or now
+        if now - self._unavailable_since > self.server_patience:
+            raise ParameterServerError(
+                "UNAVAILABLE",
+                f"worker {self.worker} could not reach the parameter server for "
+                f"{self.server_patience:.0f}s; giving up",
+            ) from exc
+        time.sleep(0.5)
+        return 0
 
     def _reconnect(self) -> None:
         """Ask the named server actor for its address (Ray may be restarting it)."""
