@@ -1,0 +1,128 @@
+"""Dataset loaders and the checks that reject bad data before training starts."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradfleet.worker.datasets import (
+    SKLEARN_SETS,
+    ArrayDataset,
+    load_dataset,
+    load_mnist,
+    read_idx,
+)
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(">f4"): 0x0D}
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(
+        f">{array.ndim}i", *array.shape
+    )
+    data = header + array.tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_round_trip(tmp_path: Path, compress: bool) -> None:
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / ("images.idx.gz" if compress else "images.idx")
+    write_idx(path, images, compress)
+
+    loaded = read_idx(path)
+
+    np.testing.assert_array_equal(loaded, images)
+
+
+def test_idx_with_a_wrong_byte_count_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "short.idx"
+    path.write_bytes(bytes([0, 0, 0x08, 1]) + struct.pack(">i", 10) + b"\x00" * 9)
+
+    with pytest.raises(ValueError, match="9 bytes, the header promises 10"):
+        read_idx(path)
+
+
+def test_the_real_mnist_split(mnist_dir: Path) -> None:
+    data = load_mnist(mnist_dir)
+
+    assert data.x.shape == (8000, 784)
+    assert data.x_val is not None and data.x_val.shape == (2000, 784)
+    assert data.x.dtype == np.float32
+    assert data.x.min() >= 0.0 and data.x.max() <= 1.0
+    assert set(np.unique(data.y)) == set(range(10))
+
+
+@pytest.mark.parametrize("name", SKLEARN_SETS)
+def test_bundled_sets_load_offline_and_standardise_on_training_rows(name: str) -> None:
+    data = load_dataset(name)
+
+    assert data.x_val is not None and len(data.x_val) > 0
+    np.testing.assert_allclose(data.x.mean(axis=0), 0.0, atol=1e-9)
+    assert abs(float(data.x_val.mean())) > 1e-12  # held-out rows are not fitted
+
+
+def test_npz_npy_and_csv_sources(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).standard_normal((20, 3))
+    y = np.arange(20) % 2
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    np.savetxt(
+        tmp_path / "d.csv",
+        np.column_stack([x, y]),
+        delimiter=",",
+        header="a,b,c,label",
+        comments="",
+    )
+
+    sources = [
+        load_dataset(tmp_path / "d.npz", validation_split=0.25),
+        load_dataset(tmp_path / "x.npy", validation_split=0.25, labels=tmp_path / "y.npy"),
+        load_dataset(tmp_path / "d.csv", validation_split=0.25, label_column="label"),
+    ]
+
+    for data in sources:
+        np.testing.assert_allclose(data.x, x[:15])
+        np.testing.assert_array_equal(data.y, y[:15])
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("1,2,0\n3,4\n", "line 2 has 2 columns, expected 3"),
+        ("1,2,0\n3,x,1\n", "line 2, column 2 is not a number"),
+        ("1,2,0\n3,nan,1\n", "row 1, column 1 is nan"),
+    ],
+)
+def test_bad_csv_names_the_line_or_column(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+
+    with pytest.raises(ValueError, match=message) as caught:
+        load_dataset(path, validation_split=0.0)
+
+    assert "bad.csv" in str(caught.value)
+
+
+def test_labels_outside_the_classes_name_the_row() -> None:
+    data = ArrayDataset(np.zeros((4, 2)), np.array([0, 1, 5, 1]))
+
+    with pytest.raises(ValueError, match=r"label 5 in row 2 is not a class index 0\.\.2"):
+        data.check_labels(3)
+
+
+def test_ragged_rows_are_refused() -> None:
+    with pytest.raises(ValueError, match="ragged"):
+        ArrayDataset([[1.0, 2.0], [3.0]], [0, 1])
+
+
+def test_unknown_source_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no dataset at"):
+        load_dataset(tmp_path / "missing.npz")
+    with pytest.raises(ValueError, match="unknown format"):
+        (tmp_path / "data.parquet").write_text("x")
+        load_dataset(tmp_path / "data.parquet")
