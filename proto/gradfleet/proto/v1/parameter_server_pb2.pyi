@@ -1,0 +1,315 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT64: _ClassVar[DType]
+
+class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODE_UNSPECIFIED: _ClassVar[Mode]
+    MODE_SYNC: _ClassVar[Mode]
+    MODE_ASYNC: _ClassVar[Mode]
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_COMPLETED: _ClassVar[JobState]
+    JOB_STATE_STOPPED: _ClassVar[JobState]
+    JOB_STATE_DELETED: _ClassVar[JobState]
+
+class PushOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PUSH_OUTCOME_UNSPECIFIED: _ClassVar[PushOutcome]
+    PUSH_OUTCOME_ACCEPTED: _ClassVar[PushOutcome]
+    PUSH_OUTCOME_DUPLICATE: _ClassVar[PushOutcome]
+    PUSH_OUTCOME_DROPPED_LATE: _ClassVar[PushOutcome]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT64: DType
+MODE_UNSPECIFIED: Mode
+MODE_SYNC: Mode
+MODE_ASYNC: Mode
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_COMPLETED: JobState
+JOB_STATE_STOPPED: JobState
+JOB_STATE_DELETED: JobState
+PUSH_OUTCOME_UNSPECIFIED: PushOutcome
+PUSH_OUTCOME_ACCEPTED: PushOutcome
+PUSH_OUTCOME_DUPLICATE: PushOutcome
+PUSH_OUTCOME_DROPPED_LATE: PushOutcome
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "shape", "offset")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class Layout(_message.Message):
+    __slots__ = ("dtype", "tensors")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+
+class JobSpec(_message.Message):
+    __slots__ = ("model_spec_json", "optimizer_json", "mode", "num_workers", "backup_workers", "staleness_bound", "checkpoint_every", "total_steps", "seed", "job_config_json")
+    MODEL_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_BOUND_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    JOB_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    model_spec_json: str
+    optimizer_json: str
+    mode: Mode
+    num_workers: int
+    backup_workers: int
+    staleness_bound: int
+    checkpoint_every: int
+    total_steps: int
+    seed: int
+    job_config_json: str
+    def __init__(self, model_spec_json: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., job_config_json: _Optional[str] = ...) -> None: ...
+
+class CreateJobRequest(_message.Message):
+    __slots__ = ("job_id", "spec", "initial_layout", "initial_weights")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    spec: JobSpec
+    initial_layout: Layout
+    initial_weights: bytes
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., initial_layout: _Optional[_Union[Layout, _Mapping]] = ..., initial_weights: _Optional[bytes] = ...) -> None: ...
+
+class CreateJobResponse(_message.Message):
+    __slots__ = ("job_id", "created", "layout", "version")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    created: bool
+    layout: Layout
+    version: int
+    def __init__(self, job_id: _Optional[str] = ..., created: _Optional[bool] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class StepRecord(_message.Message):
+    __slots__ = ("step", "loss", "rows", "samples_per_sec", "wall_time", "contributors")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_SEC_FIELD_NUMBER: _ClassVar[int]
+    WALL_TIME_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    loss: float
+    rows: int
+    samples_per_sec: float
+    wall_time: float
+    contributors: int
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., rows: _Optional[int] = ..., samples_per_sec: _Optional[float] = ..., wall_time: _Optional[float] = ..., contributors: _Optional[int] = ...) -> None: ...
+
+class JobCounters(_message.Message):
+    __slots__ = ("received", "accepted", "duplicate", "dropped_late", "rejected")
+    class RejectedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_LATE_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    received: int
+    accepted: int
+    duplicate: int
+    dropped_late: int
+    rejected: _containers.ScalarMap[str, int]
+    def __init__(self, received: _Optional[int] = ..., accepted: _Optional[int] = ..., duplicate: _Optional[int] = ..., dropped_late: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class JobInfo(_message.Message):
+    __slots__ = ("job_id", "spec", "state", "version", "layout", "history", "counters", "created_at", "last_checkpoint_version")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHECKPOINT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    spec: JobSpec
+    state: JobState
+    version: int
+    layout: Layout
+    history: _containers.RepeatedCompositeFieldContainer[StepRecord]
+    counters: JobCounters
+    created_at: float
+    last_checkpoint_version: int
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., version: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., history: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., counters: _Optional[_Union[JobCounters, _Mapping]] = ..., created_at: _Optional[float] = ..., last_checkpoint_version: _Optional[int] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id", "history_since_step", "omit_history")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_SINCE_STEP_FIELD_NUMBER: _ClassVar[int]
+    OMIT_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    history_since_step: int
+    omit_history: bool
+    def __init__(self, job_id: _Optional[str] = ..., history_since_step: _Optional[int] = ..., omit_history: _Optional[bool] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class DeleteJobResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StopJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CheckpointJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CheckpointJobResponse(_message.Message):
+    __slots__ = ("version", "path")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    path: str
+    def __init__(self, version: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
+
+class PullWeightsRequest(_message.Message):
+    __slots__ = ("job_id", "min_version")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    min_version: int
+    def __init__(self, job_id: _Optional[str] = ..., min_version: _Optional[int] = ...) -> None: ...
+
+class WeightsHeader(_message.Message):
+    __slots__ = ("version", "layout", "total_bytes", "state")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    layout: Layout
+    total_bytes: int
+    state: JobState
+    def __init__(self, version: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., total_bytes: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ...) -> None: ...
+
+class PullWeightsResponse(_message.Message):
+    __slots__ = ("header", "offset", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: WeightsHeader
+    offset: int
+    data: bytes
+    def __init__(self, header: _Optional[_Union[WeightsHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PushHeader(_message.Message):
+    __slots__ = ("job_id", "worker", "step", "rows", "loss", "dtype", "total_bytes", "layout")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    worker: int
+    step: int
+    rows: int
+    loss: float
+    dtype: DType
+    total_bytes: int
+    layout: Layout
+    def __init__(self, job_id: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., rows: _Optional[int] = ..., loss: _Optional[float] = ..., dtype: _Optional[_Union[DType, str]] = ..., total_bytes: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ...) -> None: ...
+
+class PushGradientRequest(_message.Message):
+    __slots__ = ("header", "offset", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: PushHeader
+    offset: int
+    data: bytes
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PushAck(_message.Message):
+    __slots__ = ("outcome", "version", "step")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    outcome: PushOutcome
+    version: int
+    step: int
+    def __init__(self, outcome: _Optional[_Union[PushOutcome, str]] = ..., version: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class WatchJobRequest(_message.Message):
+    __slots__ = ("job_id", "from_version")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    from_version: int
+    def __init__(self, job_id: _Optional[str] = ..., from_version: _Optional[int] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("job_id", "version", "state", "step")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    version: int
+    state: JobState
+    step: StepRecord
+    def __init__(self, job_id: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[_Union[StepRecord, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,375 @@
+"""Wire codec shared by the parameter server and its clients.
+
+A job's tensors live in one flat little-endian buffer of a single dtype; a `FlatLayout`
+names every tensor with its shape and element offset. Data moves as raw byte chunks
+(about 1 MiB by default); the receiving side writes each chunk into a preallocated
+array through `np.frombuffer` and `ChunkAssembler` checks that the chunks tile the
+buffer exactly (no overlap, no hole, exact byte count).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradfleet.proto.v1 import parameter_server_pb2 as pb
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+MIN_CHUNK_BYTES = 4096
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
+_DTYPE_TO_PROTO: dict[np.dtype, int] = {
+    np.dtype("<f4"): pb.DTYPE_FLOAT32,
+    np.dtype("<f8"): pb.DTYPE_FLOAT64,
+}
+_PROTO_TO_DTYPE: dict[int, np.dtype] = {v: k for k, v in _DTYPE_TO_PROTO.items()}
+DTYPE_NAMES = {pb.DTYPE_FLOAT32: "float32", pb.DTYPE_FLOAT64: "float64"}
+
+
+class WireError(ValueError):
+    """A malformed layout, dtype or chunk; the message is one sentence for the caller."""
+
+
+def dtype_to_proto(dtype: np.dtype | str | type) -> int:
+    """Map a NumPy dtype to the proto enum (float32 and float64 only)."""
+    dt = np.dtype(dtype).newbyteorder("<")
+    if dt not in _DTYPE_TO_PROTO:
+        raise WireError(f"dtype {np.dtype(dtype).name} is not supported; use float32 or float64.")
+    return _DTYPE_TO_PROTO[dt]
+
+
+def dtype_from_proto(value: int) -> np.dtype:
+    """Map a proto dtype enum to a little-endian NumPy dtype."""
+    if value not in _PROTO_TO_DTYPE:
+        raise WireError(f"dtype enum {value} is not supported; use DTYPE_FLOAT32 or DTYPE_FLOAT64.")
+    return _PROTO_TO_DTYPE[value]
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor in the flat buffer: element offset and shape."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Names, shapes and element offsets of every tensor in one flat buffer."""
+
+    dtype: np.dtype
+    entries: tuple[TensorEntry, ...]
+
+    @property
+    def total_elements(self) -> int:
+        return sum(e.size for e in self.entries)
+
+    @property
+    def nbytes(self) -> int:
+        return self.total_elements * self.dtype.itemsize
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> FlatLayout:
+        """Lay out named arrays back to back, in the mapping's order."""
+        if not arrays:
+            raise WireError("a model needs at least one tensor.")
+        dtypes = {np.dtype(a.dtype) for a in arrays.values()}
+        if len(dtypes) != 1:
+            raise WireError("all tensors of a model must share one dtype.")
+        dtype = np.dtype(dtypes.pop()).newbyteorder("<")
+        dtype_to_proto(dtype)
+        entries, offset = [], 0
+        for name, array in arrays.items():
+            entries.append(TensorEntry(name, tuple(int(d) for d in array.shape), offset))
+            offset += int(array.size)
+        return cls(dtype, tuple(entries))
+
+    @classmethod
+    def from_proto(cls, msg: pb.Layout) -> FlatLayout:
+        """Parse and validate a Layout: tensors back to back, unique names, no holes."""
+        dtype = dtype_from_proto(msg.dtype)
+        if not msg.tensors:
+            raise WireError("the layout lists no tensors.")
+        entries, expected, names = [], 0, set()
+        for t in msg.tensors:
+            if not t.name or t.name in names:
+                raise WireError(f"tensor name {t.name!r} is empty or repeated in the layout.")
+            if any(d < 0 for d in t.shape):
+                raise WireError(f"tensor {t.name!r} has a negative dimension.")
+            if t.offset != expected:
+                raise WireError(
+                    f"tensor {t.name!r} starts at element {t.offset}, expected {expected}: "
+                    "tensors must be back to back with no overlap or hole."
+                )
+            entry = TensorEntry(t.name, tuple(int(d) for d in t.shape), int(t.offset))
+            names.add(t.name)
+            entries.append(entry)
+            expected += entry.size
+        return cls(dtype, tuple(entries))
+
+    def to_proto(self) -> pb.Layout:
+        msg = pb.Layout(dtype=dtype_to_proto(self.dtype))
+        for e in self.entries:
+            msg.tensors.add(name=e.name, shape=list(e.shape), offset=e.offset)
+        return msg
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable form, for checkpoint metadata."""
+        return {
+            "dtype": self.dtype.name,
+            "tensors": [
+                {"name": e.name, "shape": list(e.shape), "offset": e.offset} for e in self.entries
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> FlatLayout:
+        dtype = np.dtype(data["dtype"]).newbyteorder("<")
+        entries = tuple(
+            TensorEntry(str(t["name"]), tuple(int(d) for d in t["shape"]), int(t["offset"]))
+            for t in data["tensors"]
+        )
+        return cls(dtype, entries)
+
+    def empty(self) -> np.ndarray:
+        """A new flat buffer for this layout (uninitialised)."""
+        return np.empty(self.total_elements, dtype=self.dtype)
+
+    def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Named views into `flat` (no copies); writing a view writes the buffer."""
+        if flat.shape != (self.total_elements,):
+            raise WireError(
+                f"flat buffer has shape {flat.shape}, expected ({self.total_elements},)."
+            )
+        return {e.name: flat[e.offset : e.offset + e.size].reshape(e.shape) for e in self.entries}
+
+    def flatten(
+        self, arrays: Mapping[str, np.ndarray], out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Copy named arrays into one flat buffer in layout order, checking shapes."""
+        flat = self.empty() if out is None else out
+        views = self.views(flat)
+        if set(arrays) != set(views):
+            raise WireError("tensor names do not match the layout.")
+        for name, view in views.items():
+            src = np.asarray(arrays[name])
+            if src.shape != view.shape:
+                raise WireError(f"tensor {name!r} has shape {src.shape}, expected {view.shape}.")
+            view[...] = src
+        return flat
+
+
+def as_bytes_view(flat: np.ndarray) -> memoryview:
+    """A zero-copy byte view of a C-contiguous little-endian array."""
+    if not flat.flags.c_contiguous:
+        raise WireError("the array must be C-contiguous.")
+    if flat.dtype.byteorder == ">":
+        raise WireError("the array must be little-endian.")
+    return flat.data.cast("B")
+
+
+def iter_chunks(
+    data: bytes | memoryview, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[tuple[int, memoryview]]:
+    """Yield (byte offset, zero-copy slice) pairs covering `data`; at least one pair."""
+    if chunk_bytes <= 0:
+        raise WireError("chunk_bytes must be positive.")
+    view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
+    total = view.nbytes
+    if total == 0:
+        yield 0, view
+        return
+    for start in range(0, total, chunk_bytes):
+        yield start, view[start : start + chunk_bytes]
+
+
+def aligned_chunk_bytes(chunk_bytes: int, itemsize: int) -> int:
+    """Round a chunk size down to a whole number of elements (at least one)."""
+    return max(itemsize, chunk_bytes - chunk_bytes % itemsize)
+
+
+SINGLE_MESSAGE_FACTOR = 4
+
+
+def plan_chunk_bytes(nbytes: int, chunk_bytes: int, itemsize: int) -> int:
+    """Chunk size for a payload: small payloads (up to 4 chunks' worth) go as one message.
+
+    One message saves the per-message cost that dominates small models; large payloads
+    stream in `chunk_bytes` pieces so neither end holds more than a chunk in flight.
+    """
+    if nbytes <= SINGLE_MESSAGE_FACTOR * chunk_bytes:
+        return max(nbytes, itemsize)
+    return aligned_chunk_bytes(chunk_bytes, itemsize)
+
+
+class ChunkAssembler:
+    """Writes byte chunks into a preallocated flat array and checks they tile it exactly.
+
+    Chunks may arrive in any order, but must be element-aligned, must not overlap,
+    and together must cover exactly `out.nbytes` bytes (`finish` checks for holes).
+    """
+
+    def __init__(self, out: np.ndarray) -> None:
+        self.out = out
+        self.itemsize = out.dtype.itemsize
+        self.nbytes = out.nbytes
+        self._bytes = as_bytes_view(out)
+        self._intervals: list[list[int]] = []  # sorted, merged [start, end) byte ranges
+        self.received = 0
+
+    def place(self, offset: int, length: int) -> slice:
+        """Validate a chunk's position and return its element slice in `out`."""
+        end = offset + length
+        if offset < 0 or end > self.nbytes:
+            raise WireError(f"chunk [{offset}, {end}) lies outside the {self.nbytes}-byte buffer.")
+        if offset % self.itemsize or length % self.itemsize:
+            raise WireError(
+                f"chunk [{offset}, {end}) is not aligned to the {self.itemsize}-byte dtype."
+            )
+        if length:
+            self._claim(offset, end)
+        self.received += length
+        return slice(offset // self.itemsize, end // self.itemsize)
+
+    def _claim(self, start: int, end: int) -> None:
+        iv = self._intervals
+        if iv and iv[-1][1] <= start:  # the common, in-order case
+            if iv[-1][1] == start:
+                iv[-1][1] = end
+            else:
+                iv.append([start, end])
+            return
+        for i, (lo, hi) in enumerate(iv):
+            if start < hi and lo < end:
+                raise WireError(f"chunk [{start}, {end}) overlaps bytes already received.")
+            if end <= lo:
+                iv.insert(i, [start, end])
+                break
+        else:
+            iv.append([start, end])
+
+    def add(self, offset: int, data: bytes | memoryview) -> np.ndarray:
+        """Copy one chunk into place; returns the element view it was written to."""
+        view = memoryview(data)
+        target = self.place(offset, view.nbytes)
+        dst = self.out[target]
+        if view.nbytes:
+            dst[...] = np.frombuffer(view, dtype=self.out.dtype)
+        return dst
+
+    def finish(self) -> None:
+        """Raise unless the chunks covered the whole buffer exactly."""
+        if self.received != self.nbytes:
+            raise WireError(
+                f"received {self.received} bytes, expected exactly {self.nbytes}: "
+                "chunks leave a hole or the byte count is wrong."
+            )
+
+
+def channel_options(
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> list[tuple[str, int]]:
+    """gRPC options used by both ends: message limits and HTTP/2 flow-control tuning.
+
+    Larger stream lookahead (the initial HTTP/2 window) and write buffer let a 1 MiB
+    chunk stream without stalling on window updates; BDP probing stays on so the
+    window can still grow.
+    """
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.http2.lookahead_bytes", 8 << 20),
+        ("grpc.http2.write_buffer_size", 4 << 20),
+        ("grpc.http2.max_frame_size", 1 << 20),
+        ("grpc.http2.bdp_probe", 1),
+        ("grpc.experimental.tcp_read_chunk_size", 1 << 20),
+        ("grpc.experimental.tcp_max_read_chunk_size", 4 << 20),
+    ]
+
+
+# ---- hand-written framing of the chunk messages -------------------------------------
+# PullWeightsResponse and PushGradientRequest share one shape: field 1 = header
+# (a message), field 2 = int64 byte offset, field 3 = bytes data. Encoding and decoding
+# them by hand (still valid protobuf, so reflection tools can read them) avoids two
+# copies of every chunk that the generic protobuf path makes.
+
+
+def _varint(value: int) -> bytes:
+    if value < 0:
+        value += 1 << 64
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_chunk_message(offset: int, data: bytes | memoryview, header: bytes = b"") -> bytes:
+    """Serialise {header, offset, data} as protobuf with a single copy of `data`."""
+    parts: list[bytes | memoryview] = []
+    if header:
+        parts += [b"\x0a", _varint(len(header)), header]
+    if offset:
+        parts += [b"\x10", _varint(offset)]
+    n = memoryview(data).nbytes
+    if n:
+        parts += [b"\x1a", _varint(n), data]
+    return b"".join(parts)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result, shift = 0, 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise WireError("the message is truncated or malformed.")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def decode_chunk_message(raw: bytes) -> tuple[memoryview | None, int, memoryview]:
+    """Parse {header, offset, data} without copying; unknown fields are skipped."""
+    buf = memoryview(raw)
+    header, offset, data = None, 0, buf[0:0]
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        field_no, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _read_varint(buf, pos)
+            if field_no == 2:
+                offset = value - (1 << 64) if value >= 1 << 63 else value
+        elif wire_type == 2:
+            length, pos = _read_varint(buf, pos)
+            if pos + length > end:
+                raise WireError("the message is truncated or malformed.")
+            piece = buf[pos : pos + length]
+            pos += length
+            if field_no == 1:
+                header = piece
+            elif field_no == 3:
+                data = piece
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise WireError("the message is truncated or malformed.")
+        if pos > end:
+            raise WireError("the message is truncated or malformed.")
+    return header, offset, data

@@ -1,0 +1,600 @@
+"""Job state: weights in one flat buffer, the optimiser, and gradient aggregation.
+
+Sync arithmetic (the trainer's local mode does exactly the same, so both agree bit for
+bit): the gradients of a step are summed into a float64 buffer in increasing worker
+order with `np.add(..., out=...)`, then `mean = (sum / count).astype(dtype)` and
+`optimizer.step(params, mean_views)`; the step's loss is the rows-weighted mean of the
+contributing workers' losses. A gradient that arrives before a lower-numbered worker's
+is held until its turn. Memory is bounded by the receive budget: a job receives at most
+`receive_slots = budget // gradient bytes` gradients at once (further pushes wait, their
+data held back by HTTP/2 flow control), and holds at most `receive_slots - 1`; past that
+the sum falls back to arrival order, which for float32 gradients summed in float64
+almost never changes a bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gradfleet.proto.v1 import parameter_server_pb2 as pb
+from gradfleet.proto.wire import (
+    DEFAULT_CHUNK_BYTES,
+    FlatLayout,
+    WireError,
+    as_bytes_view,
+    dtype_from_proto,
+    encode_chunk_message,
+    plan_chunk_bytes,
+)
+from gradfleet.server.errors import BadRequest, JobNotFound, OverLimit, ShuttingDown, WrongState
+from gradfleet.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_KEEP_CONTRIBUTORS = 64  # closed steps whose contributor sets we remember for dedup
+
+MODE_NAMES = {pb.MODE_SYNC: "sync", pb.MODE_ASYNC: "async"}
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def check_job_id(job_id: str) -> str:
+    if not _JOB_ID.match(job_id):
+        raise BadRequest(
+            f"job id {job_id!r} is invalid; use 1-64 letters, digits, '_', '.' or '-'.",
+            "bad_config",
+        )
+    return job_id
+
+
+def _json_field(text: str, what: str, required: bool) -> dict:
+    if not text:
+        if required:
+            raise BadRequest(f"{what} is missing; send a JSON object.", "bad_config")
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise BadRequest(f"{what} is not valid JSON ({exc}).", "bad_config") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what} must be a JSON object.", "bad_config")
+    return value
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """A validated JobSpec."""
+
+    model_spec: dict
+    optimizer: dict
+    mode: str
+    num_workers: int
+    backup_workers: int
+    staleness_bound: int
+    checkpoint_every: int
+    total_steps: int
+    seed: int
+    job_config: dict
+
+    @classmethod
+    def from_proto(cls, spec: pb.JobSpec) -> JobSettings:
+        mode = MODE_NAMES.get(spec.mode or pb.MODE_SYNC)
+        if mode is None:
+            raise BadRequest(
+                f"mode {spec.mode} is unknown; use MODE_SYNC or MODE_ASYNC.", "bad_config"
+            )
+        if spec.num_workers < 1:
+            raise BadRequest("num_workers must be at least 1.", "bad_config")
+        if not 0 <= spec.backup_workers < spec.num_workers:
+            raise BadRequest(
+                "backup_workers must be at least 0 and less than num_workers.", "bad_config"
+            )
+        if spec.staleness_bound < 0:
+            raise BadRequest("staleness_bound must be 0 or more.", "bad_config")
+        if spec.checkpoint_every < 0:
+            raise BadRequest("checkpoint_every must be 0 (off) or more.", "bad_config")
+        if spec.total_steps < 1:
+            raise BadRequest("total_steps must be at least 1.", "bad_config")
+        return cls(
+            model_spec=_json_field(spec.model_spec_json, "model_spec_json", required=True),
+            optimizer=_json_field(spec.optimizer_json, "optimizer_json", required=True),
+            mode=mode,
+            num_workers=spec.num_workers,
+            backup_workers=spec.backup_workers,
+            staleness_bound=spec.staleness_bound,
+            checkpoint_every=spec.checkpoint_every,
+            total_steps=spec.total_steps,
+            seed=spec.seed,
+            job_config=_json_field(spec.job_config_json, "job_config_json", required=False),
+        )
+
+    @property
+    def quorum(self) -> int:
+        """Gradients that close a sync step: N - b."""
+        return self.num_workers - self.backup_workers
+
+
+def build_optimizer(config: dict) -> Any:
+    from gradfleet.nn.optim import make_optimizer
+
+    try:
+        return make_optimizer(config)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BadRequest(f"optimizer config is invalid: {exc}", "bad_config") from None
+
+
+def build_initial_weights(model_spec: dict) -> dict[str, np.ndarray]:
+    from gradfleet.nn import MLP
+
+    try:
+        model = MLP.from_spec(model_spec)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BadRequest(f"model spec is invalid: {exc}", "bad_config") from None
+    return dict(model.state_dict())
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    rows: int
+    samples_per_sec: float
+    wall_time: float
+    contributors: int
+
+    def to_proto(self) -> pb.StepRecord:
+        return pb.StepRecord(
+            step=self.step,
+            loss=self.loss,
+            rows=self.rows,
+            samples_per_sec=self.samples_per_sec,
+            wall_time=self.wall_time,
+            contributors=self.contributors,
+        )
+
+
+@dataclass
+class Counters:
+    received: int = 0
+    accepted: int = 0
+    duplicate: int = 0
+    dropped_late: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def reject(self, reason: str) -> None:
+        self.received += 1
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def to_proto(self) -> pb.JobCounters:
+        return pb.JobCounters(
+            received=self.received,
+            accepted=self.accepted,
+            duplicate=self.duplicate,
+            dropped_late=self.dropped_late,
+            rejected=self.rejected,
+        )
+
+
+@dataclass(frozen=True)
+class WeightsSnapshot:
+    """Immutable, pre-encoded PullWeightsResponse messages of one (version, state)."""
+
+    version: int
+    state: int
+    messages: tuple[bytes, ...]
+    nbytes: int
+
+
+class _OpenStep:
+    """The sync step being collected: contributors, the ordered sum, held gradients."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.contributors: dict[int, tuple[int, float]] = {}  # worker -> (rows, loss)
+        self.next_worker = 0  # workers below this are summed (or absent)
+        self.held: dict[int, np.ndarray] = {}
+        self.ordered = True
+        self.first_arrival = 0.0
+
+
+class Job:
+    """One training job. All mutation happens under `self.cond` (a Condition)."""
+
+    def __init__(
+        self,
+        job_id: str,
+        spec: pb.JobSpec,
+        layout: FlatLayout,
+        weights: np.ndarray,
+        *,
+        metrics: ServerMetrics,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        receive_budget_bytes: int = 512 << 20,
+        optimizer_state: dict[str, np.ndarray] | None = None,
+        version: int = 0,
+    ) -> None:
+        self.job_id = job_id
+        self.spec = spec
+        self.settings = JobSettings.from_proto(spec)
+        self.layout = layout
+        self.weights = weights  # (total_elements,) in layout.dtype, updated in place
+        self.params = layout.views(weights)
+        self.optimizer = build_optimizer(self.settings.optimizer)
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+        self.version = version
+        self.state = pb.JOB_STATE_RUNNING
+        if version >= self.settings.total_steps:
+            self.state = pb.JOB_STATE_COMPLETED
+        self.history: list[StepResult] = []
+        self.counters = Counters()
+        self.created_at = time.time()
+        self.last_checkpoint_version = -1
+        self.cond = threading.Condition()
+        self.metrics = metrics
+        self.chunk_bytes = plan_chunk_bytes(layout.nbytes, chunk_bytes, layout.dtype.itemsize)
+        self.receive_slots = max(1, receive_budget_bytes // max(1, layout.nbytes))
+        self._slots = threading.BoundedSemaphore(self.receive_slots)
+        self.on_step: Callable[[Job], None] | None = None  # called under the lock
+        self._snapshot: WeightsSnapshot | None = None
+        self._step_started = time.monotonic()
+        self._free_buffers: list[np.ndarray] = []
+        # sync
+        self._sum: np.ndarray | None = None
+        self._sum_empty = True
+        self._mean: np.ndarray | None = None
+        self._open = _OpenStep(version)
+        self._closed_contributors: deque[tuple[int, frozenset[int]]] = deque(
+            maxlen=_KEEP_CONTRIBUTORS
+        )
+        # async: steps already applied per worker (bounded), for idempotent retries
+        self._seen: dict[int, set[int]] = {}
+
+    # ---- buffers -------------------------------------------------------------------
+    def take_buffer(self, timeout: float | None, give_up: Callable[[], bool]) -> np.ndarray:
+        """Wait for a receive slot, then return a gradient buffer (reused across pushes).
+
+        Raises OverLimit when `timeout` passes first, ShuttingDown when `give_up()`.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._slots.acquire(timeout=0.25):
+            if give_up():
+                raise ShuttingDown("the push was cancelled or the server is stopping.", "shutdown")
+            if deadline is not None and time.monotonic() > deadline:
+                raise OverLimit(
+                    f"job {self.job_id} is receiving {self.receive_slots} gradients already "
+                    "and the deadline passed while waiting; retry later.",
+                    "receive_busy",
+                )
+        with self.cond:
+            if self._free_buffers:
+                return self._free_buffers.pop()
+        return self.layout.empty()
+
+    def give_back(self, buf: np.ndarray) -> None:
+        """Return a buffer taken with `take_buffer` and free its receive slot."""
+        with self.cond:
+            self._recycle(buf)
+
+    # ---- pushes --------------------------------------------------------------------
+    def check_header(self, header: pb.PushHeader) -> None:
+        """Validate a push header without touching state; raises BadRequest/WrongState."""
+        s = self.settings
+        if not 0 <= header.worker < s.num_workers:
+            raise BadRequest(
+                f"worker {header.worker} is out of range; "
+                f"this job has workers 0..{s.num_workers - 1}.",
+                "bad_worker",
+            )
+        if header.rows < 0:
+            raise BadRequest(f"rows must be 0 or more, got {header.rows}.", "bad_rows")
+        if not math.isfinite(header.loss):
+            raise BadRequest("the reported loss is NaN or Inf.", "non_finite")
+        try:
+            dtype = dtype_from_proto(header.dtype)
+        except WireError as exc:
+            raise BadRequest(str(exc), "bad_dtype") from None
+        if dtype != self.layout.dtype:
+            raise BadRequest(
+                f"gradient dtype {dtype.name} does not match the job's {self.layout.dtype.name}.",
+                "bad_dtype",
+            )
+        if header.HasField("layout"):
+            try:
+                layout = FlatLayout.from_proto(header.layout)
+            except WireError as exc:
+                raise BadRequest(str(exc), "bad_layout") from None
+            if layout != self.layout:
+                raise BadRequest(
+                    "the gradient's layout does not match the job's layout.", "bad_layout"
+                )
+        if header.total_bytes != self.layout.nbytes:
+            raise BadRequest(
+                f"gradient declares {header.total_bytes} bytes, expected {self.layout.nbytes}.",
+                "bad_bytes",
+            )
+        if header.step < 0:
+            raise BadRequest(f"step must be 0 or more, got {header.step}.", "bad_step")
+
+    def precheck(self, header: pb.PushHeader) -> int | None:
+        """Under the lock: decide early whether the data is needed.
+
+        Returns a PushOutcome to answer without reading the data (duplicate or late),
+        None when the gradient should be received, or raises WrongState.
+        """
+        with self.cond:
+            return self._classify(header)
+
+    def _classify(self, header: pb.PushHeader) -> int | None:
+        if self.state == pb.JOB_STATE_STOPPED:
+            raise WrongState(f"job {self.job_id} is stopped; it accepts no gradients.", "stopped")
+        if header.step > self.version:
+            raise WrongState(
+                f"step {header.step} is ahead of the job's version {self.version}; "
+                "pull the weights of that version first.",
+                "future_step",
+            )
+        if self.settings.mode == "sync":
+            if header.step == self.version and self.state == pb.JOB_STATE_RUNNING:
+                if header.worker in self._open.contributors:
+                    return pb.PUSH_OUTCOME_DUPLICATE
+                return None
+            for step, workers in self._closed_contributors:
+                if step == header.step and header.worker in workers:
+                    return pb.PUSH_OUTCOME_DUPLICATE
+            return pb.PUSH_OUTCOME_DROPPED_LATE
+        # async
+        if header.step in self._seen.get(header.worker, ()):
+            return pb.PUSH_OUTCOME_DUPLICATE
+        if self.state == pb.JOB_STATE_COMPLETED:
+            return pb.PUSH_OUTCOME_DROPPED_LATE
+        if header.step < self.version - self.settings.staleness_bound:
+            raise WrongState(
+                f"gradient computed on version {header.step} is too stale: the job is at "
+                f"version {self.version} and allows at most {self.settings.staleness_bound} "
+                "versions of staleness.",
+                "stale",
+            )
+        return None
+
+    def count_outcome(self, outcome: int) -> None:
+        with self.cond:
+            self.counters.received += 1
+            if outcome == pb.PUSH_OUTCOME_DUPLICATE:
+                self.counters.duplicate += 1
+            elif outcome == pb.PUSH_OUTCOME_DROPPED_LATE:
+                self.counters.dropped_late += 1
+
+    def count_rejected(self, reason: str) -> None:
+        with self.cond:
+            self.counters.reject(reason)
+
+    def commit(self, header: pb.PushHeader, grad: np.ndarray) -> tuple[int, bool]:
+        """Add a complete, validated gradient. Returns (outcome, buffer_kept).
+
+        When buffer_kept is True the job holds `grad` (sync reordering) and gives it
+        back itself; otherwise the caller may reuse it.
+        """
+        with self.cond:
+            try:
+                outcome = self._classify(header)
+            except WrongState as exc:
+                self.counters.reject(exc.reason)
+                raise
+            if outcome is not None:
+                self.counters.received += 1
+                if outcome == pb.PUSH_OUTCOME_DUPLICATE:
+                    self.counters.duplicate += 1
+                else:
+                    self.counters.dropped_late += 1
+                return outcome, False
+            self.counters.received += 1
+            self.counters.accepted += 1
+            if self.settings.mode == "sync":
+                kept = self._commit_sync(header, grad)
+            else:
+                self._commit_async(header, grad)
+                kept = False
+            return pb.PUSH_OUTCOME_ACCEPTED, kept
+
+    def _commit_sync(self, header: pb.PushHeader, grad: np.ndarray) -> bool:
+        step = self._open
+        if not step.contributors:
+            step.first_arrival = time.monotonic()
+            if self._sum is None:
+                self._sum = np.empty(self.layout.total_elements, dtype=np.float64)
+            self._sum_empty = True
+        step.contributors[header.worker] = (header.rows, header.loss)
+        kept = False
+        if header.worker == step.next_worker and step.ordered:
+            self._accumulate(grad)
+            step.next_worker += 1
+            self._drain_held(step)
+        elif step.ordered and len(step.held) + 1 < self.receive_slots:
+            step.held[header.worker] = grad  # keeps its receive slot until summed
+            kept = True
+        else:
+            if step.ordered:
+                log.debug("job %s: receive slots full, summing in arrival order", self.job_id)
+                step.ordered = False
+                self._flush_held(step)
+            self._accumulate(grad)
+        if len(step.contributors) >= self.settings.quorum:
+            self._flush_held(step)
+            self._close_sync_step(step)
+        return kept
+
+    def _drain_held(self, step: _OpenStep) -> None:
+        while step.next_worker in step.held:
+            buf = step.held.pop(step.next_worker)
+            self._accumulate(buf)
+            self._recycle(buf)
+            step.next_worker += 1
+
+    def _flush_held(self, step: _OpenStep) -> None:
+        for worker in sorted(step.held):
+            buf = step.held.pop(worker)
+            self._accumulate(buf)
+            self._recycle(buf)
+
+    def _accumulate(self, grad: np.ndarray) -> None:
+        """sum += grad in float64, in place; the first add is `0.0 + grad` in one pass."""
+        assert self._sum is not None
+        if self._sum_empty:
+            np.add(grad, 0.0, out=self._sum, dtype=np.float64)
+            self._sum_empty = False
+        else:
+            np.add(self._sum, grad, out=self._sum)
+
+    def _recycle(self, buf: np.ndarray) -> None:
+        """Keep a couple of buffers for reuse and free the receive slot."""
+        if len(self._free_buffers) < 2:
+            self._free_buffers.append(buf)
+        self._slots.release()
+
+    def _close_sync_step(self, step: _OpenStep) -> None:
+        assert self._sum is not None
+        count = len(step.contributors)
+        # (sum / count).astype(dtype) in one pass: a float64 division whose result is
+        # rounded to the model dtype on store, bitwise the same numbers
+        if self.layout.dtype == np.float64:
+            mean = np.divide(self._sum, count, out=self._sum)
+        else:
+            if self._mean is None:
+                self._mean = self.layout.empty()
+            mean = np.divide(self._sum, count, out=self._mean, casting="same_kind")
+        self.optimizer.step(self.params, self.layout.views(mean))
+        rows = sum(r for r, _ in step.contributors.values())
+        if rows > 0:
+            loss = sum(r * lo for r, lo in step.contributors.values()) / rows
+        else:
+            loss = sum(lo for _, lo in step.contributors.values()) / count
+        self._closed_contributors.append((step.step, frozenset(step.contributors)))
+        self.metrics.step_latency.observe(time.monotonic() - step.first_arrival)
+        self._advance(loss, rows, count)
+        self._open = _OpenStep(self.version)
+
+    def _commit_async(self, header: pb.PushHeader, grad: np.ndarray) -> None:
+        self.metrics.staleness.observe(self.version - header.step)
+        self.optimizer.step(self.params, self.layout.views(grad))
+        seen = self._seen.setdefault(header.worker, set())
+        seen.add(header.step)
+        if len(seen) > self.settings.staleness_bound + _KEEP_CONTRIBUTORS:
+            seen.discard(min(seen))
+        self._advance(header.loss, header.rows, 1)
+
+    def _advance(self, loss: float, rows: int, contributors: int) -> None:
+        now = time.monotonic()
+        elapsed = now - self._step_started
+        self._step_started = now
+        self.history.append(
+            StepResult(
+                step=self.version,
+                loss=float(loss),
+                rows=int(rows),
+                samples_per_sec=rows / elapsed if elapsed > 0 else 0.0,
+                wall_time=time.time(),
+                contributors=contributors,
+            )
+        )
+        self.version += 1
+        if self.version >= self.settings.total_steps:
+            self.state = pb.JOB_STATE_COMPLETED
+        self.metrics.steps_applied.labels(job=self.job_id).inc()
+        self.cond.notify_all()
+        if self.on_step is not None:
+            self.on_step(self)
+
+    # ---- pulls ---------------------------------------------------------------------
+    def snapshot(self) -> WeightsSnapshot:
+        """The pre-encoded weights of the current version, built once and shared."""
+        with self.cond:
+            snap = self._snapshot
+            if snap is not None and snap.version == self.version and snap.state == self.state:
+                return snap
+            header = pb.WeightsHeader(
+                version=self.version,
+                layout=self.layout.to_proto(),
+                total_bytes=self.layout.nbytes,
+                state=self.state,
+            ).SerializeToString()
+            data = as_bytes_view(self.weights)
+            messages = []
+            for i, start in enumerate(range(0, max(1, data.nbytes), self.chunk_bytes)):
+                piece = data[start : start + self.chunk_bytes]
+                messages.append(encode_chunk_message(start, piece, header if i == 0 else b""))
+            snap = WeightsSnapshot(self.version, self.state, tuple(messages), data.nbytes)
+            self._snapshot = snap
+            return snap
+
+    def wait_for_version(
+        self, min_version: int, timeout: float | None, is_stopping: Callable[[], bool]
+    ) -> bool:
+        """Block until version >= min_version (True) or the timeout passes (False)."""
+        if min_version > self.settings.total_steps:
+            raise WrongState(
+                f"min_version {min_version} is beyond total_steps {self.settings.total_steps}; "
+                "that version will never exist.",
+                "bad_version",
+            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while self.version < min_version:
+                if self.state == pb.JOB_STATE_DELETED:
+                    raise JobNotFound(f"job {self.job_id!r} was deleted.", "not_found")
+                if self.state == pb.JOB_STATE_STOPPED:
+                    raise WrongState(
+                        f"job {self.job_id} stopped at version {self.version} before "
+                        f"reaching version {min_version}.",
+                        "stopped",
+                    )
+                if is_stopping():
+                    return False
+                remaining = 1.0 if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.cond.wait(min(remaining, 1.0))
+            return True
+
+    # ---- info ----------------------------------------------------------------------
+    def info(self, history_since: int = 0, with_history: bool = True) -> pb.JobInfo:
+        with self.cond:
+            msg = pb.JobInfo(
+                job_id=self.job_id,
+                spec=self.spec,
+                state=self.state,
+                version=self.version,
+                layout=self.layout.to_proto(),
+                counters=self.counters.to_proto(),
+                created_at=self.created_at,
+                last_checkpoint_version=self.last_checkpoint_version,
+            )
+            if with_history:
+                msg.history.extend(r.to_proto() for r in self.history if r.step >= history_since)
+            return msg
+
+    def stop(self) -> None:
+        with self.cond:
+            if self.state == pb.JOB_STATE_RUNNING:
+                self.state = pb.JOB_STATE_STOPPED
+            self.cond.notify_all()
+
+    def mark_deleted(self) -> None:
+        with self.cond:
+            self.state = pb.JOB_STATE_DELETED
+            self.cond.notify_all()

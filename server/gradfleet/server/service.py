@@ -1,0 +1,513 @@
+"""The gRPC edge: `ParameterService` methods, translating domain errors to status codes."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from gradfleet.proto.v1 import parameter_server_pb2 as pb
+from gradfleet.proto.wire import ChunkAssembler, FlatLayout, WireError, decode_chunk_message
+from gradfleet.server import checkpoint
+from gradfleet.server.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    JobExists,
+    JobNotFound,
+    OverLimit,
+    ServerError,
+    ShuttingDown,
+    WrongState,
+)
+from gradfleet.server.jobs import (
+    Job,
+    JobSettings,
+    build_initial_weights,
+    check_job_id,
+    new_job_id,
+)
+from gradfleet.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "gradfleet.v1.ParameterService"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _status_edge(method: F) -> F:
+    """Turn ServerError into `context.abort(code, sentence)`; count it in the metrics."""
+
+    @functools.wraps(method)
+    def unary(self: ParameterService, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except ServerError as exc:
+            self.metrics.reject(exc.reason)
+            context.abort(exc.code, exc.message)
+
+    @functools.wraps(method)
+    def stream(self: ParameterService, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            yield from method(self, request, context)
+        except ServerError as exc:
+            self.metrics.reject(exc.reason)
+            context.abort(exc.code, exc.message)
+
+    return stream if inspect.isgeneratorfunction(method) else unary  # type: ignore[return-value]
+
+
+class StreamLimiter:
+    """Caps concurrent pull/push streams; over the cap a call gets RESOURCE_EXHAUSTED."""
+
+    def __init__(self, limit: int, metrics: ServerMetrics) -> None:
+        self.limit = limit
+        self.active = 0
+        self._lock = threading.Lock()
+        self._metrics = metrics
+
+    def __enter__(self) -> StreamLimiter:
+        with self._lock:
+            if self.active >= self.limit:
+                raise OverLimit(
+                    f"the server is at its limit of {self.limit} concurrent streams; retry later.",
+                    "too_many_streams",
+                )
+            self.active += 1
+        self._metrics.active_streams.inc()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.active -= 1
+        self._metrics.active_streams.dec()
+
+
+class ParameterService:
+    """Holds the jobs and implements every RPC of `gradfleet.v1.ParameterService`."""
+
+    def __init__(
+        self,
+        *,
+        metrics: ServerMetrics,
+        checkpoint_dir: Path | None,
+        checkpoint_every: int,
+        max_job_bytes: int,
+        max_concurrent_streams: int,
+        chunk_bytes: int,
+        receive_budget_bytes: int,
+    ) -> None:
+        self.metrics = metrics
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
+        self.max_job_bytes = max_job_bytes
+        self.chunk_bytes = chunk_bytes
+        self.receive_budget_bytes = receive_budget_bytes
+        self.streams = StreamLimiter(max_concurrent_streams, metrics)
+        self.jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    # ---- job registry --------------------------------------------------------------
+    def _job(self, job_id: str) -> Job:
+        with self._lock:
+            job = self.jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(f"job {job_id!r} does not exist on this server.", "not_found")
+        return job
+
+    def _install(self, job: Job) -> None:
+        job.on_step = self._after_step
+        self.jobs[job.job_id] = job
+        self.metrics.jobs.set(len(self.jobs))
+
+    def _after_step(self, job: Job) -> None:
+        every = job.settings.checkpoint_every or self.checkpoint_every
+        if self.checkpoint_dir is None:
+            return
+        if (every and job.version % every == 0) or job.state == pb.JOB_STATE_COMPLETED:
+            try:
+                checkpoint.write_checkpoint(self.checkpoint_dir, job)
+            except OSError:
+                log.exception("checkpoint of job %s failed", job.job_id)
+
+    def resume(self) -> int:
+        """Load the latest good checkpoint of every job in the checkpoint directory."""
+        if self.checkpoint_dir is None:
+            return 0
+        for loaded in checkpoint.scan(self.checkpoint_dir):
+            try:
+                job = Job(
+                    loaded.job_id,
+                    loaded.spec,
+                    loaded.layout,
+                    loaded.weights,
+                    metrics=self.metrics,
+                    chunk_bytes=self.chunk_bytes,
+                    receive_budget_bytes=self.receive_budget_bytes,
+                    optimizer_state=loaded.optimizer_state,
+                    version=loaded.version,
+                )
+            except ServerError as exc:
+                log.warning("cannot resume job %s: %s", loaded.job_id, exc.message)
+                continue
+            job.state = loaded.state
+            job.counters = loaded.counters
+            job.history = loaded.history
+            job.created_at = loaded.created_at
+            job.last_checkpoint_version = loaded.version
+            with self._lock:
+                self._install(job)
+            log.info("resumed job %s at version %d", job.job_id, job.version)
+        return len(self.jobs)
+
+    def checkpoint_all(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        with self._lock:
+            jobs = list(self.jobs.values())
+        for job in jobs:
+            with job.cond:
+                if job.last_checkpoint_version != job.version:
+                    checkpoint.write_checkpoint(self.checkpoint_dir, job)
+
+    def begin_shutdown(self) -> None:
+        """Wake every waiting pull and watch so they return UNAVAILABLE promptly."""
+        self._stopping.set()
+        with self._lock:
+            jobs = list(self.jobs.values())
+        for job in jobs:
+            with job.cond:
+                job.cond.notify_all()
+
+    # ---- unary RPCs ----------------------------------------------------------------
+    @_status_edge
+    def CreateJob(
+        self, request: pb.CreateJobRequest, context: grpc.ServicerContext
+    ) -> pb.CreateJobResponse:
+        settings = JobSettings.from_proto(request.spec)
+        job_id = check_job_id(request.job_id) if request.job_id else new_job_id()
+        with self._lock:
+            existing = self.jobs.get(job_id)
+        if existing is not None:
+            return self._reattach(existing, request)
+        if request.HasField("initial_layout") or request.initial_weights:
+            try:
+                layout = FlatLayout.from_proto(request.initial_layout)
+            except WireError as exc:
+                raise BadRequest(f"initial_layout is invalid: {exc}", "bad_layout") from None
+            self._check_size(layout)
+            if len(request.initial_weights) != layout.nbytes:
+                raise BadRequest(
+                    f"initial_weights has {len(request.initial_weights)} bytes, "
+                    f"expected {layout.nbytes}.",
+                    "bad_bytes",
+                )
+            weights = np.frombuffer(request.initial_weights, dtype=layout.dtype).copy()
+            if not np.isfinite(weights).all():
+                raise BadRequest("initial_weights contain NaN or Inf.", "non_finite")
+        else:
+            arrays = build_initial_weights(settings.model_spec)
+            try:
+                layout = FlatLayout.from_arrays(arrays)
+            except WireError as exc:
+                raise BadRequest(
+                    f"the model's weights cannot be laid out: {exc}", "bad_config"
+                ) from None
+            self._check_size(layout)
+            weights = layout.flatten(arrays)
+        job = Job(
+            job_id,
+            request.spec,
+            layout,
+            weights,
+            metrics=self.metrics,
+            chunk_bytes=self.chunk_bytes,
+            receive_budget_bytes=self.receive_budget_bytes,
+        )
+        with self._lock:
+            existing = self.jobs.get(job_id)
+            if existing is None:
+                self._install(job)
+        if existing is not None:
+            return self._reattach(existing, request)
+        if self.checkpoint_dir is not None:
+            with job.cond:
+                checkpoint.write_checkpoint(self.checkpoint_dir, job)
+        log.info(
+            "created job %s: %s, %d workers, %d parameters",
+            job_id,
+            settings.mode,
+            settings.num_workers,
+            layout.total_elements,
+        )
+        return pb.CreateJobResponse(
+            job_id=job_id, created=True, layout=layout.to_proto(), version=0
+        )
+
+    def _check_size(self, layout: FlatLayout) -> None:
+        if layout.nbytes > self.max_job_bytes:
+            raise OverLimit(
+                f"the model needs {layout.nbytes} bytes, over this server's limit of "
+                f"{self.max_job_bytes} bytes per job.",
+                "job_too_large",
+            )
+
+    @staticmethod
+    def _reattach(job: Job, request: pb.CreateJobRequest) -> pb.CreateJobResponse:
+        """Same id and same settings (parsed JSON; job_config is metadata): re-attach."""
+        ours = dataclasses.replace(job.settings, job_config={})
+        theirs = dataclasses.replace(JobSettings.from_proto(request.spec), job_config={})
+        if ours != theirs:
+            raise JobExists(
+                f"job {job.job_id!r} already exists with a different configuration; "
+                "pick another job id or delete it first.",
+                "job_exists",
+            )
+        with job.cond:
+            return pb.CreateJobResponse(
+                job_id=job.job_id, created=False, layout=job.layout.to_proto(), version=job.version
+            )
+
+    @_status_edge
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.JobInfo:
+        return self._job(request.job_id).info(
+            request.history_since_step, with_history=not request.omit_history
+        )
+
+    @_status_edge
+    def ListJobs(
+        self, request: pb.ListJobsRequest, context: grpc.ServicerContext
+    ) -> pb.ListJobsResponse:
+        with self._lock:
+            jobs = list(self.jobs.values())
+        return pb.ListJobsResponse(jobs=[j.info(with_history=False) for j in jobs])
+
+    @_status_edge
+    def DeleteJob(
+        self, request: pb.DeleteJobRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteJobResponse:
+        with self._lock:
+            job = self.jobs.pop(request.job_id, None)
+            self.metrics.jobs.set(len(self.jobs))
+        if job is None:
+            raise JobNotFound(f"job {request.job_id!r} does not exist on this server.", "not_found")
+        job.mark_deleted()
+        if self.checkpoint_dir is not None:
+            checkpoint.remove_job(self.checkpoint_dir, job.job_id)
+        log.info("deleted job %s", job.job_id)
+        return pb.DeleteJobResponse()
+
+    @_status_edge
+    def StopJob(self, request: pb.StopJobRequest, context: grpc.ServicerContext) -> pb.JobInfo:
+        job = self._job(request.job_id)
+        job.stop()
+        if self.checkpoint_dir is not None:
+            with job.cond:
+                checkpoint.write_checkpoint(self.checkpoint_dir, job)
+        return job.info(with_history=False)
+
+    @_status_edge
+    def CheckpointJob(
+        self, request: pb.CheckpointJobRequest, context: grpc.ServicerContext
+    ) -> pb.CheckpointJobResponse:
+        job = self._job(request.job_id)
+        if self.checkpoint_dir is None:
+            raise WrongState(
+                "this server runs without --checkpoint-dir, so it cannot checkpoint.",
+                "no_checkpoint_dir",
+            )
+        with job.cond:
+            path = checkpoint.write_checkpoint(self.checkpoint_dir, job)
+            return pb.CheckpointJobResponse(version=job.version, path=str(path))
+
+    # ---- streams -------------------------------------------------------------------
+    @_status_edge
+    def PullWeights(
+        self, request: pb.PullWeightsRequest, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        job = self._job(request.job_id)
+        with self.streams:
+            reached = job.wait_for_version(
+                request.min_version, context.time_remaining(), self._stopping.is_set
+            )
+            if not reached:
+                if self._stopping.is_set():
+                    raise ShuttingDown("the server is shutting down; retry shortly.", "shutdown")
+                raise DeadlineExceeded(
+                    f"version {request.min_version} was not reached before the deadline.",
+                    "deadline",
+                )
+            snap = job.snapshot()
+            yield from snap.messages
+            self.metrics.weight_bytes_out.inc(snap.nbytes)
+
+    @_status_edge
+    def PullWeightsUnary(
+        self, request: pb.PullWeightsRequest, context: grpc.ServicerContext
+    ) -> bytes:
+        messages = list(self.PullWeights.__wrapped__(self, request, context))  # type: ignore[attr-defined]
+        if len(messages) != 1:
+            raise WrongState(
+                "these weights span several chunks; pull them with the PullWeights stream.",
+                "too_large_for_unary",
+            )
+        return messages[0]
+
+    @_status_edge
+    def PushGradientUnary(self, request: bytes, context: grpc.ServicerContext) -> pb.PushAck:
+        return self.PushGradient.__wrapped__(self, iter([request]), context)  # type: ignore[attr-defined]
+
+    @_status_edge
+    def PushGradient(
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
+    ) -> pb.PushAck:
+        with self.streams:
+            first = next(request_iterator, None)
+            if first is None:
+                raise BadRequest("the push stream is empty; send a header first.", "bad_header")
+            try:
+                raw_header, offset, data = decode_chunk_message(first)
+                if raw_header is None:
+                    raise BadRequest("the first push message has no header.", "bad_header")
+                header = pb.PushHeader.FromString(bytes(raw_header))
+            except (WireError, DecodeError):
+                raise BadRequest("the push header is not a valid message.", "bad_header") from None
+            job = self._job(header.job_id)
+            try:
+                job.check_header(header)
+                early = job.precheck(header)
+            except ServerError as exc:
+                job.count_rejected(exc.reason)
+                raise
+            if early is not None:
+                job.count_outcome(early)
+                self.metrics.pushes.labels(outcome=pb.PushOutcome.Name(early)).inc()
+                return pb.PushAck(outcome=early, version=job.version, step=header.step)
+            try:
+                buf = job.take_buffer(
+                    context.time_remaining(),
+                    lambda: self._stopping.is_set() or not context.is_active(),
+                )
+            except ServerError as exc:
+                job.count_rejected(exc.reason)
+                raise
+            kept = False
+            try:
+                self._receive(job, buf, offset, data, request_iterator)
+                outcome, kept = job.commit(header, buf)
+            except ServerError as exc:
+                if not isinstance(exc, WrongState):  # commit counts its own rejections
+                    job.count_rejected(exc.reason)
+                raise
+            finally:
+                if not kept:
+                    job.give_back(buf)
+            self.metrics.gradient_bytes_in.inc(buf.nbytes)
+            self.metrics.pushes.labels(outcome=pb.PushOutcome.Name(outcome)).inc()
+            return pb.PushAck(outcome=outcome, version=job.version, step=header.step)
+
+    @staticmethod
+    def _receive(
+        job: Job, buf: np.ndarray, offset: int, data: memoryview, rest: Iterator[bytes]
+    ) -> None:
+        """Write the chunks into `buf`, checking placement and finiteness chunk by chunk."""
+        assembler = ChunkAssembler(buf)
+        try:
+            while True:
+                if data.nbytes:
+                    dst = assembler.add(offset, data)
+                    if not np.isfinite(dst).all():
+                        raise BadRequest("the gradient contains NaN or Inf values.", "non_finite")
+                raw = next(rest, None)
+                if raw is None:
+                    break
+                extra_header, offset, data = decode_chunk_message(raw)
+                if extra_header is not None:
+                    raise BadRequest(
+                        "only the first push message may carry a header.", "bad_header"
+                    )
+            assembler.finish()
+        except WireError as exc:
+            raise BadRequest(str(exc), "bad_bytes") from None
+
+    @_status_edge
+    def WatchJob(
+        self, request: pb.WatchJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.JobEvent]:
+        job = self._job(request.job_id)
+        next_step = request.from_version
+        last_state = None
+        terminal = (pb.JOB_STATE_COMPLETED, pb.JOB_STATE_STOPPED, pb.JOB_STATE_DELETED)
+        while context.is_active() and not self._stopping.is_set():
+            with job.cond:
+                records = job.history[max(next_step, 0) : job.version]  # history[k].step == k
+                state, version = job.state, job.version
+                if not records and state == last_state:
+                    job.cond.wait(0.5)
+                    continue
+            for record in records:
+                yield pb.JobEvent(
+                    job_id=job.job_id, version=record.step + 1, state=state, step=record.to_proto()
+                )
+                next_step = record.step + 1
+            if state != last_state:
+                yield pb.JobEvent(job_id=job.job_id, version=version, state=state)
+                last_state = state
+            if state in terminal:
+                return
+
+    # ---- registration --------------------------------------------------------------
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        """Handlers with raw-bytes framing for the two tensor streams."""
+        u, s = grpc.unary_unary_rpc_method_handler, grpc.unary_stream_rpc_method_handler
+
+        def unary(fn: Callable, req: Any, resp: Any) -> grpc.RpcMethodHandler:
+            return u(
+                fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+            )
+
+        handlers = {
+            "CreateJob": unary(self.CreateJob, pb.CreateJobRequest, pb.CreateJobResponse),
+            "GetJob": unary(self.GetJob, pb.GetJobRequest, pb.JobInfo),
+            "ListJobs": unary(self.ListJobs, pb.ListJobsRequest, pb.ListJobsResponse),
+            "DeleteJob": unary(self.DeleteJob, pb.DeleteJobRequest, pb.DeleteJobResponse),
+            "StopJob": unary(self.StopJob, pb.StopJobRequest, pb.JobInfo),
+            "CheckpointJob": unary(
+                self.CheckpointJob, pb.CheckpointJobRequest, pb.CheckpointJobResponse
+            ),
+            "PullWeights": s(
+                self.PullWeights,
+                request_deserializer=pb.PullWeightsRequest.FromString,
+                response_serializer=None,  # the job's snapshot is already encoded
+            ),
+            "PushGradient": grpc.stream_unary_rpc_method_handler(
+                self.PushGradient,
+                request_deserializer=None,  # decoded by hand, zero-copy
+                response_serializer=pb.PushAck.SerializeToString,
+            ),
+            "PullWeightsUnary": u(
+                self.PullWeightsUnary,
+                request_deserializer=pb.PullWeightsRequest.FromString,
+                response_serializer=None,
+            ),
+            "PushGradientUnary": u(
+                self.PushGradientUnary,
+                request_deserializer=None,
+                response_serializer=pb.PushAck.SerializeToString,
+            ),
+            "WatchJob": s(
+                self.WatchJob,
+                request_deserializer=pb.WatchJobRequest.FromString,
+                response_serializer=pb.JobEvent.SerializeToString,
+            ),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

@@ -1,0 +1,187 @@
+"""Checkpoints: SIGTERM then restart resumes bit for bit; torn files are skipped."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradfleet.proto.v1 import parameter_server_pb2 as pb
+from gradfleet.server import serve
+from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
+
+ADDRESS = re.compile(r"parameter server on (127\.0\.0\.1:\d+)")
+
+
+def _start_cli(args: list[str]) -> tuple[subprocess.Popen, str]:
+    """Run `gradfleet server` in a subprocess; return it and the address from its log line."""
+    code = "import sys; from gradfleet.server import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    found: list[str] = []
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            match = ADDRESS.search(line)
+            if match and not found:
+                found.append(match.group(1))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    ready.wait(timeout=60)
+    if not found:
+        proc.kill()
+        raise AssertionError("server did not start:\n" + "".join(lines))
+    return proc, found[0]
+
+
+def _train(c: ParameterServerClient, job: str, steps: range, kit, ref) -> np.ndarray:
+    layout = c.layout(job)
+    for step in steps:
+        grads = [kit.gradient(layout, w, step) for w in range(2)]
+        for w in range(2):
+            c.push_gradient(job, w, step, 4, 1.0, grads[w])
+        expected = ref.sync_step(grads)
+    return expected
+
+
+def test_sigterm_then_restart_resumes_with_identical_weights(tmp_path: Path, kit) -> None:
+    # prepare: a CLI server, a job with momentum (optimiser state must survive), 3 steps
+    ckpt = tmp_path / "ckpt"
+    proc, address = _start_cli(["--port", "0", "--checkpoint-dir", str(ckpt)])
+    try:
+        with ParameterServerClient(address) as c:
+            job = c.create_job(kit.SPEC64, kit.SGD, num_workers=2, total_steps=10, job_id="j1")
+            _, weights0 = c.pull_weights(job)
+            ref = kit.Reference(c.layout(job), weights0, kit.SGD)
+            _train(c, job, range(3), kit, ref)
+            version, before = c.pull_weights(job, 3)
+        # execute
+        proc.send_signal(signal.SIGTERM)
+        exit_code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with (
+        serve(port=0, checkpoint_dir=ckpt) as restarted,
+        ParameterServerClient(restarted.address) as c,
+    ):
+        resumed_version, resumed = c.pull_weights("j1")
+        info = c.get_job("j1")
+        expected = _train(c, "j1", range(3, 4), kit, ref)
+        _, after_step = c.pull_weights("j1", 4)
+    # assert
+    assert exit_code == 0
+    assert (version, resumed_version) == (3, 3)
+    assert resumed.tobytes() == before.tobytes()
+    assert info.counters.accepted == 6 and len(info.history) == 3
+    assert after_step.tobytes() == expected.tobytes()  # momentum state was restored
+
+
+def test_torn_checkpoint_is_ignored_for_the_last_good_one(tmp_path: Path, kit) -> None:
+    # prepare: checkpoint every step, remember the weights at version 2
+    with (
+        serve(port=0, checkpoint_dir=tmp_path) as server,
+        ParameterServerClient(server.address) as c,
+    ):
+        job = c.create_job(
+            kit.SPEC64, kit.SGD, num_workers=2, total_steps=10, checkpoint_every=1, job_id="j2"
+        )
+        _, weights0 = c.pull_weights(job)
+        ref = kit.Reference(c.layout(job), weights0, kit.SGD)
+        _train(c, job, range(2), kit, ref)
+        _, at_two = c.pull_weights(job, 2)
+        _train(c, job, range(2, 3), kit, ref)
+    newest = sorted((tmp_path / "j2").glob("ckpt-*.npz"))[-1]
+    assert newest.name == "ckpt-000000000003.npz"
+    # execute: tear the newest checkpoint and add a garbage one with a higher version
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    (tmp_path / "j2" / "ckpt-000000000009.json").write_text('{"format": 1, "trunc')
+    with (
+        serve(port=0, checkpoint_dir=tmp_path) as server,
+        ParameterServerClient(server.address) as c,
+    ):
+        version, weights = c.pull_weights("j2")
+    # assert
+    assert version == 2
+    assert weights.tobytes() == at_two.tobytes()
+
+
+def test_checkpoint_now_and_without_a_directory(tmp_path: Path, client, make_job, kit) -> None:
+    # prepare
+    job, *_ = make_job(num_workers=1)
+    # execute
+    with pytest.raises(ParameterServerError) as err:
+        client.checkpoint(job)
+    with (
+        serve(port=0, checkpoint_dir=tmp_path) as server,
+        ParameterServerClient(server.address) as c,
+    ):
+        other = c.create_job(kit.SPEC64, kit.SGD, total_steps=3)
+        result = c.checkpoint(other)
+        info = c.get_job(other)
+    # assert
+    assert err.value.code == "FAILED_PRECONDITION"
+    assert Path(result.path).is_file() and result.version == 0
+    assert info.last_checkpoint_version == 0 and info.state == pb.JOB_STATE_RUNNING
+
+
+def test_deleted_job_is_not_resumed(tmp_path: Path, kit) -> None:
+    # prepare
+    with (
+        serve(port=0, checkpoint_dir=tmp_path) as server,
+        ParameterServerClient(server.address) as c,
+    ):
+        job = c.create_job(kit.SPEC64, kit.SGD, total_steps=3)
+        # execute
+        c.delete_job(job)
+    with (
+        serve(port=0, checkpoint_dir=tmp_path) as server,
+        ParameterServerClient(server.address) as c,
+    ):
+        jobs = c.list_jobs()
+    # assert
+    assert jobs == []
+
+
+def test_push_retries_while_the_server_restarts(tmp_path: Path, kit) -> None:
+    # prepare: a job on a server that then goes away; the same port comes back later
+    with serve(port=0, checkpoint_dir=tmp_path) as first, ParameterServerClient(first.address) as c:
+        job = c.create_job(kit.SPEC64, kit.SGD, num_workers=1, total_steps=3, job_id="r1")
+        layout = c.layout(job)
+        port = first.port
+    result: dict[str, object] = {}
+    client = ParameterServerClient(f"127.0.0.1:{port}", retries=60)
+    started = threading.Event()
+
+    def push() -> None:
+        started.set()
+        result["ack"] = client.push_gradient(job, 0, 0, 1, 1.0, kit.gradient(layout, 0, 0))
+
+    pusher = threading.Thread(target=push)
+    # execute
+    pusher.start()
+    started.wait()
+    with serve(port=port, checkpoint_dir=tmp_path):
+        pusher.join(timeout=120)
+        version = client.get_job(job).version
+    client.close()
+    # assert
+    assert result["ack"].outcome == pb.PUSH_OUTCOME_ACCEPTED  # type: ignore[attr-defined]
+    assert version == 1

@@ -1,0 +1,174 @@
+"""Token auth, TLS, health checking, reflection, metrics and the CLI's argument checks."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from gradfleet.server import main, serve
+from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
+
+TOKEN = "correct-horse-battery-staple"
+
+
+def test_token_auth_accepts_the_right_token_and_rejects_others(kit) -> None:
+    # prepare
+    with serve(port=0, token=TOKEN) as server:
+        with ParameterServerClient(server.address, token=TOKEN) as good:
+            job = good.create_job(kit.SPEC64, kit.SGD, total_steps=2)
+            _, before = good.pull_weights(job)
+        layout_grad = before * 0 + 1
+        for token in (None, "wrong", TOKEN + "x"):
+            with ParameterServerClient(server.address, token=token) as bad:
+                # execute
+                for call in (
+                    lambda c=bad: c.list_jobs(),
+                    lambda c=bad: c.pull_weights(job),
+                    lambda c=bad: c.push_gradient(job, 0, 0, 1, 1.0, layout_grad),
+                ):
+                    with pytest.raises(ParameterServerError) as err:
+                        call()
+                    # assert
+                    assert err.value.code == "UNAUTHENTICATED"
+                    assert "token" in err.value.message
+        with ParameterServerClient(server.address, token=TOKEN) as good:
+            version, after = good.pull_weights(job)
+        assert version == 0 and after.tobytes() == before.tobytes()
+
+
+def test_health_answers_without_a_token_and_reflection_lists_the_service() -> None:
+    # prepare
+    with serve(port=0, token=TOKEN) as server, grpc.insecure_channel(server.address) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        reflect = reflection_pb2_grpc.ServerReflectionStub(ch)
+        # execute
+        overall = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        service = health.Check(
+            health_pb2.HealthCheckRequest(service="gradfleet.v1.ParameterService"), timeout=10
+        )
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        replies = list(
+            reflect.ServerReflectionInfo(
+                iter([request]), timeout=10, metadata=(("authorization", f"Bearer {TOKEN}"),)
+            )
+        )
+        file_request = reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="gradfleet.v1.ParameterService"
+        )
+        files = list(
+            reflect.ServerReflectionInfo(
+                iter([file_request]),
+                timeout=10,
+                metadata=(("authorization", f"Bearer {TOKEN}"),),
+            )
+        )
+    # assert
+    assert overall.status == health_pb2.HealthCheckResponse.SERVING
+    assert service.status == health_pb2.HealthCheckResponse.SERVING
+    names = [s.name for s in replies[0].list_services_response.service]
+    assert "gradfleet.v1.ParameterService" in names
+    assert "grpc.health.v1.Health" in names
+    assert files[0].file_descriptor_response.file_descriptor_proto
+
+
+def test_health_goes_not_serving_on_stop() -> None:
+    # prepare
+    server = serve(port=0).__enter__()
+    health = server.health
+    # execute
+    server.stop(grace=0.5)
+    status = health.Check(health_pb2.HealthCheckRequest(service=""), None)
+    # assert
+    assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_tls_accepts_the_right_ca_and_rejects_others(tls_files, kit) -> None:
+    # prepare
+    with serve(port=0, tls_cert=tls_files.server_cert, tls_key=tls_files.server_key) as server:
+        # execute
+        with ParameterServerClient(server.address, tls_root_cert=tls_files.ca_cert) as good:
+            job = good.create_job(kit.SPEC64, kit.SGD, total_steps=2)
+            version, _ = good.pull_weights(job)
+        outcomes = []
+        for kwargs in ({"tls_root_cert": tls_files.other_ca_cert}, {}):
+            with ParameterServerClient(server.address, timeout=3, retries=0, **kwargs) as bad:
+                with pytest.raises(ParameterServerError) as err:
+                    bad.list_jobs()
+                outcomes.append(err.value.code)
+    # assert
+    assert version == 0
+    assert outcomes == ["UNAVAILABLE", "UNAVAILABLE"]
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(tls_files, kit) -> None:
+    # prepare
+    with serve(
+        port=0,
+        tls_cert=tls_files.server_cert,
+        tls_key=tls_files.server_key,
+        tls_client_ca=tls_files.ca_cert,
+    ) as server:
+        # execute
+        with ParameterServerClient(
+            server.address,
+            tls_root_cert=tls_files.ca_cert,
+            tls_client_cert=tls_files.client_cert,
+            tls_client_key=tls_files.client_key,
+        ) as good:
+            jobs = good.list_jobs()
+        with (
+            ParameterServerClient(
+                server.address, tls_root_cert=tls_files.ca_cert, timeout=3, retries=0
+            ) as anonymous,
+            pytest.raises(ParameterServerError) as err,
+        ):
+            anonymous.list_jobs()
+    # assert
+    assert jobs == []
+    assert err.value.code == "UNAVAILABLE"
+
+
+def test_metrics_are_exposed_in_prometheus_format(kit) -> None:
+    # prepare
+    with serve(port=0, metrics_port=0) as server, ParameterServerClient(server.address) as c:
+        job = c.create_job(kit.SPEC64, kit.SGD, total_steps=2)
+        layout = c.layout(job)
+        c.push_gradient(job, 0, 0, 1, 1.0, kit.gradient(layout, 0, 0))
+        with pytest.raises(ParameterServerError):
+            c.push_gradient(job, 3, 1, 1, 1.0, kit.gradient(layout, 0, 0))
+        c.pull_weights(job, 1)
+        # execute
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+    # assert
+    assert f'gradfleet_steps_applied_total{{job="{job}"}} 1.0' in text
+    assert 'gradfleet_pushes_rejected_total{reason="bad_worker"} 1.0' in text
+    assert "gradfleet_gradient_bytes_in_total" in text
+    assert "gradfleet_weight_bytes_out_total" in text
+    assert "gradfleet_step_latency_seconds_bucket" in text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--tls-cert", "cert.pem"], ["--port", "70000"], ["--chunk-bytes", "10"]],
+)
+def test_cli_rejects_bad_settings_with_exit_code_2(argv: list[str], capsys) -> None:
+    # execute
+    code = main(["-q", *argv])
+    # assert
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gradfleet server: ") and err.strip().endswith(".")
+
+
+def test_binding_beyond_loopback_without_a_token_warns(caplog: pytest.LogCaptureFixture) -> None:
+    # execute
+    with caplog.at_level("WARNING", logger="gradfleet.server"), serve(host="0.0.0.0", port=0):
+        pass
+    # assert
+    assert any("without a token" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,96 @@
+"""The wire codec: layouts, chunk framing and reassembly, including fuzzed input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradfleet.proto.v1 import parameter_server_pb2 as pb
+from gradfleet.proto.wire import (
+    ChunkAssembler,
+    FlatLayout,
+    WireError,
+    as_bytes_view,
+    decode_chunk_message,
+    encode_chunk_message,
+    iter_chunks,
+    plan_chunk_bytes,
+)
+
+
+def test_layout_round_trips_through_proto_and_json() -> None:
+    # prepare
+    arrays = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
+    # execute
+    layout = FlatLayout.from_arrays(arrays)
+    # assert
+    assert FlatLayout.from_proto(layout.to_proto()) == layout
+    assert FlatLayout.from_json(layout.to_json()) == layout
+    assert layout.total_elements == 16 and layout.nbytes == 64
+    assert [e.offset for e in layout.entries] == [0, 12]
+
+
+def test_layout_with_a_hole_is_rejected() -> None:
+    # prepare
+    msg = pb.Layout(dtype=pb.DTYPE_FLOAT64)
+    msg.tensors.add(name="a", shape=[2], offset=0)
+    msg.tensors.add(name="b", shape=[2], offset=3)
+    # execute / assert
+    with pytest.raises(WireError, match="back to back"):
+        FlatLayout.from_proto(msg)
+
+
+def test_views_write_through_to_the_flat_buffer() -> None:
+    # prepare
+    layout = FlatLayout.from_arrays({"w": np.zeros((2, 2)), "b": np.zeros(2)})
+    flat = layout.empty()
+    flat[:] = 0
+    # execute
+    layout.views(flat)["b"][:] = 7.0
+    # assert
+    assert flat.tolist() == [0, 0, 0, 0, 7, 7]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.floats(allow_nan=False, width=32), min_size=1, max_size=300),
+    chunk=st.integers(min_value=4, max_value=256),
+    order=st.randoms(use_true_random=False),
+)
+def test_any_chunking_in_any_order_reassembles_exactly(values, chunk, order) -> None:
+    # prepare
+    src = np.array(values, dtype=np.float32)
+    chunk -= chunk % 4
+    messages = [
+        encode_chunk_message(off, piece) for off, piece in iter_chunks(as_bytes_view(src), chunk)
+    ]
+    order.shuffle(messages)
+    out = np.empty_like(src)
+    assembler = ChunkAssembler(out)
+    # execute
+    for raw in messages:
+        _, offset, data = decode_chunk_message(raw)
+        assembler.add(offset, data)
+    assembler.finish()
+    # assert
+    assert out.tobytes() == src.tobytes()
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=64))
+def test_decoding_random_bytes_raises_only_wire_errors(raw: bytes) -> None:
+    # execute / assert: either a parse or a WireError, never another exception
+    try:
+        _, offset, data = decode_chunk_message(raw)
+    except WireError:
+        return
+    assert isinstance(offset, int) and data.nbytes <= len(raw)
+
+
+def test_small_payloads_go_as_one_message() -> None:
+    # execute / assert
+    assert plan_chunk_bytes(1000, 1 << 20, 4) == 1000
+    assert plan_chunk_bytes(64 << 20, 1 << 20, 4) == 1 << 20
+    assert plan_chunk_bytes(10_000, 1001, 8) == 1000
