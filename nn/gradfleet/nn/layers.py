@@ -116,6 +116,8 @@ class Linear(Module):
             raise ValueError(
                 f"Linear expected {self.in_features} input features, got shape {x.shape}"
             )
+        if x.dtype != self.weight.dtype and not x.requires_grad:
+            x = Tensor(x.data.astype(self.weight.dtype))  # compute in the model's dtype
         return x @ self.weight.T + self.bias
 
 

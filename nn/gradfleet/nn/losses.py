@@ -65,4 +65,4 @@ def binary_cross_entropy_with_logits(logits: Tensor, targets: Any) -> Tensor:
     targets = _tensor(targets, logits)
     check_targets(targets.data, logits.shape)
     softplus_neg_abs = ops.log(1 + ops.exp(-ops.maximum(logits, -logits)))
-    return ops.mean(ops.relu(logits) - logits * targets + softplus_neg_abs)
+    return ops.mean(ops.maximum(logits, 0.0) - logits * targets + softplus_neg_abs)

@@ -161,7 +161,10 @@ class MLP(Module):
         rows = h.shape[0]
         grads = np.empty_like(self.flat) if out is None else out
         if grads.shape != self.flat.shape or grads.dtype != self.dtype:
-            raise ValueError(f"out must be a {self.dtype} array of shape {self.flat.shape}")
+            raise ValueError(
+                f"out must be a {self.dtype} array of shape {self.flat.shape}, "
+                f"got {grads.dtype} {grads.shape}"
+            )
 
         inputs: list[np.ndarray] = []  # the input of each linear layer, (B, in)
         saved: list[np.ndarray | None] = []  # what each activation's derivative needs

@@ -119,11 +119,14 @@ def matmul(a: ArrayLike, b: ArrayLike) -> Tensor:
             f"(the last size of the left, {a.shape[-1]}, must equal the first of the right)"
         )
 
-    def backward(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def backward(g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         a2 = a.data if a.ndim == 2 else a.data[None, :]
         b2 = b.data if b.ndim == 2 else b.data[:, None]
         g2 = g.reshape(a2.shape[0], b2.shape[1])
-        return (g2 @ b2.T).reshape(a.shape), (a2.T @ g2).reshape(b.shape)
+        # Skip the product for an operand that needs no gradient (an MLP's input batch).
+        grad_a = (g2 @ b2.T).reshape(a.shape) if a.requires_grad else None
+        grad_b = (a2.T @ g2).reshape(b.shape) if b.requires_grad else None
+        return grad_a, grad_b
 
     return Tensor._from_op("@", a.data @ b.data, (a, b), backward)
 

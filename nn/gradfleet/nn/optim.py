@@ -8,6 +8,7 @@ produce the same numbers. State is a flat dict of arrays, so it fits an ``.npz``
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ Arrays = dict[str, np.ndarray]
 
 
 def _finite_number(name: str, value: Any, low: float = 0.0, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be between {low} and {high}, got {value}")
@@ -129,6 +130,7 @@ class Optimizer:
     """Base: checks arguments, keeps the step count, applies the schedule to ``lr``."""
 
     name = ""
+    buffer_kinds: tuple[str, ...] = ()
 
     def __init__(self, lr: float, schedule: Schedule | None = None) -> None:
         self.lr = _finite_number("learning rate", lr)
@@ -171,11 +173,38 @@ class Optimizer:
             k: v.copy() for k, v in self.buffers.items()
         }
 
-    def load_state_dict(self, state: Arrays) -> None:
+    def load_state_dict(self, state: Arrays, params: Arrays | None = None) -> None:
+        """Restore ``state_dict()``; with ``params``, every buffer must match its parameter's
+        shape and dtype. Nothing changes unless all entries are valid."""
         if "steps" not in state:
             raise ValueError("optimiser state needs a 'steps' entry")
-        self.steps = int(state["steps"])
-        self.buffers = {k: np.array(v) for k, v in state.items() if k != "steps"}
+        steps = np.asarray(state["steps"])
+        if steps.shape != () or steps.dtype.kind not in "iu" or int(steps) < 0:
+            raise ValueError(f"optimiser 'steps' must be a non-negative integer, got {steps!r}")
+        buffers = {}
+        for key, value in state.items():
+            if key == "steps":
+                continue
+            kind, _, name = key.partition("/")
+            if kind not in self.buffer_kinds:
+                raise ValueError(
+                    f"optimiser state entry {key!r} is not a {self.name} buffer "
+                    f"(expected names like {self.buffer_kinds[0]}/<parameter>)"
+                )
+            array = np.array(value)
+            if params is not None:
+                if name not in params:
+                    raise ValueError(f"optimiser state {key!r} names no parameter of the model")
+                expected = params[name]
+                if array.shape != expected.shape or array.dtype != expected.dtype:
+                    raise ValueError(
+                        f"optimiser state {key!r}: expected {expected.dtype} {expected.shape}, "
+                        f"got {array.dtype} {array.shape}"
+                    )
+            if not np.all(np.isfinite(array)):
+                raise ValueError(f"optimiser state {key!r} contains NaN or Inf values")
+            buffers[key] = array
+        self.steps, self.buffers = int(steps), buffers
 
     def config(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -185,6 +214,7 @@ class SGD(Optimizer):
     """v ← μ v + (g + λ p); p ← p − η v  (Nesterov: p ← p − η (g + λ p + μ v)); μ=0 is plain GD."""
 
     name = "sgd"
+    buffer_kinds = ("momentum",)
 
     def __init__(
         self,
@@ -229,6 +259,7 @@ class Adam(Optimizer):
     """
 
     name = "adam"
+    buffer_kinds = ("m", "v")
 
     def __init__(
         self,

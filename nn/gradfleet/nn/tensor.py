@@ -196,6 +196,11 @@ def gradients(output: Tensor, seed: ArrayLike | None = None) -> dict[int, np.nda
     grads: dict[int, np.ndarray] = {id(output): seed_array}
     for node in reversed(output.topological_order()):
         g = grads.get(id(node))
+        if node._backward is None and node.op:
+            raise ValueError(
+                f"the graph behind a {node.op!r} node was freed by an earlier backward(); "
+                "pass retain_graph=True to the first backward() to run through it again"
+            )
         if g is None or node._backward is None:
             continue
         for parent, parent_grad in zip(node._parents, node._backward(g), strict=True):
