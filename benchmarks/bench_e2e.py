@@ -184,9 +184,8 @@ def main() -> None:
         f"# bench_e2e: MNIST 8000/2000, MLP {SIZES}, SGD lr {args.lr}, "
         f"{args.rows} rows per worker per step, {args.epochs} epochs, {args.rounds} round(s)"
     )
-    print(
-        f"# BLAS: {[(i.get('internal_api'), i.get('architecture'), i.get('num_threads')) for i in blas]}"
-    )
+    kernels = [(i.get("internal_api"), i.get("architecture"), i.get("num_threads")) for i in blas]
+    print(f"# BLAS: {kernels}")
     runs: dict[str, list[Run]] = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, run in variants.items():
