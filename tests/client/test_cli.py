@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 from gradfleet.client import Client
 from gradfleet.client.cli import build_parser
+from gradfleet.client.data import load_dataset
 
 pytestmark = [pytest.mark.integration]
 GRADFLEET = str(Path(sys.executable).with_name("gradfleet"))
@@ -105,9 +107,44 @@ def test_train_status_predict_against_a_separate_server(
     assert status.returncode == 0
     assert f"{job_id.group(1)}  completed" in status.stdout
     assert predicted.returncode == 0, predicted.stderr
+    # predict applies the training data's standardisation, saved with the model
+    stats = load_dataset("iris").stats
+    standardized = ((rows - stats["mean"]) / stats["std"]).astype(np.float32)
     with Client(server_address) as client:
-        expected = client.job(job_id.group(1)).model().predict(rows).argmax(axis=1)
+        expected = client.job(job_id.group(1)).model().predict(standardized).argmax(axis=1)
     np.testing.assert_array_equal(np.load(tmp_path / "pred.npy"), expected)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_watch_export_and_evaluate_a_finished_job(server_address: str, tmp_path: Path) -> None:
+    config = tmp_path / "job.toml"
+    config.write_text(
+        'name = "wine"\ndataset = "wine"\nbatch_size = 16\nsteps = 40\nworkers = 2\n'
+        '[model]\nsizes = [13, 16, 3]\n[optimizer]\nname = "adam"\nlr = 0.01\n'
+    )
+    trained = run("train", str(config), "--server", server_address, "--out", str(tmp_path / "r"))
+    job_id = re.search(r"\(job (\w+)\)", trained.stdout)
+    assert job_id is not None, trained.stderr
+
+    watched = run("watch", job_id.group(1), "--server", server_address)
+    exported = run(
+        "export", job_id.group(1), "--server", server_address, "--out", str(tmp_path / "exported")
+    )
+    evaluated = run("evaluate", str(tmp_path / "exported"), "--data", "wine")
+
+    steps = [line for line in watched.stdout.splitlines() if " step " in line]
+    assert watched.returncode == 0, watched.stderr
+    assert len(steps) == 40
+    assert "completed" in watched.stdout.splitlines()[-1]
+    assert exported.returncode == 0, exported.stderr
+    assert evaluated.returncode == 0, evaluated.stderr
+    accuracy = re.fullmatch(r"val_loss=[\d.]+ val_accuracy=([\d.]+)\n", evaluated.stdout)
+    assert accuracy is not None
+    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    assert float(accuracy.group(1)) == pytest.approx(
+        history["final_metrics"]["val_accuracy"], abs=5e-5
+    )
 
 
 @pytest.mark.ray
@@ -149,7 +186,7 @@ def test_bad_input_exits_2_with_one_line(case: str, message: str, tmp_path: Path
         "unknown key": ["train", bad_config(tmp_path, "colour = 'blue'\n" + good)],
         "wrong type": ["train", bad_config(tmp_path, 'batch_size = "big"\n' + good)],
         "not toml": ["train", bad_config(tmp_path, "this is = = not toml")],
-        "unreachable server": ["status", "--server", f"127.0.0.1:{free_port()}"],
+        "unreachable server": ["status", "--server", f"127.0.0.1:{free_port()}", "--timeout", "1"],
         "foreign model file": ["predict", str(foreign), "--input", str(foreign)],
         "missing model": ["evaluate", str(tmp_path / "none"), "--data", "iris"],
     }[case]

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default="127.0.0.1:50051", help="server host:port")
     parser.add_argument("--token-file", help="file holding the server's bearer token")
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to keep retrying an unreachable server"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,7 +200,7 @@ def _read_toml(path: str) -> dict[str, Any]:
 def _client(args: argparse.Namespace) -> Any:
     from gradfleet.client.sdk import Client
 
-    return Client(args.server, token=_token(args.token_file))
+    return Client(args.server, token=_token(args.token_file), timeout=args.timeout)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -223,50 +226,38 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from gradfleet.client.model_files import load_model
+    from gradfleet.client.model_files import load_model_and_preprocessing
     from gradfleet.worker.datasets import load_dataset
     from gradfleet.worker.result import evaluate
 
-    model = load_model(args.model)
-    options = {"labels": args.labels} if args.labels else {}
-    data = load_dataset(args.data, validation_split=0.0, **options)
+    model, preprocess = load_model_and_preprocessing(args.model)
+    options: dict[str, Any] = {"standardize": False}
+    if args.labels:
+        options["labels"] = args.labels
+    data = load_dataset(args.data, **options)
+    # A bundled set keeps its held-out part (the rows training did not see); a file is
+    # evaluated whole.
+    x, y = (data.x_val, data.y_val) if data.x_val is not None else (data.x, data.y)
     if data.num_features != model.sizes[0]:
         raise UsageError(
             f"{args.data} has {data.num_features} features, the model expects {model.sizes[0]}"
         )
-    x = data.x.astype(model.dtype)
-    metrics = evaluate(model, x, data.y.astype(np.int64), "cross_entropy")
+    metrics = evaluate(
+        model, preprocess(x).astype(model.dtype), y.astype(np.int64), "cross_entropy"
+    )
     print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from gradfleet.client.model_files import load_model
-    from gradfleet.worker.datasets import load_csv
+    from gradfleet.client.model_files import load_model_and_preprocessing
 
-    model = load_model(args.model)
+    model, preprocess = load_model_and_preprocessing(args.model)
     path = Path(args.input)
     if not path.is_file():
         raise UsageError(f"input file {path} does not exist")
-    if path.suffix == ".csv":
-        x, _ = (
-            load_csv(path, label_column=-1)
-            if _has_label_column(path, model)
-            else (_csv_features(path), None)
-        )
-    elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            if "x" not in archive.files:
-                raise UsageError(f"{path} needs an array named 'x'")
-            x = archive["x"]
-    else:
-        x = np.load(path, allow_pickle=False)
-    x = np.asarray(x).reshape(len(x), -1)
-    if x.shape[1] != model.sizes[0]:
-        raise UsageError(
-            f"{path} rows have {x.shape[1]} features, the model expects {model.sizes[0]}"
-        )
-    predictions = model.predict(x).argmax(axis=1)
+    x = _read_rows(path, model.sizes[0])
+    predictions = model.predict(preprocess(x).astype(model.dtype)).argmax(axis=1)
     if args.output:
         if args.output.endswith(".csv"):
             np.savetxt(args.output, predictions, fmt="%d")
@@ -278,17 +269,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _has_label_column(path: Path, model: Any) -> bool:
-    with open(path) as f:
-        first = f.readline()
-    return len(first.split(",")) == model.sizes[0] + 1
-
-
-def _csv_features(path: Path) -> np.ndarray:
+def _read_rows(path: Path, features: int) -> np.ndarray:
+    """Feature rows from .npy, .npz (array ``x``) or .csv (a trailing label column is dropped)."""
     from gradfleet.worker.datasets import load_csv
 
-    x, y = load_csv(path, label_column=-1)
-    return np.column_stack([x, y])
+    try:
+        if path.suffix == ".csv":
+            x, last = load_csv(path, label_column=-1)
+            if x.shape[1] == features - 1:  # no label column: the last column is a feature
+                x = np.column_stack([x, last])
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                if "x" not in archive.files:
+                    raise UsageError(f"{path} needs an array named 'x'")
+                x = archive["x"]
+        else:
+            x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read rows from {path}: {exc}") from None
+    x = np.asarray(x)
+    x = x.reshape(len(x), -1)
+    if x.shape[1] != features:
+        raise UsageError(f"{path} rows have {x.shape[1]} features, the model expects {features}")
+    return x
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,31 +97,33 @@ def start_server_actor(
     token: str | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-    name: str | None = None,
+    attempts: int = 5,
 ) -> tuple[Any, str]:
     """Start the server actor on the chosen node; returns (actor handle, actor name)."""
     node_id = resolve_node(placement)
-    name = name or f"gradfleet-server-{uuid.uuid4().hex[:8]}"
     restartable = checkpoint_dir is not None
-    actor = (
-        ray.remote(ServerActor)
-        .options(
+    server_class: Any = ray.remote(ServerActor)
+    for attempt in range(attempts):
+        name = f"gradfleet-server-{uuid.uuid4().hex[:8]}"
+        actor = server_class.options(
             name=name,
             namespace=SERVER_ACTOR_NAMESPACE,
             num_cpus=0,  # it must fit on a head node that offers no CPUs to tasks
-            # Hard affinity cannot follow a dead node: with a checkpoint to resume from,
-            # ask softly so that Ray can restart the actor on a surviving node.
+            # Hard affinity cannot follow a dead node: with a checkpoint to resume
+            # from, ask softly so that Ray can restart the actor on a surviving node.
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=restartable),
             max_restarts=SERVER_MAX_RESTARTS if restartable else 0,
             max_task_retries=-1 if restartable else 0,
-        )
-        .remote(token, str(checkpoint_dir) if restartable else None, checkpoint_every)
-    )
-    placed = ray.get(actor.get_node_id.remote())
-    if placed != node_id:  # soft affinity only moves it when the node is gone
+        ).remote(token, str(checkpoint_dir) if restartable else None, checkpoint_every)
+        placed = ray.get(actor.get_node_id.remote())
+        if placed == node_id:
+            return actor, name
+        # Soft affinity may spill to another node while Ray has not yet seen the chosen
+        # node's resources (a node that has just joined): try again shortly.
+        logger.info("server actor landed on %s, not %s (attempt %d)", placed, node_id, attempt)
         ray.kill(actor, no_restart=True)
-        raise RuntimeError(f"the server actor landed on node {placed}, not on {node_id}")
-    return actor, name
+        time.sleep(1.0)
+    raise RuntimeError(f"could not place the server actor on node {node_id}")
 
 
 def resolve_server_address(name: str, timeout: float = 120.0) -> str:

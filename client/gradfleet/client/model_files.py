@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,21 +12,38 @@ import numpy as np
 from gradfleet.nn import MLP
 
 FORMAT = "gradfleet.model/1"
+Preprocess = Callable[[np.ndarray], np.ndarray]
 
 
-def save_model(model: MLP, directory: str | Path, extra: dict | None = None) -> Path:
-    """Write the weights and spec into ``directory``; returns the path of ``model.npz``."""
+def save_model(
+    model: MLP,
+    directory: str | Path,
+    extra: dict | None = None,
+    preprocessing: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """Write the weights and spec into ``directory``; returns the path of ``model.npz``.
+
+    ``preprocessing`` (the training data's feature ``mean`` and ``std``) is stored so that
+    ``evaluate`` and ``predict`` transform raw rows exactly as training did.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights_path = directory / "model.npz"
     np.savez(weights_path, **model.state_dict())
     meta = {"format": FORMAT, "spec": model.spec(), **(extra or {})}
+    if preprocessing:
+        meta["preprocessing"] = {k: np.asarray(v).tolist() for k, v in preprocessing.items()}
     (directory / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     return weights_path
 
 
 def load_model(path: str | Path) -> MLP:
     """Load a model saved by ``save_model`` from its directory or its ``model.npz``."""
+    return load_model_and_preprocessing(path)[0]
+
+
+def load_model_and_preprocessing(path: str | Path) -> tuple[MLP, Preprocess]:
+    """The model and a function applying its training-time feature scaling to raw rows."""
     path = Path(path)
     weights_path = path / "model.npz" if path.is_dir() else path
     meta_path = weights_path.with_suffix(".json")
@@ -46,4 +64,19 @@ def load_model(path: str | Path) -> MLP:
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{weights_path} is not a readable weights file: {exc}") from None
     model.load_state_dict(weights)
-    return model
+    return model, _preprocess(meta.get("preprocessing"), model, meta_path)
+
+
+def _preprocess(stats: dict | None, model: MLP, source: Path) -> Preprocess:
+    if not stats:
+        return lambda x: x
+    try:
+        mean = np.asarray(stats["mean"], dtype=np.float64)
+        std = np.asarray(stats["std"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{source}: preprocessing must hold 'mean' and 'std' lists") from None
+    if mean.shape != (model.sizes[0],) or std.shape != mean.shape or np.any(std <= 0):
+        raise ValueError(
+            f"{source}: preprocessing does not fit the model's {model.sizes[0]} inputs"
+        )
+    return lambda x: (np.asarray(x, dtype=np.float64) - mean) / std

@@ -67,7 +67,13 @@ class ProgressReporter:
 def write_run(result: TrainResult, job: JobConfig, out: Path) -> Path:
     """Save model, history (CSV and JSON), the job config and curves.png into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    model_path = save_model(result.model, out, {"final_metrics": _plain(result.final_metrics)})
+    data = job.dataset
+    model_path = save_model(
+        result.model,
+        out,
+        {"final_metrics": _plain(result.final_metrics), "dataset": job.summary()["dataset"]},
+        preprocessing=getattr(data, "stats", None),
+    )
     (out / "config.json").write_text(json.dumps(job.summary(), indent=2) + "\n")
     (out / "history.json").write_text(
         json.dumps(

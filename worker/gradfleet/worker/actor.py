@@ -136,9 +136,10 @@ class GradientWorker:
         """Ask the named server actor for its address (Ray may be restarting it)."""
         import ray
 
+        assert self.server_actor_name is not None
         try:
             server = ray.get_actor(self.server_actor_name, namespace=SERVER_ACTOR_NAMESPACE)
-            address = ray.get(server.get_address.remote(), timeout=300)
+            address = str(ray.get(server.get_address.remote(), timeout=300))
         except (ValueError, ray.exceptions.RayActorError) as exc:
             raise ParameterServerError(
                 "UNAVAILABLE",

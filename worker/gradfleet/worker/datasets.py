@@ -188,7 +188,9 @@ def _first_existing(directory: Path, stem: str) -> Path:
     raise ValueError(f"no {stem}(.gz) in {directory}")
 
 
-def load_sklearn(name: str, validation_split: float = 0.2) -> ArrayDataset:
+def load_sklearn(
+    name: str, validation_split: float = 0.2, standardize: bool = True
+) -> ArrayDataset:
     """One of scikit-learn's bundled sets (offline), standardised, last part held out."""
     from sklearn import datasets as sk  # imported here: only these loaders need it
 
@@ -198,7 +200,7 @@ def load_sklearn(name: str, validation_split: float = 0.2) -> ArrayDataset:
     x, y = np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target, dtype=np.int64)
     order = np.random.default_rng(0).permutation(len(x))  # the bundled files are sorted by class
     return ArrayDataset(
-        x[order], y[order], validation_split=validation_split, standardize=True, name=name
+        x[order], y[order], validation_split=validation_split, standardize=standardize, name=name
     )
 
 
@@ -247,7 +249,7 @@ def load_dataset(source: str | Path, validation_split: float = 0.2, **options: A
     """
     text = str(source)
     if text in SKLEARN_SETS:
-        return load_sklearn(text, validation_split)
+        return load_sklearn(text, validation_split, options.get("standardize", True))
     path = Path(text.removeprefix("mnist:"))
     if text.startswith("mnist:") or (path.is_dir() and any(path.glob("*-images-idx3-ubyte*"))):
         return load_mnist(path, **options)

@@ -110,19 +110,30 @@ def start_workers(
 def run_workers(
     group: WorkerGroup, poll: PollFn | None = None, poll_every: float = 0.5
 ) -> list[dict]:
-    """Run every actor's loop to the end, calling ``poll`` meanwhile; returns their timings."""
+    """Run every actor's loop to the end, calling ``poll`` meanwhile; returns their timings.
+
+    Raises ``WorkersFailed`` as soon as one actor is gone for good: its peers cannot close
+    another sync step without it, so waiting for them would wait forever.
+    """
     refs = [actor.run.remote() for actor in group.actors]
     pending = list(refs)
     while pending:
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_every)
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_every)
+        for ref in ready:
+            _result_or_raise(ref, refs.index(ref))
         if poll is not None:
             poll()
+    return [_result_or_raise(ref, worker) for worker, ref in enumerate(refs)]
+
+
+def _result_or_raise(ref: Any, worker: int) -> dict:
     try:
-        return ray.get(refs)
+        return ray.get(ref)  # type: ignore[no-any-return]
     except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WorkersFailed(
-            f"a worker died more often than max_restarts allows, so the job cannot finish: {reason}"
+            f"worker {worker} died more often than max_restarts allows, so the job cannot "
+            f"finish; raise WorkerOptions(max_restarts=...) or find out why it dies: {reason}"
         ) from exc
 
 
