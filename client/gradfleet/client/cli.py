@@ -298,8 +298,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from gradfleet.client.model_files import save_model
 
     with _client(args) as client:
-        model = client.job(args.job).model()
-    path = save_model(model, args.out)
+        handle = client.job(args.job)
+        model, config = handle.model(), handle.config()
+    path = save_model(model, args.out, preprocessing=config.get("preprocessing"))
     print(f"saved job {args.job} to {path}")
     return 0
 

@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,24 +133,39 @@ def resolve_server_address(name: str, timeout: float = 120.0) -> str:
     return str(ray.get(actor.get_address.remote(), timeout=timeout))
 
 
+@dataclass
+class ServerActorRef:
+    """A running server actor: its address now, and the name to find it again by."""
+
+    address: str
+    name: str
+
+    def current_address(self, timeout: float = 120.0) -> str:
+        """Ask the actor again (it may have moved to another node); waits while it restarts."""
+        self.address = resolve_server_address(self.name, timeout)
+        return self.address
+
+
 @contextlib.contextmanager
-def server_actor_session(
+def server_actor(
     placement: str,
     token: str | None = None,
     checkpoint_dir: str | Path | None = None,
     *,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-) -> Iterator[str]:
-    """Run the server as an actor on ``placement`` for the block; yields its address.
+) -> Iterator[ServerActorRef]:
+    """Run the server as an actor on ``placement`` for the block; yields where it is.
 
     The actor is owned by this driver, so it also ends if the driver dies. On leaving,
-    the server stops gracefully (final checkpoint) and the actor is killed.
+    the server stops gracefully (final checkpoint) and the actor is killed. If the block
+    fails because the server's node died and there was no checkpoint directory to resume
+    from, the error is ``ServerLost``, saying so.
     """
     actor, name = start_server_actor(placement, token, checkpoint_dir, checkpoint_every)
-    address = str(ray.get(actor.get_address.remote()))
-    logger.info("parameter server actor %s on %s (%s)", name, address, placement)
+    ref = ServerActorRef(str(ray.get(actor.get_address.remote())), name)
+    logger.info("parameter server actor %s on %s (%s)", name, ref.address, placement)
     try:
-        yield address
+        yield ref
     except Exception as exc:
         if checkpoint_dir is None and not _is_alive(actor):
             raise ServerLost(
@@ -160,6 +176,19 @@ def server_actor_session(
         raise
     finally:
         _stop(actor)
+
+
+@contextlib.contextmanager
+def server_actor_session(
+    placement: str,
+    token: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    *,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+) -> Iterator[str]:
+    """``server_actor`` for callers that only need the first address."""
+    with server_actor(placement, token, checkpoint_dir, checkpoint_every=checkpoint_every) as ref:
+        yield ref.address
 
 
 def _is_alive(actor: Any) -> bool:

@@ -72,7 +72,7 @@ def write_run(result: TrainResult, job: JobConfig, out: Path) -> Path:
         result.model,
         out,
         {"final_metrics": _plain(result.final_metrics), "dataset": job.summary()["dataset"]},
-        preprocessing=getattr(data, "stats", None),
+        preprocessing=data.stats,
     )
     (out / "config.json").write_text(json.dumps(job.summary(), indent=2) + "\n")
     (out / "history.json").write_text(

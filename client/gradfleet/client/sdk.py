@@ -204,6 +204,11 @@ class JobHandle:
         _translated(lambda: self.client._ps.pull_weights(self.job_id, 0, out=model.flat))
         return model
 
+    def config(self) -> dict[str, Any]:
+        """The job settings stored with the job (``JobConfig.summary()`` when created here)."""
+        text = self._info().spec.job_config_json
+        return json.loads(text) if text else {}
+
     def checkpoint(self) -> str:
         """Write a checkpoint now; returns its path on the server."""
         return str(_translated(lambda: self.client._ps.checkpoint(self.job_id)).path)

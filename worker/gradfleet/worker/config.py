@@ -164,6 +164,9 @@ class JobConfig:
             "eval_every": self.eval_every,
             "checkpoint_every": self.checkpoint_every,
             "seed": self.seed,
+            # the features' training-time standardisation, so a model exported from the
+            # server transforms raw rows the way training did
+            "preprocessing": {k: v.tolist() for k, v in data.stats.items()},
         }
 
     @classmethod
