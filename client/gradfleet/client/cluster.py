@@ -7,6 +7,11 @@ worker that loses the server asks the actor for its current address
 (``resolve_server_address``). If the node dies and ``checkpoint_dir`` is a path every
 node can read, Ray restarts the actor on a surviving node and the server resumes every
 job from its last checkpoint; without it, the job fails with ``ServerLost``.
+
+``server_actor()`` yields a ``ServerActorRef`` (address and name): a caller that wants to
+survive the server's node loss passes the name to ``ray_runner.start_workers`` and calls
+``ref.current_address()`` when the server stops answering. ``server_actor_session()``
+yields only the first address (what ``train()`` uses today).
 """
 
 from __future__ import annotations

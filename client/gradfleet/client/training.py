@@ -18,7 +18,6 @@ from typing import Any
 
 from gradfleet.nn import MLP
 from gradfleet.worker.config import JobConfig
-from gradfleet.worker.datasets import ArrayDataset
 from gradfleet.worker.local import train_local
 from gradfleet.worker.ps_client import ParameterServerClient
 from gradfleet.worker.result import TrainResult, evaluate
@@ -154,7 +153,7 @@ class _Monitor:
 
     def _evaluate(self) -> dict[str, float]:
         data = self.job.dataset
-        assert isinstance(data, ArrayDataset)
+        assert not isinstance(data, str)
         return evaluate(self.model, data.x_val, data.y_val, self.job.loss)
 
     def result(self, timings: list[dict[str, float]]) -> TrainResult:

@@ -40,8 +40,8 @@ class GradientWorker:
         address: str,
         job_id: str,
         worker: int,
-        x: np.ndarray,
-        y: np.ndarray,
+        x: Any,
+        y: np.ndarray | None,
         model_spec: dict[str, Any],
         loss: str,
         rows_per_worker: int,
@@ -56,6 +56,8 @@ class GradientWorker:
         # One BLAS thread per worker: workers share the node's cores with each other.
         self._blas_limit = threadpool_limits(blas_threads)
         self.job_id, self.worker, self.mode = job_id, worker, mode
+        if y is None:  # a Ray Data shard: this worker turns its own rows into arrays
+            x, y = x.arrays()
         self.x, self.y, self.loss = x, y, loss
         self.total_steps = total_steps
         self.model = MLP.from_spec(model_spec)
@@ -63,7 +65,8 @@ class GradientWorker:
         self.plan = BatchPlan(seed, worker, len(x), rows_per_worker)
         self.token, self.server_actor_name = token, server_actor_name
         self.client = ParameterServerClient(address, token=token)
-        self.timings = {"pull": 0.0, "compute": 0.0, "push": 0.0, "steps": 0, "stale": 0}
+        # pull: plain pulls (first step, re-syncs); exchange: push + wait for the step + pull
+        self.timings = {"pull": 0.0, "compute": 0.0, "exchange": 0.0, "steps": 0, "stale": 0}
         self.server_patience = server_patience
         self._unavailable_since: float | None = None
 
@@ -72,14 +75,22 @@ class GradientWorker:
         return os.getpid()
 
     def run(self) -> dict[str, float]:
-        """Train until the job's version reaches ``total_steps``; return time per phase."""
-        version = 0
+        """Train until the job's version reaches ``total_steps``; return time per phase.
+
+        One call per step after the first: ``push_and_pull`` sends the gradient of
+        version v and answers with the weights of the next version once the step has
+        closed (sync) or at once (async: whatever is newest). A plain pull is needed only
+        at the start and after ``_recover``.
+        """
+        version, synced = 0, False
         while True:
             try:
                 started = time.perf_counter()
-                version, _ = self.client.pull_weights(
-                    self.job_id, min_version=version, out=self.model.flat, timeout=PULL_WAIT
-                )
+                if not synced:
+                    version, _ = self.client.pull_weights(
+                        self.job_id, min_version=version, out=self.model.flat, timeout=PULL_WAIT
+                    )
+                    synced = True
                 pulled = time.perf_counter()
                 if version >= self.total_steps:
                     break
@@ -88,19 +99,24 @@ class GradientWorker:
                     self.x[rows], self.y[rows], self.loss, out=self.grad
                 )
                 computed = time.perf_counter()
-                ack = self.client.push_gradient(
-                    self.job_id, self.worker, version, len(rows), loss, self.grad
+                version, _ = self.client.push_and_pull(
+                    self.job_id,
+                    self.worker,
+                    version,
+                    len(rows),
+                    loss,
+                    self.grad,
+                    out=self.model.flat,
+                    timeout=PULL_WAIT,
                 )
             except ParameterServerError as exc:
-                version = self._recover(exc)
+                version, synced = self._recover(exc), False
                 continue
             self._unavailable_since = None
             self.timings["pull"] += pulled - started
             self.timings["compute"] += computed - pulled
-            self.timings["push"] += time.perf_counter() - computed
+            self.timings["exchange"] += time.perf_counter() - computed
             self.timings["steps"] += 1
-            # Sync: wait for the step we pushed to close. Async: take whatever is newest.
-            version = version + 1 if self.mode == "sync" else max(version + 1, ack.version)
         self.client.close()
         return dict(self.timings)
 

@@ -14,6 +14,9 @@ from gradfleet.nn.losses import LOSSES
 from gradfleet.nn.optim import Optimizer, make_optimizer
 from gradfleet.worker.batches import steps_per_epoch
 from gradfleet.worker.datasets import ArrayDataset, load_dataset
+from gradfleet.worker.ray_data import RayDataset
+
+Dataset = ArrayDataset | RayDataset
 
 MODES = ("sync", "async")
 
@@ -27,7 +30,7 @@ class JobConfig:
     """
 
     model: MLP | dict[str, Any]
-    dataset: ArrayDataset | str
+    dataset: Dataset | str
     loss: str = "cross_entropy"
     optimizer: dict[str, Any] | Optimizer = field(
         default_factory=lambda: {"name": "sgd", "lr": 0.1}
@@ -56,9 +59,10 @@ class JobConfig:
         make_optimizer(self.optimizer)  # validates the settings
         if isinstance(self.dataset, str | Path):
             self.dataset = load_dataset(self.dataset)
-        if not isinstance(self.dataset, ArrayDataset):
+        if not isinstance(self.dataset, Dataset):
             raise ValueError(
-                f"dataset must be an ArrayDataset or a dataset name/path, got {self.dataset!r}"
+                "dataset must be an ArrayDataset, a RayDataset or a dataset name/path, "
+                f"got {self.dataset!r}"
             )
         self._check_numbers()
         self._check_data()
@@ -101,7 +105,7 @@ class JobConfig:
 
     def _check_data(self) -> None:
         data = self.dataset
-        assert isinstance(data, ArrayDataset)
+        assert isinstance(data, Dataset)
         sizes = self.model_spec["sizes"]
         if data.num_features != sizes[0]:
             raise ValueError(
@@ -110,9 +114,10 @@ class JobConfig:
             )
         if self.loss == "cross_entropy":
             data.check_labels(sizes[-1])
-            data.y = data.y.astype(np.int64)
-            if data.y_val is not None:
-                data.y_val = data.y_val.astype(np.int64)
+            if isinstance(data, ArrayDataset):
+                data.y = data.y.astype(np.int64)
+                if data.y_val is not None:
+                    data.y_val = data.y_val.astype(np.int64)
             if data.classes() > sizes[-1]:
                 raise ValueError(
                     f"the dataset has {data.classes()} classes but the model has "
@@ -127,8 +132,8 @@ class JobConfig:
 
     @property
     def shard_size(self) -> int:
-        assert isinstance(self.dataset, ArrayDataset)
-        return len(self.dataset.x) // self.workers
+        assert isinstance(self.dataset, Dataset)
+        return self.dataset.num_rows // self.workers
 
     @property
     def steps_per_epoch(self) -> int:
@@ -147,7 +152,7 @@ class JobConfig:
     def summary(self) -> dict[str, Any]:
         """The JSON-serialisable settings (model spec, no data arrays): saved with each run."""
         data = self.dataset
-        assert isinstance(data, ArrayDataset)
+        assert isinstance(data, Dataset)
         return {
             "name": self.name,
             "model": self.model_spec,

@@ -75,6 +75,10 @@ class ArrayDataset:
     def num_features(self) -> int:
         return int(self.x.shape[1])
 
+    @property
+    def num_rows(self) -> int:
+        return len(self.x)
+
     def classes(self) -> int:
         """The number of classes: given, or one more than the largest integer label."""
         if self.num_classes is not None:

@@ -18,6 +18,7 @@ from gradfleet.nn import MLP, make_optimizer
 from gradfleet.worker.batches import BatchPlan, shard_rows
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.datasets import ArrayDataset
+from gradfleet.worker.ray_data import RayDataset
 from gradfleet.worker.result import TrainResult, evaluate
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ ProgressFn = Callable[[dict[str, float]], None]
 def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResult:
     """Run ``job`` in this process and return the trained model with its history."""
     data = job.dataset
+    if isinstance(data, RayDataset):
+        data = data.to_arrays()
     assert isinstance(data, ArrayDataset)
     started = time.perf_counter()
     model = MLP.from_spec(job.model_spec)
@@ -83,5 +86,5 @@ def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResu
 
 def _evaluate(model: MLP, job: JobConfig) -> dict[str, float]:
     data = job.dataset
-    assert isinstance(data, ArrayDataset)
+    assert not isinstance(data, str)
     return evaluate(model, data.x_val, data.y_val, job.loss)

@@ -38,6 +38,7 @@ from gradfleet.proto.wire import (
     decode_chunk_message,
     dtype_to_proto,
     encode_chunk_message,
+    keep_message_buffers_mapped,
     plan_chunk_bytes,
 )
 
@@ -90,6 +91,7 @@ class ParameterServerClient:
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.retries = retries
+        keep_message_buffers_mapped()  # megabyte messages: reuse buffers, no page faults
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
@@ -126,7 +128,13 @@ class ParameterServerClient:
             request_serializer=None,
             response_deserializer=pb.PushAck.FromString,
         )
+        self._push_and_pull = self._channel.unary_unary(
+            _SERVICE + "PushAndPullUnary",
+            request_serializer=None,
+            response_deserializer=None,
+        )
         self._layouts: dict[str, FlatLayout] = {}
+        self._layout_protos: dict[str, tuple[FlatLayout, pb.Layout]] = {}
 
     # ---- plumbing ------------------------------------------------------------------
     def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
@@ -222,6 +230,7 @@ class ParameterServerClient:
     def delete_job(self, job_id: str) -> None:
         self._call(self._stub.DeleteJob, pb.DeleteJobRequest(job_id=job_id))
         self._layouts.pop(job_id, None)
+        self._layout_protos.pop(job_id, None)
 
     def stop_job(self, job_id: str) -> pb.JobInfo:
         return self._call(self._stub.StopJob, pb.StopJobRequest(job_id=job_id))
@@ -288,7 +297,9 @@ class ParameterServerClient:
                 if header_bytes is not None:
                     header = pb.WeightsHeader.FromString(bytes(header_bytes))
                     layout = FlatLayout.from_proto(header.layout)
-                    self._layouts[job_id] = layout
+                    if self._layouts.get(job_id) != layout:
+                        self._layouts[job_id] = layout
+                    layout = self._layouts[job_id]
                     out = self._check_out(out, layout)
                     version, assembler = header.version, ChunkAssembler(out)
                 if assembler is None:
@@ -338,20 +349,7 @@ class ParameterServerClient:
 
         Returns the PushAck (outcome ACCEPTED, DUPLICATE or DROPPED_LATE, and version).
         """
-        grad = np.ascontiguousarray(flat_grad).reshape(-1)
-        header = pb.PushHeader(
-            job_id=job_id,
-            worker=worker,
-            step=step,
-            rows=rows,
-            loss=float(loss),
-            dtype=dtype_to_proto(grad.dtype),
-            total_bytes=grad.nbytes,
-        )
-        layout = self._layouts.get(job_id)
-        if layout is not None:
-            header.layout.CopyFrom(layout.to_proto())
-        header_bytes = header.SerializeToString()
+        grad, header_bytes = self._push_header(job_id, worker, step, rows, loss, flat_grad)
         data = as_bytes_view(grad)
         chunk = plan_chunk_bytes(grad.nbytes, self.chunk_bytes, grad.dtype.itemsize)
 
@@ -369,6 +367,68 @@ class ParameterServerClient:
         return self._retrying(
             lambda: self._push(messages(), timeout=deadline, metadata=self._metadata)
         )
+
+    def push_and_pull(
+        self,
+        job_id: str,
+        worker: int,
+        step: int,
+        rows: int,
+        loss: float,
+        flat_grad: np.ndarray,
+        out: np.ndarray | None = None,
+        timeout: float | None = None,
+    ) -> tuple[int, np.ndarray]:
+        """Push the gradient of `step`, then return (version, weights) with version > step.
+
+        A worker's whole exchange of a step. When gradient and weights each fit one
+        message this is a single call (the server answers once the step has closed);
+        otherwise it is `push_gradient` then `pull_weights(min_version=step + 1)`.
+        Idempotent like the push, so a retry after a lost answer is safe.
+        """
+        grad = np.ascontiguousarray(flat_grad).reshape(-1)
+        layout = self._layouts.get(job_id)
+        if layout is not None and self._is_small(layout.nbytes) and grad.nbytes <= self.chunk_bytes:
+            grad, header_bytes = self._push_header(job_id, worker, step, rows, loss, grad)
+            message = encode_chunk_message(0, as_bytes_view(grad), header_bytes)
+            deadline = timeout or self.timeout
+            try:
+                return self._retrying(lambda: self._exchange_once(job_id, message, out, deadline))
+            except ParameterServerError as exc:
+                if exc.code != "FAILED_PRECONDITION":
+                    raise
+                # the server chunks these weights (or the push is refused): separate calls,
+                # which raise the real error if there is one
+        self.push_gradient(job_id, worker, step, rows, loss, grad, timeout=timeout)
+        return self.pull_weights(job_id, min_version=step + 1, out=out, timeout=timeout)
+
+    def _exchange_once(
+        self, job_id: str, message: bytes, out: np.ndarray | None, timeout: float
+    ) -> tuple[int, np.ndarray]:
+        raw = self._push_and_pull(message, timeout=timeout, metadata=self._metadata)
+        return self._assemble(job_id, iter([raw]), out, None)
+
+    def _push_header(
+        self, job_id: str, worker: int, step: int, rows: int, loss: float, flat_grad: np.ndarray
+    ) -> tuple[np.ndarray, bytes]:
+        """The flat C-contiguous gradient and its serialised PushHeader."""
+        grad = np.ascontiguousarray(flat_grad).reshape(-1)
+        header = pb.PushHeader(
+            job_id=job_id,
+            worker=worker,
+            step=step,
+            rows=rows,
+            loss=float(loss),
+            dtype=dtype_to_proto(grad.dtype),
+            total_bytes=grad.nbytes,
+        )
+        layout = self._layouts.get(job_id)
+        if layout is not None:
+            cached = self._layout_protos.get(job_id)
+            if cached is None or cached[0] is not layout:
+                cached = self._layout_protos[job_id] = (layout, layout.to_proto())
+            header.layout.CopyFrom(cached[1])
+        return grad, header.SerializeToString()
 
 
 def _pem(value: bytes | str | Path | None) -> bytes | None:

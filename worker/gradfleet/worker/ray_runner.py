@@ -19,6 +19,7 @@ from gradfleet.worker.actor import GradientWorker
 from gradfleet.worker.batches import shard_rows
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.datasets import ArrayDataset
+from gradfleet.worker.ray_data import RayDataset
 
 logger = logging.getLogger(__name__)
 PollFn = Callable[[], None]
@@ -68,7 +69,6 @@ def start_workers(
     """
     options = options or WorkerOptions()
     data = job.dataset
-    assert isinstance(data, ArrayDataset)
     num_cpus = options.num_cpus
     if num_cpus is None:
         num_cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / job.workers)
@@ -79,31 +79,38 @@ def start_workers(
         max_task_retries=-1 if options.max_restarts else 0,
         scheduling_strategy="SPREAD",
     )
-    actors, refs = [], []
-    for worker in range(job.workers):
-        start, stop = shard_rows(len(data.x), worker, job.workers)
+    if isinstance(data, RayDataset):
+        # Ray Data splits the rows in the object store; each actor reads its own split.
+        shards: list[tuple[Any, Any]] = [(shard, None) for shard in data.shards(job.workers)]
+        refs: list[Any] = []
+    else:
+        assert isinstance(data, ArrayDataset)
         # Each shard is put once; Ray resolves these top-level references when it builds
         # the actor (again only after a restart, which is why the group keeps them).
-        x_ref, y_ref = ray.put(data.x[start:stop]), ray.put(data.y[start:stop])
-        refs += [x_ref, y_ref]
-        actors.append(
-            actor_class.remote(
-                address,
-                job_id,
-                worker,
-                x_ref,
-                y_ref,
-                job.model_spec,
-                job.loss,
-                job.rows_per_worker,
-                job.seed,
-                job.total_steps,
-                job.mode,
-                token,
-                options.blas_threads,
-                server_actor_name,
-            )
+        shards, refs = [], []
+        for worker in range(job.workers):
+            start, stop = shard_rows(len(data.x), worker, job.workers)
+            shards.append((ray.put(data.x[start:stop]), ray.put(data.y[start:stop])))
+            refs += shards[-1]
+    actors = [
+        actor_class.remote(
+            address,
+            job_id,
+            worker,
+            x,
+            y,
+            job.model_spec,
+            job.loss,
+            job.rows_per_worker,
+            job.seed,
+            job.total_steps,
+            job.mode,
+            token,
+            options.blas_threads,
+            server_actor_name,
         )
+        for worker, (x, y) in enumerate(shards)
+    ]
     return WorkerGroup(actors, refs)
 
 

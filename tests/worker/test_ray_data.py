@@ -1,0 +1,75 @@
+"""Ray Data as a source: sharded on the cluster, same numbers as the same rows in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+
+from gradfleet import nn
+from gradfleet.client import JobConfig, train
+from gradfleet.client.data import ArrayDataset, load_dataset
+from gradfleet.worker.ray_data import RayDataset
+
+pytestmark = [pytest.mark.ray, pytest.mark.integration]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance() -> Iterator[None]:
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def as_frame(x: np.ndarray, y: np.ndarray) -> pd.DataFrame:
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(x.shape[1])])
+    frame["label"] = y
+    return frame
+
+
+def test_ray_data_source_trains_like_the_same_rows_in_memory() -> None:
+    digits = load_dataset("digits")
+    x, y = digits.x[:600], digits.y[:600]
+    validation = ArrayDataset(digits.x_val, digits.y_val)
+    source = RayDataset(ray.data.from_pandas(as_frame(x, y)).repartition(7), validation=validation)
+    settings = {
+        "model": nn.MLP([64, 16, 10], seed=2, dtype="float64"),
+        "optimizer": {"name": "sgd", "lr": 0.1},
+        "batch_size": 20,
+        "steps": 25,
+        "workers": 2,
+    }
+
+    distributed = train(JobConfig(dataset=source, **settings), backend="ray")
+    in_memory = train(
+        JobConfig(dataset=ArrayDataset(x, y, digits.x_val, digits.y_val), **settings),
+        backend="local",
+    )
+
+    np.testing.assert_allclose(distributed.model.flat, in_memory.model.flat, rtol=1e-12)
+    assert distributed.final_metrics["val_accuracy"] == in_memory.final_metrics["val_accuracy"]
+
+
+def test_labels_outside_the_model_are_rejected_before_training() -> None:
+    frame = as_frame(np.zeros((40, 3)), np.arange(40) % 5)
+    source = RayDataset(ray.data.from_pandas(frame))
+
+    with pytest.raises(ValueError, match=r"label 4, outside the classes 0\.\.2"):
+        JobConfig(model=nn.MLP([3, 3]), dataset=source, batch_size=4, steps=1)
+
+
+def test_a_missing_label_column_is_named() -> None:
+    frame = as_frame(np.zeros((4, 2)), np.zeros(4)).rename(columns={"label": "target"})
+
+    with pytest.raises(ValueError, match="no label column 'label'"):
+        RayDataset(ray.data.from_pandas(frame))
+
+
+def test_feature_count_must_match_the_model() -> None:
+    source = RayDataset(ray.data.from_pandas(as_frame(np.zeros((8, 5)), np.zeros(8))))
+
+    with pytest.raises(ValueError, match="5 features but the model's input size is 4"):
+        JobConfig(model=nn.MLP([4, 2]), dataset=source, batch_size=4, steps=1)
