@@ -86,8 +86,9 @@ def gradfleet_run(
     timings = result.final_metrics.get("worker_timings")
     if timings:
         count = sum(t["steps"] for t in timings)
-        for phase in ("pull", "compute", "push"):
-            extra[phase] = 1000 * sum(t[phase] for t in timings) / count
+        for phase in ("pull", "compute", "push", "exchange"):
+            if phase in timings[0]:
+                extra[phase] = 1000 * sum(t[phase] for t in timings) / count
     return Run(
         rows * workers,
         steps,

@@ -13,10 +13,12 @@ from gradfleet.worker.datasets import (
     load_sklearn,
     read_idx,
 )
+from gradfleet.worker.ray_data import RayDataset
 
 __all__ = [
     "SKLEARN_SETS",
     "ArrayDataset",
+    "RayDataset",
     "load_csv",
     "load_dataset",
     "load_mnist",

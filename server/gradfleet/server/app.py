@@ -17,7 +17,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
-from gradfleet.proto.wire import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from gradfleet.proto.wire import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    channel_options,
+    keep_message_buffers_mapped,
+)
 from gradfleet.server.auth import TokenAuthInterceptor
 from gradfleet.server.metrics import ServerMetrics
 from gradfleet.server.service import SERVICE_NAME, ParameterService
@@ -130,6 +135,7 @@ class ParameterServer:
                 "change every job; pass --token-file or set GRADFLEET_TOKEN.",
                 c.host,
             )
+        keep_message_buffers_mapped()  # megabyte messages: reuse buffers, no page faults
         resumed = self.service.resume()
         interceptors = []
         if c.token is not None:

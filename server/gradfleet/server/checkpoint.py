@@ -10,11 +10,14 @@ favour of the previous good checkpoint, which is kept until a newer one is compl
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import re
 import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +30,46 @@ from gradfleet.server.jobs import Counters, Job, StepResult
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _KEEP = 2  # good checkpoints kept per job
 _OPT_PREFIX = "optimizer::"
+_STEM = re.compile(r"^ckpt-\d{12}$")
+_HASH_BLOCK = 1 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is incomplete, corrupted or not ours; the message says which."""
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _meta_checksum(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _saved_counters(job: Job) -> dict:
+    """The job's counters as of its last applied step (see the module docstring)."""
+    c = job.counters
+    pending = 0
+    open_step = getattr(job, "_open", None)
+    # from the step hook the step that just closed is still `_open` (its step is then
+    # version - 1, and its gradients are in the weights); only a later one is pending
+    if job.settings.mode == "sync" and open_step is not None and open_step.step == job.version:
+        pending = len(open_step.contributors)  # accepted, but not in the saved weights
+    return {
+        "received": c.received - pending,
+        "accepted": c.accepted - pending,
+        "duplicate": c.duplicate,
+        "dropped_late": c.dropped_late,
+        "rejected": dict(c.rejected),
+    }
 
 
 @dataclass
@@ -89,16 +129,12 @@ def write_checkpoint(root: Path, job: Job) -> Path:
         "layout": job.layout.to_json(),
         "npz": npz_path.name,
         "npz_bytes": npz_path.stat().st_size,
+        "npz_sha256": _sha256_file(npz_path),
         "created_at": job.created_at,
-        "counters": {
-            "received": job.counters.received,
-            "accepted": job.counters.accepted,
-            "duplicate": job.counters.duplicate,
-            "dropped_late": job.counters.dropped_late,
-            "rejected": job.counters.rejected,
-        },
+        "counters": _saved_counters(job),
         "history": [vars(r) for r in job.history],
     }
+    meta["checksum"] = _meta_checksum(meta)
     json_path = job_dir / f"{stem}.json"
     _atomic_write(json_path, lambda f: f.write(json.dumps(meta).encode()))
     job.last_checkpoint_version = job.version
@@ -108,31 +144,77 @@ def write_checkpoint(root: Path, job: Job) -> Path:
 
 
 def _prune(job_dir: Path) -> None:
+    """Keep the newest `_KEEP` checkpoints; drop leftovers of writes a crash cut short."""
     metas = sorted(job_dir.glob("ckpt-*.json"), reverse=True)
     for old in metas[_KEEP:]:
         for path in (old, old.with_suffix(".npz")):
             with contextlib.suppress(OSError):
                 path.unlink()
+    kept = {m.stem for m in metas[:_KEEP]}
+    # writes hold the job's lock and one server owns a directory, so these are orphans
+    leftovers = [p for p in job_dir.glob("ckpt-*.npz") if p.stem not in kept]
+    leftovers += job_dir.glob(".ckpt-*.tmp")
+    for path in leftovers:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _load_one(json_path: Path) -> LoadedCheckpoint:
-    meta = json.loads(json_path.read_text())
+    try:
+        return _parse(json_path)
+    except CheckpointError:
+        raise
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        zipfile.BadZipFile,
+        json_format.ParseError,
+    ) as exc:
+        raise CheckpointError(f"checkpoint {json_path} is unreadable: {exc}") from None
+
+
+def _parse(json_path: Path) -> LoadedCheckpoint:
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {json_path} is refused: {problem}")
+
+    try:
+        meta = json.loads(json_path.read_bytes())
+    except ValueError:
+        raise bad("its metadata is not valid JSON (a torn or corrupted write)") from None
+    if not isinstance(meta, dict):
+        raise bad("its metadata is not a JSON object")
     if meta.get("format") != FORMAT_VERSION:
-        raise ValueError("unknown checkpoint format")
-    npz_path = json_path.parent / meta["npz"]
+        raise bad(f"unknown checkpoint format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+    if meta.get("checksum") != _meta_checksum(meta):
+        raise bad("the metadata checksum does not match (the file was altered or corrupted)")
+    stem = json_path.stem
+    if not _STEM.match(stem) or meta.get("npz") != f"{stem}.npz":
+        raise bad("it names an unexpected weights file")
+    if meta.get("job_id") != json_path.parent.name:
+        raise bad("its job id does not match its directory")
+    npz_path = json_path.with_suffix(".npz")
     if npz_path.stat().st_size != meta["npz_bytes"]:
-        raise ValueError("npz size does not match its metadata")
+        raise bad(f"{npz_path.name} has {npz_path.stat().st_size} bytes, expected {meta['npz_bytes']}")
+    if _sha256_file(npz_path) != meta["npz_sha256"]:
+        raise bad(f"the SHA-256 of {npz_path.name} does not match (corrupted or replaced)")
     layout = FlatLayout.from_json(meta["layout"])
     with np.load(npz_path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}  # reading checks each member's CRC
+        arrays = {k: data[k] for k in data.files}  # reading checks each member's CRC too
     weights = np.ascontiguousarray(arrays.pop("weights"), dtype=layout.dtype)
     if weights.shape != (layout.total_elements,):
-        raise ValueError("weights do not match the layout")
+        raise bad("the weights do not match the layout")
     opt_state = {k[len(_OPT_PREFIX) :]: v for k, v in arrays.items() if k.startswith(_OPT_PREFIX)}
     spec = json_format.ParseDict(meta["spec"], pb.JobSpec())
     c = meta["counters"]
     counters = Counters(
-        c["received"], c["accepted"], c["duplicate"], c["dropped_late"], dict(c["rejected"])
+        int(c["received"]),
+        int(c["accepted"]),
+        int(c["duplicate"]),
+        int(c["dropped_late"]),
+        {str(k): int(v) for k, v in dict(c["rejected"]).items()},
     )
     return LoadedCheckpoint(
         job_id=meta["job_id"],
@@ -153,8 +235,8 @@ def load_latest(job_dir: Path) -> LoadedCheckpoint | None:
     for json_path in sorted(job_dir.glob("ckpt-*.json"), reverse=True):
         try:
             return _load_one(json_path)
-        except Exception as exc:
-            log.warning("skipping unreadable checkpoint %s: %s", json_path, exc)
+        except CheckpointError as exc:
+            log.warning("%s; trying an older one", exc)
     return None
 
 
@@ -167,6 +249,13 @@ def scan(root: Path) -> list[LoadedCheckpoint]:
         loaded = load_latest(job_dir)
         if loaded is not None:
             found.append(loaded)
+        elif any(job_dir.glob("ckpt-*.json")):
+            log.error(
+                "job %s is not resumed: none of its checkpoints in %s is usable (see the "
+                "warnings above); restore a good checkpoint there or delete the directory",
+                job_dir.name,
+                job_dir,
+            )
     return found
 
 

@@ -2,8 +2,10 @@
 
 Sync arithmetic (the trainer's local mode does exactly the same, so both agree bit for
 bit): the gradients of a step are summed into a float64 buffer in increasing worker
-order with `np.add(..., out=...)`, then `mean = (sum / count).astype(dtype)` and
-`optimizer.step(params, mean_views)`; the step's loss is the rows-weighted mean of the
+order (the first copied in, the others added with `np.add(..., out=...)`), then
+`mean = (sum / count).astype(dtype)` and `optimizer.step(params, mean_views)`; the last
+gradient's add and the division share one blocked pass, and a step of one gradient uses
+it as the mean directly (bitwise the same numbers); the step's loss is the rows-weighted mean of the
 contributing workers' losses. A gradient that arrives before a lower-numbered worker's
 is held until its turn. Memory is bounded by the receive budget: a job receives at most
 `receive_slots = budget // gradient bytes` gradients at once (further pushes wait, their
@@ -248,6 +250,7 @@ class Job:
         self.cond = threading.Condition()
         self.metrics = metrics
         self.chunk_bytes = plan_chunk_bytes(layout.nbytes, chunk_bytes, layout.dtype.itemsize)
+        self.weights_fit_one_message = layout.nbytes <= self.chunk_bytes
         self.receive_slots = max(1, receive_budget_bytes // max(1, layout.nbytes))
         self._slots = threading.BoundedSemaphore(self.receive_slots)
         self.on_step: Callable[[Job], None] | None = None  # called under the lock
@@ -258,6 +261,7 @@ class Job:
         self._sum: np.ndarray | None = None
         self._sum_empty = True
         self._mean: np.ndarray | None = None
+        self._scratch: np.ndarray | None = None  # one float64 block of the fused close
         self._open = _OpenStep(version)
         self._closed_contributors: deque[tuple[int, frozenset[int]]] = deque(
             maxlen=_KEEP_CONTRIBUTORS
@@ -420,12 +424,16 @@ class Job:
                 self._sum = np.empty(self.layout.total_elements, dtype=np.float64)
             self._sum_empty = True
         step.contributors[header.worker] = (header.rows, header.loss)
+        closing = len(step.contributors) >= self.settings.quorum
         kept = False
         if header.worker == step.next_worker and step.ordered:
-            self._accumulate(grad)
             step.next_worker += 1
+            if closing and not step.held:  # the last gradient: added while averaging
+                self._close_sync_step(step, last=grad)
+                return False
+            self._accumulate(grad)
             self._drain_held(step)
-        elif step.ordered and len(step.held) + 1 < self.receive_slots:
+        elif step.ordered and (closing or len(step.held) + 1 < self.receive_slots):
             step.held[header.worker] = grad  # keeps its receive slot until summed
             kept = True
         else:
@@ -433,8 +441,11 @@ class Job:
                 log.debug("job %s: receive slots full, summing in arrival order", self.job_id)
                 step.ordered = False
                 self._flush_held(step)
+            if closing:  # arrival order: this gradient is the last one
+                self._close_sync_step(step, last=grad)
+                return False
             self._accumulate(grad)
-        if len(step.contributors) >= self.settings.quorum:
+        if closing:
             self._flush_held(step)
             self._close_sync_step(step)
         return kept
@@ -453,10 +464,10 @@ class Job:
             self._recycle(buf)
 
     def _accumulate(self, grad: np.ndarray) -> None:
-        """sum += grad in float64, in place; the first add is `0.0 + grad` in one pass."""
+        """sum += grad in float64, in place; the first gradient is copied (as local mode does)."""
         assert self._sum is not None
         if self._sum_empty:
-            np.add(grad, 0.0, out=self._sum, dtype=np.float64)
+            np.copyto(self._sum, grad)
             self._sum_empty = False
         else:
             np.add(self._sum, grad, out=self._sum)
@@ -467,17 +478,13 @@ class Job:
             self._free_buffers.append(buf)
         self._slots.release()
 
-    def _close_sync_step(self, step: _OpenStep) -> None:
+    def _close_sync_step(self, step: _OpenStep, last: np.ndarray | None = None) -> None:
+        """Average the step's gradients (`last`, if given, is added last) and apply them."""
         assert self._sum is not None
         count = len(step.contributors)
-        # (sum / count).astype(dtype) in one pass: a float64 division whose result is
-        # rounded to the model dtype on store, bitwise the same numbers
-        if self.layout.dtype == np.float64:
-            mean = np.divide(self._sum, count, out=self._sum)
-        else:
-            if self._mean is None:
-                self._mean = self.layout.empty()
-            mean = np.divide(self._sum, count, out=self._mean, casting="same_kind")
+        # one gradient: (0 + g) / 1 rounded to the model dtype is g itself, bit for bit
+        one = last is not None and self._sum_empty
+        mean = last if one else self._mean_of_sum(count, last)
         self.optimizer.step(self.params, self.layout.views(mean))
         rows = sum(r for r, _ in step.contributors.values())
         if rows > 0:
@@ -488,6 +495,38 @@ class Job:
         self.metrics.step_latency.observe(time.monotonic() - step.first_arrival)
         self._advance(loss, rows, count)
         self._open = _OpenStep(self.version)
+
+    _BLOCK = 1 << 16  # elements per pass of the fused close: the float64 block stays in cache
+
+    def _mean_of_sum(self, count: int, last: np.ndarray | None) -> np.ndarray:
+        """`((sum + last) / count).astype(dtype)`, block by block in one pass over memory.
+
+        Each element sees exactly the operations of `np.add` then `np.divide` over the
+        whole buffer (a float64 add, a float64 division rounded to the model dtype on
+        store), so the numbers are the same; blocking only saves the round trips of the
+        float64 sum to memory.
+        """
+        assert self._sum is not None
+        total, block = self.layout.total_elements, self._BLOCK
+        if self.layout.dtype == np.float64:
+            mean = self._sum
+            for lo in range(0, total, block):
+                part = self._sum[lo : lo + block]
+                if last is not None:
+                    np.add(part, last[lo : lo + block], out=part)
+                np.divide(part, count, out=part)
+            return mean
+        if self._mean is None:
+            self._mean = self.layout.empty()
+        if self._scratch is None:
+            self._scratch = np.empty(min(block, total), dtype=np.float64)
+        mean = self._mean
+        for lo in range(0, total, block):
+            part = self._sum[lo : lo + block]
+            if last is not None:
+                part = np.add(part, last[lo : lo + block], out=self._scratch[: len(part)])
+            np.divide(part, count, out=mean[lo : lo + block], casting="same_kind")
+        return mean
 
     def _commit_async(self, header: pb.PushHeader, grad: np.ndarray) -> None:
         self.metrics.staleness.observe(self.version - header.step)

@@ -31,6 +31,7 @@ from gradfleet.server.errors import (
 from gradfleet.server.jobs import (
     Job,
     JobSettings,
+    WeightsSnapshot,
     build_initial_weights,
     check_job_id,
     new_job_id,
@@ -336,19 +337,22 @@ class ParameterService:
     ) -> Iterator[bytes]:
         job = self._job(request.job_id)
         with self.streams:
-            reached = job.wait_for_version(
-                request.min_version, context.time_remaining(), self._stopping.is_set
-            )
-            if not reached:
-                if self._stopping.is_set():
-                    raise ShuttingDown("the server is shutting down; retry shortly.", "shutdown")
-                raise DeadlineExceeded(
-                    f"version {request.min_version} was not reached before the deadline.",
-                    "deadline",
-                )
-            snap = job.snapshot()
+            snap = self._wait_snapshot(job, request.min_version, context)
             yield from snap.messages
             self.metrics.weight_bytes_out.inc(snap.nbytes)
+
+    def _wait_snapshot(
+        self, job: Job, min_version: int, context: grpc.ServicerContext
+    ) -> WeightsSnapshot:
+        """Wait (within the call's deadline) for `min_version`, then snapshot the weights."""
+        reached = job.wait_for_version(min_version, context.time_remaining(), self._stopping.is_set)
+        if not reached:
+            if self._stopping.is_set():
+                raise ShuttingDown("the server is shutting down; retry shortly.", "shutdown")
+            raise DeadlineExceeded(
+                f"version {min_version} was not reached before the deadline.", "deadline"
+            )
+        return job.snapshot()
 
     @_status_edge
     def PullWeightsUnary(
@@ -365,6 +369,31 @@ class ParameterService:
     @_status_edge
     def PushGradientUnary(self, request: bytes, context: grpc.ServicerContext) -> pb.PushAck:
         return self.PushGradient.__wrapped__(self, iter([request]), context)  # type: ignore[attr-defined]
+
+    @_status_edge
+    def PushAndPullUnary(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """Push one single-message gradient, then return the weights of version >= step + 1.
+
+        Refused (FAILED_PRECONDITION) before the push is looked at when the job's weights
+        do not fit one message, so a client can fall back to the separate calls.
+        """
+        try:
+            raw_header = decode_chunk_message(request)[0]
+            header = pb.PushHeader.FromString(bytes(raw_header or b""))
+        except (WireError, DecodeError):
+            raise BadRequest("the push header is not a valid message.", "bad_header") from None
+        job = self._job(header.job_id)
+        if not job.weights_fit_one_message:
+            raise WrongState(
+                "these weights span several chunks; push with PushGradient and pull with "
+                "the PullWeights stream.",
+                "too_large_for_unary",
+            )
+        self.PushGradient.__wrapped__(self, iter([request]), context)  # type: ignore[attr-defined]
+        with self.streams:
+            snap = self._wait_snapshot(job, min(header.step + 1, job.settings.total_steps), context)
+        self.metrics.weight_bytes_out.inc(snap.nbytes)
+        return snap.messages[0]
 
     @_status_edge
     def PushGradient(
@@ -503,6 +532,9 @@ class ParameterService:
                 self.PushGradientUnary,
                 request_deserializer=None,
                 response_serializer=pb.PushAck.SerializeToString,
+            ),
+            "PushAndPullUnary": u(
+                self.PushAndPullUnary, request_deserializer=None, response_serializer=None
             ),
             "WatchJob": s(
                 self.WatchJob,

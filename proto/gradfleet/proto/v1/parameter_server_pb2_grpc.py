@@ -84,6 +84,11 @@ class ParameterServiceStub:
                 request_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PushGradientRequest.SerializeToString,
                 response_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PushAck.FromString,
                 _registered_method=True)
+        self.PushAndPullUnary = channel.unary_unary(
+                '/gradfleet.v1.ParameterService/PushAndPullUnary',
+                request_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PushGradientRequest.SerializeToString,
+                response_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PullWeightsResponse.FromString,
+                _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/gradfleet.v1.ParameterService/WatchJob',
                 request_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.WatchJobRequest.SerializeToString,
@@ -157,6 +162,16 @@ class ParameterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushAndPullUnary(self, request, context):
+        """A worker's whole step in one call: push a gradient that fits one message, then wait
+        (within the deadline) for the weights of version >= step + 1 and return them in one
+        message. FAILED_PRECONDITION, before the push is looked at, when the weights span
+        more than one chunk; use PushGradient and PullWeights then.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -215,6 +230,11 @@ def add_ParameterServiceServicer_to_server(servicer, server):
                     servicer.PushGradientUnary,
                     request_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PushGradientRequest.FromString,
                     response_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PushAck.SerializeToString,
+            ),
+            'PushAndPullUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushAndPullUnary,
+                    request_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PushGradientRequest.FromString,
+                    response_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PullWeightsResponse.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
@@ -492,6 +512,33 @@ class ParameterService:
             '/gradfleet.v1.ParameterService/PushGradientUnary',
             gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PushGradientRequest.SerializeToString,
             gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PushAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushAndPullUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradfleet.v1.ParameterService/PushAndPullUnary',
+            gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PushGradientRequest.SerializeToString,
+            gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PullWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,
