@@ -105,21 +105,7 @@ class Client:
 
     def create_job(self, job: JobConfig, job_id: str | None = None) -> JobHandle:
         """Create ``job`` on the server (initial weights from its model spec)."""
-        created = _translated(
-            lambda: self._ps.create_job(
-                model_spec=job.model_spec,
-                optimizer=job.optimizer,
-                mode=job.mode,
-                num_workers=job.workers,
-                backup_workers=job.backup_workers,
-                staleness_bound=job.staleness_bound,
-                checkpoint_every=job.checkpoint_every,
-                total_steps=job.total_steps,
-                seed=job.seed,
-                job_config=job.summary(),
-                job_id=job_id,
-            )
-        )
+        created = _translated(lambda: self._ps.create_job(**job.server_settings(), job_id=job_id))
         return JobHandle(self, created)
 
     def list_jobs(self) -> list[JobHandle]:

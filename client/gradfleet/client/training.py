@@ -74,18 +74,7 @@ def _train_ray(
         client = ParameterServerClient(server_address, token=token)
         group = None
         try:
-            job_id = client.create_job(
-                model_spec=job.model_spec,
-                optimizer=job.optimizer,
-                mode=job.mode,
-                num_workers=job.workers,
-                backup_workers=job.backup_workers,
-                staleness_bound=job.staleness_bound,
-                checkpoint_every=job.checkpoint_every,
-                total_steps=job.total_steps,
-                seed=job.seed,
-                job_config=job.summary(),
-            )
+            job_id = client.create_job(**job.server_settings())
             logger.info(
                 "job %s on %s: %d steps, %d workers",
                 job_id,

@@ -174,6 +174,21 @@ class JobConfig:
             "preprocessing": {k: v.tolist() for k, v in data.stats.items()},
         }
 
+    def server_settings(self) -> dict[str, Any]:
+        """The keyword arguments of ``ParameterServerClient.create_job`` for this job."""
+        return {
+            "model_spec": self.model_spec,
+            "optimizer": self.optimizer,
+            "mode": self.mode,
+            "num_workers": self.workers,
+            "backup_workers": self.backup_workers,
+            "staleness_bound": self.staleness_bound,
+            "checkpoint_every": self.checkpoint_every,
+            "total_steps": self.total_steps,
+            "seed": self.seed,
+            "job_config": self.summary(),
+        }
+
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> JobConfig:
         """Read a job from TOML; ``overrides`` replace top-level keys (e.g. from the CLI)."""
