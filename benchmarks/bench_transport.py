@@ -5,7 +5,9 @@ loopback, one round trip = push one gradient + pull the weights:
 
 * gradfleet: a real `gradfleet server` subprocess, `ParameterServerClient`
   (sync job, one worker, so every push closes a step: the time includes the server's
-  float64 accumulation and optimiser step);
+  optimiser step). The round trip is `push_and_pull`, a worker's exchange of one step:
+  one call when gradient and weights each fit one message, else a push stream then a
+  pull stream. Push alone and pull alone are timed separately as well;
 * raw TCP: the same bytes to an echo subprocess (the ceiling);
 * Ray: `ray.put` of the array to an actor that returns an array of the same size
   (object store, same node), when Ray is installed and `--no-ray` is not given.
@@ -149,9 +151,9 @@ def bench_gradfleet(address: str, sizes: list[int], repeats: int) -> dict[str, f
         def pull() -> None:
             ps.pull_weights(job, state["version"], out=weights)
 
-        def round_trip() -> None:
-            push()
-            pull()
+        def round_trip() -> None:  # a worker's exchange of one step
+            ps.push_and_pull(job, 0, state["version"], 1, 0.0, grad, out=weights)
+            state["version"] += 1
 
         result = {
             "round_trip": best_of(repeats, round_trip),

@@ -17,6 +17,7 @@ yields only the first address (what ``train()`` uses today).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -103,13 +104,14 @@ def start_server_actor(
     token: str | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-    attempts: int = 5,
+    placement_timeout: float = 60.0,
 ) -> tuple[Any, str]:
     """Start the server actor on the chosen node; returns (actor handle, actor name)."""
     node_id = resolve_node(placement)
     restartable = checkpoint_dir is not None
     server_class: Any = ray.remote(ServerActor)
-    for attempt in range(attempts):
+    deadline = time.monotonic() + placement_timeout
+    for attempt in itertools.count():
         name = f"gradfleet-server-{uuid.uuid4().hex[:8]}"
         actor = server_class.options(
             name=name,
@@ -124,12 +126,17 @@ def start_server_actor(
         placed = ray.get(actor.get_node_id.remote())
         if placed == node_id:
             return actor, name
-        # Soft affinity may spill to another node while Ray has not yet seen the chosen
-        # node's resources (a node that has just joined): try again shortly.
+        # Soft affinity spills to another node for a few seconds after the chosen node
+        # joined (seen here up to ~10 s, even after a hard-affinity probe succeeded).
         logger.info("server actor landed on %s, not %s (attempt %d)", placed, node_id, attempt)
         ray.kill(actor, no_restart=True)
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"could not place the server actor on node {node_id} within "
+                f"{placement_timeout:.0f}s; is the node still alive?"
+            )
         time.sleep(1.0)
-    raise RuntimeError(f"could not place the server actor on node {node_id}")
+    raise AssertionError("unreachable")
 
 
 def resolve_server_address(name: str, timeout: float = 120.0) -> str:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from gradfleet.nn import MLP
+from gradfleet.proto.runtime import long_lived_objects_frozen
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.local import train_local
 from gradfleet.worker.ps_client import ParameterServerClient
@@ -68,6 +69,7 @@ def _train_ray(
     with (
         _ray_session(address),
         _server_session(server, token, checkpoint_dir, server_placement) as server_address,
+        long_lived_objects_frozen(),  # no full-GC stalls of the in-process server
     ):
         from gradfleet.worker import ray_runner
 

@@ -9,10 +9,7 @@ buffer exactly (no overlap, no hole, exact byte count).
 
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
-import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -275,38 +272,6 @@ class ChunkAssembler:
                 f"received {self.received} bytes, expected exactly {self.nbytes}: "
                 "chunks leave a hole or the byte count is wrong."
             )
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-_allocator_lock = threading.Lock()
-_allocator_tuned = False
-
-
-def keep_message_buffers_mapped() -> bool:
-    """Let glibc reuse freed megabyte-sized buffers instead of unmapping them (once per process).
-
-    By default glibc serves every allocation above 128 KiB with a fresh `mmap` and returns
-    it on free, so each 1 MiB gRPC message or chunk copy faults in 256 new zeroed pages:
-    on loopback that costs more than the copy itself (a 1 MB pull took 2.5x as long).
-    Raising the mmap threshold to its maximum (32 MiB) and the trim threshold keeps such
-    buffers in the heap for reuse. Peak memory is unchanged; freed memory is kept for
-    reuse rather than returned at once. A no-op (False) off glibc.
-    """
-    global _allocator_tuned
-    with _allocator_lock:
-        if _allocator_tuned:
-            return True
-        if not sys.platform.startswith("linux"):
-            return False
-        try:
-            mallopt = ctypes.CDLL(None).mallopt  # glibc (musl has no mallopt)
-        except (OSError, AttributeError):
-            return False
-        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-        ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
-        ok = mallopt(_M_TRIM_THRESHOLD, 128 << 20) == 1 and ok
-        _allocator_tuned = ok
-        return ok
 
 
 def channel_options(

@@ -16,12 +16,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gradfleet.proto.runtime import keep_message_buffers_mapped
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.proto.wire import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     channel_options,
-    keep_message_buffers_mapped,
 )
 from gradfleet.server.auth import TokenAuthInterceptor
 from gradfleet.server.metrics import ServerMetrics

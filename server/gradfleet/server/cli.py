@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from gradfleet.proto.runtime import long_lived_objects_frozen
 from gradfleet.proto.wire import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from gradfleet.server.app import ParameterServer, ServerConfig
 
@@ -92,8 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    while not stop_requested.wait(0.5):
-        pass
+    with long_lived_objects_frozen():  # no full-GC pauses while serving
+        while not stop_requested.wait(0.5):
+            pass
     server.stop()
     return 0
 

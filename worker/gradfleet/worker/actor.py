@@ -22,6 +22,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from gradfleet.nn import MLP
+from gradfleet.proto.runtime import long_lived_objects_frozen
 from gradfleet.worker.batches import BatchPlan
 from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
 
@@ -82,6 +83,10 @@ class GradientWorker:
         closed (sync) or at once (async: whatever is newest). A plain pull is needed only
         at the start and after ``_recover``.
         """
+        with long_lived_objects_frozen():  # no full-GC pauses in the step loop
+            return self._train_loop()
+
+    def _train_loop(self) -> dict[str, float]:
         version, synced = 0, False
         while True:
             try:

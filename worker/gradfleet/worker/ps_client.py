@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from gradfleet.proto.runtime import keep_message_buffers_mapped
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.proto.v1 import parameter_server_pb2_grpc as pb_grpc
 from gradfleet.proto.wire import (
@@ -38,7 +39,6 @@ from gradfleet.proto.wire import (
     decode_chunk_message,
     dtype_to_proto,
     encode_chunk_message,
-    keep_message_buffers_mapped,
     plan_chunk_bytes,
 )
 
@@ -388,7 +388,7 @@ class ParameterServerClient:
         """
         grad = np.ascontiguousarray(flat_grad).reshape(-1)
         layout = self._layouts.get(job_id)
-        if layout is not None and self._is_small(layout.nbytes) and grad.nbytes <= self.chunk_bytes:
+        if layout is not None and self._is_small(layout.nbytes) and self._is_small(grad.nbytes):
             grad, header_bytes = self._push_header(job_id, worker, step, rows, loss, grad)
             message = encode_chunk_message(0, as_bytes_view(grad), header_bytes)
             deadline = timeout or self.timeout

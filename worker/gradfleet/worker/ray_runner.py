@@ -156,7 +156,7 @@ def stop_workers(group: WorkerGroup) -> None:
     for actor in actors:
         while time.monotonic() < deadline:
             try:
-                ray.get(actor.pid.remote(), timeout=1)
+                ray.get(actor.pid.options(max_task_retries=0).remote(), timeout=1)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 break
             time.sleep(0.05)
