@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -55,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backend", choices=["local", "ray"], default="ray")
     train.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
     train.add_argument("--server", help="parameter server host:port (default: start one)")
+    train.add_argument(
+        "--server-placement",
+        help="where a started server runs: driver (this process), head, or node:<node id> "
+        "(default: head when joining a cluster, else driver)",
+    )
+    train.add_argument(
+        "--checkpoint-dir", help="server checkpoints; on a cluster, a path every node can read"
+    )
     train.add_argument("--token-file", help="file holding the server's bearer token")
     train.add_argument("--workers", type=int, help="number of workers")
     train.add_argument("--epochs", type=int, help="epochs (replaces steps)")
@@ -170,6 +179,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             server=args.server,
             token=_token(args.token_file),
             progress=reporter.update,
+            checkpoint_dir=args.checkpoint_dir,
+            server_placement=_placement(args),
         )
     model_path = write_run(result, job, out)
     accuracy = result.final_metrics.get("val_accuracy")
@@ -185,6 +196,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{result.wall_time:.1f}s: {summary}; model saved to {model_path}"
     )
     return 0
+
+
+def _placement(args: argparse.Namespace) -> str:
+    """A server inside the driver listens on loopback only: on a cluster (``--ray-address``
+    or ``RAY_ADDRESS``, as under ``ray job submit``) it runs on the head node instead."""
+    if args.server_placement:
+        return str(args.server_placement)
+    joining = args.backend == "ray" and (args.ray_address or os.environ.get("RAY_ADDRESS"))
+    return "head" if joining else "driver"
 
 
 def _read_toml(path: str) -> dict[str, Any]:

@@ -8,10 +8,8 @@ worker that loses the server asks the actor for its current address
 node can read, Ray restarts the actor on a surviving node and the server resumes every
 job from its last checkpoint; without it, the job fails with ``ServerLost``.
 
-``server_actor()`` yields a ``ServerActorRef`` (address and name): a caller that wants to
-survive the server's node loss passes the name to ``ray_runner.start_workers`` and calls
-``ref.current_address()`` when the server stops answering. ``server_actor_session()``
-yields only the first address (what ``train()`` uses today).
+``server_actor()`` yields a ``ServerActorRef`` (address and name): ``train()`` passes the
+name to the workers and calls ``ref.current_address()`` when the server stops answering.
 """
 
 from __future__ import annotations
@@ -188,19 +186,6 @@ def server_actor(
         raise
     finally:
         _stop(actor)
-
-
-@contextlib.contextmanager
-def server_actor_session(
-    placement: str,
-    token: str | None = None,
-    checkpoint_dir: str | Path | None = None,
-    *,
-    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-) -> Iterator[str]:
-    """``server_actor`` for callers that only need the first address."""
-    with server_actor(placement, token, checkpoint_dir, checkpoint_every=checkpoint_every) as ref:
-        yield ref.address
 
 
 def _is_alive(actor: Any) -> bool:

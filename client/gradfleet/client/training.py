@@ -20,7 +20,7 @@ from gradfleet.nn import MLP
 from gradfleet.proto.runtime import long_lived_objects_frozen
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.local import train_local
-from gradfleet.worker.ps_client import ParameterServerClient
+from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
 from gradfleet.worker.result import TrainResult, evaluate
 
 logger = logging.getLogger(__name__)
@@ -68,13 +68,16 @@ def _train_ray(
     started, started_unix = time.perf_counter(), time.time()
     with (
         _ray_session(address),
-        _server_session(server, token, checkpoint_dir, server_placement) as server_address,
+        _server_session(server, token, checkpoint_dir, server_placement) as (
+            server_address,
+            server_actor,
+        ),
         long_lived_objects_frozen(),  # no full-GC stalls of the in-process server
     ):
         from gradfleet.worker import ray_runner
 
         client = ParameterServerClient(server_address, token=token)
-        group = None
+        group, monitor = None, None
         try:
             job_id = client.create_job(**job.server_settings())
             logger.info(
@@ -84,8 +87,15 @@ def _train_ray(
                 job.total_steps,
                 job.workers,
             )
-            monitor = _Monitor(client, job_id, job, progress, started_unix)
-            group = ray_runner.start_workers(job, server_address, job_id, token, worker_options)
+            monitor = _Monitor(client, job_id, job, progress, started_unix, server_actor, token)
+            group = ray_runner.start_workers(
+                job,
+                server_address,
+                job_id,
+                token,
+                worker_options,
+                server_actor_name=server_actor.name if server_actor else None,
+            )
             timings = ray_runner.run_workers(group, poll=monitor.poll)
             monitor.poll()
             result = monitor.result(timings)
@@ -93,6 +103,8 @@ def _train_ray(
             if group is not None:
                 ray_runner.stop_workers(group)
             client.close()
+            if monitor is not None:
+                monitor.client.close()
     result.wall_time = time.perf_counter() - started
     return result
 
@@ -107,8 +119,11 @@ class _Monitor:
         job: JobConfig,
         progress: ProgressFn | None,
         started: float,
+        server_actor: Any = None,
+        token: str | None = None,
     ) -> None:
         self.client, self.job_id, self.job = client, job_id, job
+        self.server_actor, self.token = server_actor, token
         self.progress, self.started = progress, started
         self.model = MLP.from_spec(job.model_spec)
         self.history: list[dict[str, float]] = []
@@ -116,7 +131,14 @@ class _Monitor:
         self.next_eval = job.eval_every or 0
 
     def poll(self) -> None:
-        info = self.client.get_job(self.job_id, history_since=len(self.history))
+        try:
+            info = self.client.get_job(self.job_id, history_since=len(self.history))
+        except ParameterServerError as exc:
+            if exc.code != "UNAVAILABLE" or self.server_actor is None:
+                raise
+            # The server's node died; Ray restarts the actor elsewhere from its checkpoint.
+            self.client = ParameterServerClient(self.server_actor.current_address(), self.token)
+            return
         for record in info.history:
             if record.step < len(self.history):
                 continue
@@ -193,18 +215,19 @@ def _ray_session(address: str | None) -> Iterator[None]:
 @contextlib.contextmanager
 def _server_session(
     server: str | None, token: str | None, checkpoint_dir: str | None, placement: str
-) -> Iterator[str]:
-    """The given server's address, or a new server: in this process or as a Ray actor."""
+) -> Iterator[tuple[str, Any]]:
+    """(address, server actor or None): the given server, or a new one in this process or
+    as a Ray actor."""
     if server:
-        yield server
+        yield server, None
         return
     if placement != "driver":
-        from gradfleet.client.cluster import server_actor_session
+        from gradfleet.client.cluster import server_actor
 
-        with server_actor_session(placement, token, checkpoint_dir) as address:
-            yield address
+        with server_actor(placement, token, checkpoint_dir) as actor:
+            yield actor.address, actor
         return
     from gradfleet.server import serve
 
     with serve(host="127.0.0.1", port=0, token=token, checkpoint_dir=checkpoint_dir) as running:
-        yield running.address
+        yield running.address, None
