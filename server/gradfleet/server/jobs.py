@@ -236,6 +236,7 @@ class Job:
         self.layout = layout
         self.weights = weights  # (total_elements,) in layout.dtype, updated in place
         self.params = layout.views(weights)
+        self._layout_proto = layout.to_proto()
         self.optimizer = build_optimizer(self.settings.optimizer)
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
@@ -318,7 +319,8 @@ class Job:
                 f"gradient dtype {dtype.name} does not match the job's {self.layout.dtype.name}.",
                 "bad_dtype",
             )
-        if header.HasField("layout"):
+        # the common case, a layout identical to the job's, needs no parsing
+        if header.HasField("layout") and header.layout != self._layout_proto:
             try:
                 layout = FlatLayout.from_proto(header.layout)
             except WireError as exc:
@@ -388,11 +390,15 @@ class Job:
         with self.cond:
             self.counters.reject(reason)
 
-    def commit(self, header: pb.PushHeader, grad: np.ndarray) -> tuple[int, bool]:
+    def commit(
+        self, header: pb.PushHeader, grad: np.ndarray, buf: np.ndarray | None = None
+    ) -> tuple[int, bool]:
         """Add a complete, validated gradient. Returns (outcome, buffer_kept).
 
-        When buffer_kept is True the job holds `grad` (sync reordering) and gives it
-        back itself; otherwise the caller may reuse it.
+        `grad` is the caller's receive buffer `buf` (from `take_buffer`) or a read-only
+        view of the request; a view the job must hold is first copied into `buf`. When
+        buffer_kept is True the job holds that buffer (sync reordering) and gives it back
+        itself; otherwise the caller may reuse it.
         """
         with self.cond:
             try:
@@ -410,13 +416,15 @@ class Job:
             self.counters.received += 1
             self.counters.accepted += 1
             if self.settings.mode == "sync":
-                kept = self._commit_sync(header, grad)
+                kept = self._commit_sync(header, grad, buf)
             else:
                 self._commit_async(header, grad)
                 kept = False
             return pb.PUSH_OUTCOME_ACCEPTED, kept
 
-    def _commit_sync(self, header: pb.PushHeader, grad: np.ndarray) -> bool:
+    def _commit_sync(
+        self, header: pb.PushHeader, grad: np.ndarray, buf: np.ndarray | None = None
+    ) -> bool:
         step = self._open
         if not step.contributors:
             step.first_arrival = time.monotonic()
@@ -434,6 +442,9 @@ class Job:
             self._accumulate(grad)
             self._drain_held(step)
         elif step.ordered and (closing or len(step.held) + 1 < self.receive_slots):
+            if buf is not None and grad is not buf:  # a view of the request: keep a copy
+                np.copyto(buf, grad)
+                grad = buf
             step.held[header.worker] = grad  # keeps its receive slot until summed
             kept = True
         else:

@@ -431,8 +431,8 @@ class ParameterService:
                 raise
             kept = False
             try:
-                self._receive(job, buf, offset, data, request_iterator)
-                outcome, kept = job.commit(header, buf)
+                grad = self._receive(job, buf, offset, data, request_iterator)
+                outcome, kept = job.commit(header, grad, buf)
             except ServerError as exc:
                 if not isinstance(exc, WrongState):  # commit counts its own rejections
                     job.count_rejected(exc.reason)
@@ -447,19 +447,34 @@ class ParameterService:
     @staticmethod
     def _receive(
         job: Job, buf: np.ndarray, offset: int, data: memoryview, rest: Iterator[bytes]
-    ) -> None:
-        """Write the chunks into `buf`, checking placement and finiteness chunk by chunk."""
+    ) -> np.ndarray:
+        """Check the chunks' placement and finiteness; returns the whole gradient.
+
+        A gradient that came as one message is checked where it lies and returned as a
+        read-only view of that message (no copy); chunks of a stream are written into
+        `buf`, which is returned.
+        """
         assembler = ChunkAssembler(buf)
         try:
+            raw = None
+            if offset == 0 and data.nbytes == buf.nbytes:
+                raw = next(rest, None)
+                if raw is None:  # the whole gradient in one message
+                    whole = np.frombuffer(data, dtype=buf.dtype)
+                    if not np.isfinite(whole).all():
+                        raise BadRequest("the gradient contains NaN or Inf values.", "non_finite")
+                    return whole
             while True:
                 if data.nbytes:
                     dst = assembler.add(offset, data)
                     if not np.isfinite(dst).all():
                         raise BadRequest("the gradient contains NaN or Inf values.", "non_finite")
-                raw = next(rest, None)
                 if raw is None:
-                    break
+                    raw = next(rest, None)
+                    if raw is None:
+                        break
                 extra_header, offset, data = decode_chunk_message(raw)
+                raw = None
                 if extra_header is not None:
                     raise BadRequest(
                         "only the first push message may carry a header.", "bad_header"
@@ -467,6 +482,7 @@ class ParameterService:
             assembler.finish()
         except WireError as exc:
             raise BadRequest(str(exc), "bad_bytes") from None
+        return buf
 
     @_status_edge
     def WatchJob(

@@ -296,10 +296,7 @@ class ParameterServerClient:
                 header_bytes, offset, data = decode_chunk_message(raw)
                 if header_bytes is not None:
                     header = pb.WeightsHeader.FromString(bytes(header_bytes))
-                    layout = FlatLayout.from_proto(header.layout)
-                    if self._layouts.get(job_id) != layout:
-                        self._layouts[job_id] = layout
-                    layout = self._layouts[job_id]
+                    layout = self._known_layout(job_id, header.layout)
                     out = self._check_out(out, layout)
                     version, assembler = header.version, ChunkAssembler(out)
                 if assembler is None:
@@ -316,6 +313,16 @@ class ParameterServerClient:
         except WireError as exc:
             raise ParameterServerError("DATA_LOSS", f"incomplete weights: {exc}") from None
         return int(version), assembler.out
+
+    def _known_layout(self, job_id: str, msg: pb.Layout) -> FlatLayout:
+        """The job's layout from a weights header, parsed only when it changed."""
+        cached = self._layout_protos.get(job_id)
+        if cached is not None and cached[1] == msg and self._layouts.get(job_id) is cached[0]:
+            return cached[0]
+        layout = FlatLayout.from_proto(msg)
+        self._layouts[job_id] = layout
+        self._layout_protos[job_id] = (layout, msg)
+        return layout
 
     @staticmethod
     def _check_out(out: np.ndarray | None, layout: FlatLayout) -> np.ndarray:
