@@ -257,7 +257,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = load_dataset(args.data, **options)
     # A bundled set keeps its held-out part (the rows training did not see); a file is
     # evaluated whole.
-    x, y = (data.x_val, data.y_val) if data.x_val is not None else (data.x, data.y)
+    held_out = data.x_val is not None and data.y_val is not None
+    x, y = (data.x_val, data.y_val) if held_out else (data.x, data.y)
+    assert x is not None and y is not None
     if data.num_features != model.sizes[0]:
         raise UsageError(
             f"{args.data} has {data.num_features} features, the model expects {model.sizes[0]}"

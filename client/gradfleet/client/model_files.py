@@ -29,7 +29,7 @@ def save_model(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights_path = directory / "model.npz"
-    np.savez(weights_path, **model.state_dict())
+    np.savez(weights_path, allow_pickle=False, **model.state_dict())
     meta = {"format": FORMAT, "spec": model.spec(), **(extra or {})}
     if preprocessing:
         meta["preprocessing"] = {k: np.asarray(v).tolist() for k, v in preprocessing.items()}
@@ -57,7 +57,7 @@ def load_model_and_preprocessing(path: str | Path) -> tuple[MLP, Preprocess]:
         raise ValueError(f"{meta_path} is not a gradfleet model description: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path} is not a gradfleet model description ({FORMAT})")
-    model = MLP.from_spec(meta.get("spec"))
+    model = MLP.from_spec(meta.get("spec") or {})
     try:
         with np.load(weights_path, allow_pickle=False) as archive:
             weights = {name: archive[name] for name in archive.files}

@@ -118,7 +118,7 @@ class Linear(Module):
             )
         if x.dtype != self.weight.dtype and not x.requires_grad:
             x = Tensor(x.data.astype(self.weight.dtype))  # compute in the model's dtype
-        return x @ self.weight.T + self.bias
+        return x @ ops.transpose(self.weight) + self.bias
 
 
 class Sigmoid(Module):

@@ -19,7 +19,7 @@ Arrays = dict[str, np.ndarray]
 def _finite_number(name: str, value: Any, low: float = 0.0, high: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if not low <= value <= high:
+    if not low <= float(value) <= high:
         raise ValueError(f"{name} must be between {low} and {high}, got {value}")
     return float(value)
 

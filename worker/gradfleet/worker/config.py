@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -16,7 +16,7 @@ from gradfleet.worker.batches import steps_per_epoch
 from gradfleet.worker.datasets import ArrayDataset, load_dataset
 from gradfleet.worker.ray_data import RayDataset
 
-Dataset = ArrayDataset | RayDataset
+Dataset: TypeAlias = ArrayDataset | RayDataset
 
 MODES = ("sync", "async")
 
@@ -66,6 +66,12 @@ class JobConfig:
             )
         self._check_numbers()
         self._check_data()
+
+    @property
+    def optimizer_settings(self) -> dict[str, Any]:
+        """The optimiser as JSON-like settings (an ``Optimizer`` given is turned into them)."""
+        assert isinstance(self.optimizer, dict)
+        return self.optimizer
 
     def _check_numbers(self) -> None:
         if self.loss not in LOSSES:
@@ -158,7 +164,7 @@ class JobConfig:
             "model": self.model_spec,
             "dataset": data.name,
             "loss": self.loss,
-            "optimizer": self.optimizer,
+            "optimizer": self.optimizer_settings,
             "batch_size": self.batch_size,
             "epochs": self.epochs,
             "steps": self.total_steps,
@@ -178,7 +184,7 @@ class JobConfig:
         """The keyword arguments of ``ParameterServerClient.create_job`` for this job."""
         return {
             "model_spec": self.model_spec,
-            "optimizer": self.optimizer,
+            "optimizer": self.optimizer_settings,
             "mode": self.mode,
             "num_workers": self.workers,
             "backup_workers": self.backup_workers,

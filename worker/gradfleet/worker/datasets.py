@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 SKLEARN_SETS = ("digits", "iris", "wine", "breast_cancer")
-_IDX_TYPES = {
+_IDX_TYPES: dict[int, Any] = {
     0x08: np.uint8,
     0x09: np.int8,
     0x0B: np.dtype(">i2"),

@@ -34,7 +34,7 @@ def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResu
     started = time.perf_counter()
     model = MLP.from_spec(job.model_spec)
     params = model.unflatten(model.flat)
-    optimizer = make_optimizer(job.optimizer)
+    optimizer = make_optimizer(job.optimizer_settings)
     shards = []
     for worker in range(job.workers):
         start, stop = shard_rows(len(data.x), worker, job.workers)
