@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import threading
@@ -195,6 +196,7 @@ class ParameterServer:
         self._stopped.set()
         grace = self.config.grace if grace is None else grace
         self.health.enter_graceful_shutdown()
+        _end_health_watches(self.health)
         self.service.begin_shutdown()
         self._server.stop(grace).wait()
         try:
@@ -212,6 +214,24 @@ class ParameterServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _end_health_watches(servicer: health.HealthServicer) -> None:
+    """End open Health.Watch streams after their NOT_SERVING update.
+
+    A watch never ends by itself, so without this one watching client (a load balancer,
+    a sidecar) would hold `stop` for the whole grace period. grpcio-health-checking ends
+    a watch when its callback gets None; the callbacks are private, hence the guard.
+    """
+    lock = getattr(servicer, "_lock", None)
+    callbacks = getattr(servicer, "_send_response_callbacks", None)
+    if lock is None or not isinstance(callbacks, dict):
+        return
+    with lock:
+        pending = [callback for group in callbacks.values() for callback in group]
+    for callback in pending:
+        with contextlib.suppress(Exception):
+            callback(None)
 
 
 @contextmanager

@@ -12,14 +12,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import re
 import logging
 import os
+import re
 import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from google.protobuf import json_format
@@ -115,7 +116,7 @@ def write_checkpoint(root: Path, job: Job) -> Path:
     job_dir = root / job.job_id
     job_dir.mkdir(parents=True, exist_ok=True)
     stem = f"ckpt-{job.version:012d}"
-    arrays = {"weights": job.weights}
+    arrays: dict[str, Any] = {"weights": job.weights}
     for key, value in job.optimizer.state_dict().items():
         arrays[_OPT_PREFIX + key] = np.asarray(value)
     npz_path = job_dir / f"{stem}.npz"
@@ -197,7 +198,9 @@ def _parse(json_path: Path) -> LoadedCheckpoint:
         raise bad("its job id does not match its directory")
     npz_path = json_path.with_suffix(".npz")
     if npz_path.stat().st_size != meta["npz_bytes"]:
-        raise bad(f"{npz_path.name} has {npz_path.stat().st_size} bytes, expected {meta['npz_bytes']}")
+        raise bad(
+            f"{npz_path.name} has {npz_path.stat().st_size} bytes, expected {meta['npz_bytes']}"
+        )
     if _sha256_file(npz_path) != meta["npz_sha256"]:
         raise bad(f"the SHA-256 of {npz_path.name} does not match (corrupted or replaced)")
     layout = FlatLayout.from_json(meta["layout"])
