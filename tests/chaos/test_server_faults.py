@@ -153,12 +153,6 @@ def test_server_down_for_seconds_workers_retry_and_resume(
     assert chaos.reconciles(info.counters)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported bug: a call in flight when the server gets SIGTERM can end with "
-    "CANCELLED; ParameterServerClient._retrying and GradientWorker._recover treat "
-    "CANCELLED as fatal, so the worker dies (and its peers wait forever in thread mode).",
-)
 def test_workers_survive_graceful_restarts(
     tmp_path: Path, chaos: Any, short_pull_wait: None
 ) -> None:
@@ -185,12 +179,6 @@ def test_workers_survive_graceful_restarts(
     assert errors == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported bug: ParameterServerClient._retrying gives up after 5 retries "
-    "(about 3 s of backoff), so an SDK call made during a restart of a few seconds "
-    "raises ServerUnavailable; the fix is a time budget (retry until `timeout`).",
-)
 def test_sdk_call_during_a_short_outage_retries_until_the_server_is_back(
     tmp_path: Path, chaos: Any
 ) -> None:

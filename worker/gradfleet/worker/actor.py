@@ -137,7 +137,7 @@ class GradientWorker:
             # checkpoint). Either way, take the server's current version.
             self.timings["stale"] += self.mode == "async"
             return 0
-        if exc.code != "UNAVAILABLE":
+        if exc.code not in ("UNAVAILABLE", "CANCELLED"):  # CANCELLED: the server stopped mid-call
             raise exc
         if self.server_actor_name is not None:
             self._reconnect()

@@ -12,6 +12,7 @@ gRPC status name in `.code` and the server's one-sentence explanation as the mes
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 _SERVICE = "/gradfleet.v1.ParameterService/"
 MODES = {"sync": pb.MODE_SYNC, "async": pb.MODE_ASYNC}
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 class ParameterServerError(Exception):
@@ -85,7 +87,7 @@ class ParameterServerClient:
         tls_server_name: str | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        retries: int = 5,
+        retries: int | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
@@ -144,18 +146,26 @@ class ParameterServerClient:
         )
 
     def _retrying(self, attempt: Any) -> Any:
-        """Run `attempt()`, retrying UNAVAILABLE with jittered exponential backoff."""
-        delay = 0.1
-        for remaining in range(self.retries, -1, -1):
+        """Run `attempt()`, retrying while the server is away, with jittered exponential
+        backoff, for up to `timeout` seconds (a restart takes a few) and, when `retries` is
+        set, at most that many times.
+
+        UNAVAILABLE means no server answered; CANCELLED reaches us when a server stops
+        while our call is in flight (we never cancel these calls ourselves). Every call
+        this client makes is idempotent, so both are safe to retry.
+        """
+        delay, deadline = 0.1, time.monotonic() + self.timeout
+        for tries in itertools.count():
             try:
                 return attempt()
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or remaining == 0:  # type: ignore[attr-defined]
+                code = exc.code()  # type: ignore[attr-defined]
+                out_of_tries = self.retries is not None and tries >= self.retries
+                if code not in RETRYABLE or out_of_tries or time.monotonic() + delay > deadline:
                     raise _translate(exc) from None
-                log.debug("server unavailable, retrying in %.2fs", delay)
+                log.debug("server unavailable (%s), retrying in %.2fs", code.name, delay)
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 2.0)
-        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self._channel.close()
