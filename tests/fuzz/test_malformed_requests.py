@@ -278,12 +278,6 @@ def test_malformed_pushes_get_their_status_and_change_nothing(
     check()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported bug: service.PushAndPullUnary parses a missing header as an empty "
-    "one (`raw_header or b\"\"`) and answers NOT_FOUND for job ''; PushGradient and "
-    "PushGradientUnary answer INVALID_ARGUMENT ('the first push message has no header').",
-)
 def test_push_and_pull_without_a_header_is_invalid(fuzz_server: Any) -> None:
     data = np.zeros(4, dtype=np.float64).tobytes()
     code = call_push(fuzz_server.channel, "PushAndPullUnary", [encode_chunk_message(0, data)])

@@ -14,12 +14,6 @@ from gradfleet.server import serve
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported bug: service.CreateJob builds the model (build_initial_weights) "
-    "before _check_size, so a spec with huge sizes allocates (and randomly initialises) "
-    "the whole model before RESOURCE_EXHAUSTED; a 100k x 100k spec would take 80 GB.",
-)
 def test_oversized_model_spec_is_refused_before_allocating() -> None:
     # 2048 x 4096 float64: 67 MB, over a 1 MiB max_job_bytes
     spec = {"type": "MLP", "sizes": [2048, 4096], "dtype": "float64", "seed": 0}

@@ -98,7 +98,9 @@ def test_sync_ray_equals_local_in_float32() -> None:
 
 
 def test_killed_worker_is_restarted_and_costs_nothing() -> None:
-    job = digits_job(2, steps=120)
+    # enough steps that the run outlasts a few of the monitor's 0.5 s polls: the kill
+    # must land mid-run and a later poll must see the restarted actor
+    job = digits_job(2, steps=600)
     seen: dict[str, Any] = {"killed": None, "restarts": 0}
 
     def kill_once(entry: dict[str, float]) -> None:

@@ -16,6 +16,7 @@ almost never changes a bit.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -138,6 +139,17 @@ def build_optimizer(config: dict) -> Any:
         return make_optimizer(config)
     except (ValueError, TypeError, KeyError) as exc:
         raise BadRequest(f"optimizer config is invalid: {exc}", "bad_config") from None
+
+
+def spec_nbytes(model_spec: dict) -> int:
+    """Bytes of a model's weights from its spec alone, so a limit is checked before any
+    memory is allocated for it."""
+    try:
+        sizes = [int(s) for s in model_spec["sizes"]]
+        itemsize = np.dtype(model_spec.get("dtype", "float32")).itemsize
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadRequest(f"model spec is invalid: {exc}", "bad_config") from None
+    return itemsize * sum(a * b + b for a, b in itertools.pairwise(sizes))
 
 
 def build_initial_weights(model_spec: dict) -> dict[str, np.ndarray]:
@@ -494,8 +506,7 @@ class Job:
         assert self._sum is not None
         count = len(step.contributors)
         # one gradient: (0 + g) / 1 rounded to the model dtype is g itself, bit for bit
-        one = last is not None and self._sum_empty
-        mean = last if one else self._mean_of_sum(count, last)
+        mean = last if last is not None and self._sum_empty else self._mean_of_sum(count, last)
         self.optimizer.step(self.params, self.layout.views(mean))
         rows = sum(r for r, _ in step.contributors.values())
         if rows > 0:
@@ -507,7 +518,7 @@ class Job:
         self._advance(loss, rows, count)
         self._open = _OpenStep(self.version)
 
-    _BLOCK = 1 << 16  # elements per pass of the fused close: the float64 block stays in cache
+    _BLOCK = 1 << 18  # elements per pass of the fused close: the float64 block stays in cache
 
     def _mean_of_sum(self, count: int, last: np.ndarray | None) -> np.ndarray:
         """`((sum + last) / count).astype(dtype)`, block by block in one pass over memory.
@@ -515,28 +526,29 @@ class Job:
         Each element sees exactly the operations of `np.add` then `np.divide` over the
         whole buffer (a float64 add, a float64 division rounded to the model dtype on
         store), so the numbers are the same; blocking only saves the round trips of the
-        float64 sum to memory.
+        float64 sum to memory. Dividing by a power of two is multiplying by its exact
+        reciprocal: the same correctly rounded result, several times cheaper.
         """
         assert self._sum is not None
         total, block = self.layout.total_elements, self._BLOCK
+        if total <= 2 * block:
+            block = total  # small models: one pass, no loop
+        exact_reciprocal = count & (count - 1) == 0
+        scale, factor = (np.multiply, 1.0 / count) if exact_reciprocal else (np.divide, count)
         if self.layout.dtype == np.float64:
             mean = self._sum
-            for lo in range(0, total, block):
-                part = self._sum[lo : lo + block]
-                if last is not None:
-                    np.add(part, last[lo : lo + block], out=part)
-                np.divide(part, count, out=part)
-            return mean
-        if self._mean is None:
-            self._mean = self.layout.empty()
-        if self._scratch is None:
-            self._scratch = np.empty(min(block, total), dtype=np.float64)
-        mean = self._mean
+        else:
+            if self._mean is None:
+                self._mean = self.layout.empty()
+            mean = self._mean
+        if last is not None and self._scratch is None and mean is not self._sum:
+            self._scratch = np.empty(block, dtype=np.float64)
         for lo in range(0, total, block):
             part = self._sum[lo : lo + block]
             if last is not None:
-                part = np.add(part, last[lo : lo + block], out=self._scratch[: len(part)])
-            np.divide(part, count, out=mean[lo : lo + block], casting="same_kind")
+                out = part if mean is self._sum else self._scratch[: len(part)]  # type: ignore[index]
+                part = np.add(part, last[lo : lo + block], out=out)
+            scale(part, factor, out=mean[lo : lo + block], casting="same_kind")
         return mean
 
     def _commit_async(self, header: pb.PushHeader, grad: np.ndarray) -> None:

@@ -35,6 +35,7 @@ from gradfleet.server.jobs import (
     build_initial_weights,
     check_job_id,
     new_job_id,
+    spec_nbytes,
 )
 from gradfleet.server.metrics import ServerMetrics
 
@@ -216,6 +217,7 @@ class ParameterService:
             if not np.isfinite(weights).all():
                 raise BadRequest("initial_weights contain NaN or Inf.", "non_finite")
         else:
+            self._check_nbytes(spec_nbytes(settings.model_spec))
             arrays = build_initial_weights(settings.model_spec)
             try:
                 layout = FlatLayout.from_arrays(arrays)
@@ -255,9 +257,12 @@ class ParameterService:
         )
 
     def _check_size(self, layout: FlatLayout) -> None:
-        if layout.nbytes > self.max_job_bytes:
+        self._check_nbytes(layout.nbytes)
+
+    def _check_nbytes(self, nbytes: int) -> None:
+        if nbytes > self.max_job_bytes:
             raise OverLimit(
-                f"the model needs {layout.nbytes} bytes, over this server's limit of "
+                f"the model needs {nbytes} bytes, over this server's limit of "
                 f"{self.max_job_bytes} bytes per job.",
                 "job_too_large",
             )
@@ -379,7 +384,9 @@ class ParameterService:
         """
         try:
             raw_header = decode_chunk_message(request)[0]
-            header = pb.PushHeader.FromString(bytes(raw_header or b""))
+            if raw_header is None:
+                raise BadRequest("the first push message has no header.", "bad_header")
+            header = pb.PushHeader.FromString(bytes(raw_header))
         except (WireError, DecodeError):
             raise BadRequest("the push header is not a valid message.", "bad_header") from None
         job = self._job(header.job_id)
