@@ -126,3 +126,15 @@ def test_train_on_a_separate_server_then_follow_it_with_the_sdk(server: str) -> 
     assert final.version == job.total_steps
     assert [e.step for e in events if e.step is not None] == list(range(job.total_steps))
     np.testing.assert_array_equal(served.flat, result.model.flat)
+
+
+def test_progress_true_reports_through_logging_when_not_a_terminal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    job = iris_job(steps=8)
+
+    with caplog.at_level("INFO", logger="gradfleet.client.reporting"):
+        result = train(job, backend="local", progress=True)
+
+    assert result.final_metrics["steps"] == 8
+    assert any("step 8/8" in message for message in caplog.messages)

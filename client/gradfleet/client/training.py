@@ -41,23 +41,41 @@ def train(
     address: str | None = None,
     server: str | None = None,
     token: str | None = None,
-    progress: ProgressFn | None = None,
+    progress: ProgressFn | bool | None = None,
     worker_options: Any = None,
     checkpoint_dir: str | None = None,
     server_placement: str = "driver",
 ) -> TrainResult:
     """Train ``job`` and return the trained model, its weights and history.
 
-    With ``backend="ray"`` and no ``server``, the parameter server runs in this process
-    (``server_placement="driver"``) or as a Ray actor: ``"head"`` pins it to the head
-    node, ``"node:<node id>"`` to a given node (see ``gradfleet.client.cluster``).
+    ``progress=True`` shows a progress bar (log lines when stderr is not a terminal); a
+    callable gets each step's metrics instead. With ``backend="ray"`` and no ``server``,
+    the parameter server runs in this process (``server_placement="driver"``) or as a Ray
+    actor: ``"head"`` pins it to the head node, ``"node:<node id>"`` to a given node (see
+    ``gradfleet.client.cluster``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose 'local' or 'ray'")
+    if progress is True:
+        from gradfleet.client.reporting import ProgressReporter
+
+        with ProgressReporter(job.total_steps, job.steps_per_epoch) as reporter:
+            return train(
+                job,
+                backend,
+                address=address,
+                server=server,
+                token=token,
+                progress=reporter.update,
+                worker_options=worker_options,
+                checkpoint_dir=checkpoint_dir,
+                server_placement=server_placement,
+            )
+    callback = progress if callable(progress) else None
     if backend == "local":
-        return train_local(job, progress)
+        return train_local(job, callback)
     return _train_ray(
-        job, address, server, token, progress, worker_options, checkpoint_dir, server_placement
+        job, address, server, token, callback, worker_options, checkpoint_dir, server_placement
     )
 
 
