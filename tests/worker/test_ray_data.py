@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -73,3 +74,15 @@ def test_feature_count_must_match_the_model() -> None:
 
     with pytest.raises(ValueError, match="5 features but the model's input size is 4"):
         JobConfig(model=nn.MLP([4, 2]), dataset=source, batch_size=4, steps=1)
+
+
+def test_a_ray_data_readable_path_is_read_on_the_cluster(tmp_path: Path) -> None:
+    frame = as_frame(np.arange(30, dtype=float).reshape(10, 3), np.arange(10) % 2)
+    frame.to_csv(tmp_path / "rows.csv", index=False)
+
+    source = RayDataset.read(tmp_path / "rows.csv")
+    ((x, y),) = [shard.arrays() for shard in source.shards(1)]
+
+    assert source.num_rows == 10 and source.num_features == 3
+    np.testing.assert_array_equal(x, frame[["f0", "f1", "f2"]].to_numpy(dtype=np.float32))
+    np.testing.assert_array_equal(y, frame["label"].to_numpy())
