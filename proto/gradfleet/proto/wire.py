@@ -21,7 +21,7 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 MIN_CHUNK_BYTES = 4096
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 
-_DTYPE_TO_PROTO: dict[np.dtype, int] = {
+_DTYPE_TO_PROTO: dict[np.dtype, pb.DType] = {
     np.dtype("<f4"): pb.DTYPE_FLOAT32,
     np.dtype("<f8"): pb.DTYPE_FLOAT64,
 }
@@ -33,7 +33,7 @@ class WireError(ValueError):
     """A malformed layout, dtype or chunk; the message is one sentence for the caller."""
 
 
-def dtype_to_proto(dtype: np.dtype | str | type) -> int:
+def dtype_to_proto(dtype: np.dtype | str | type) -> pb.DType:
     """Map a NumPy dtype to the proto enum (float32 and float64 only)."""
     dt = np.dtype(dtype).newbyteorder("<")
     if dt not in _DTYPE_TO_PROTO:

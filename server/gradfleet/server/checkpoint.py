@@ -81,7 +81,7 @@ class LoadedCheckpoint:
     weights: np.ndarray
     optimizer_state: dict[str, np.ndarray]
     version: int
-    state: int
+    state: pb.JobState
     counters: Counters
     history: list[StepResult]
     created_at: float

@@ -9,7 +9,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -427,7 +427,9 @@ class ParameterService:
             if early is not None:
                 job.count_outcome(early)
                 self.metrics.pushes.labels(outcome=pb.PushOutcome.Name(early)).inc()
-                return pb.PushAck(outcome=early, version=job.version, step=header.step)
+                return pb.PushAck(
+                    outcome=cast(pb.PushOutcome, early), version=job.version, step=header.step
+                )
             try:
                 buf = job.take_buffer(
                     context.time_remaining(),
@@ -449,7 +451,9 @@ class ParameterService:
                     job.give_back(buf)
             self.metrics.gradient_bytes_in.inc(buf.nbytes)
             self.metrics.pushes.labels(outcome=pb.PushOutcome.Name(outcome)).inc()
-            return pb.PushAck(outcome=outcome, version=job.version, step=header.step)
+            return pb.PushAck(
+                outcome=cast(pb.PushOutcome, outcome), version=job.version, step=header.step
+            )
 
     @staticmethod
     def _receive(
