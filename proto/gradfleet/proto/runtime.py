@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc mallopt parameters
 _allocator_lock = threading.Lock()
 _allocator_tuned = False
 
@@ -30,7 +30,10 @@ def keep_message_buffers_mapped() -> bool:
     on loopback that costs more than the copy itself (a 1 MB pull took 2.5x as long).
     Raising the mmap threshold to its maximum (32 MiB) and the trim threshold keeps such
     buffers in the heap for reuse. Peak memory is unchanged; freed memory is kept for
-    reuse rather than returned at once. A no-op (False) off glibc.
+    reuse rather than returned at once. Kept buffers would otherwise pile up in one arena
+    per gRPC thread (up to 8 per core), so the arenas are capped at two: under 32
+    concurrent pushers that keeps the server's RSS near its working set. A no-op (False)
+    off glibc.
     """
     global _allocator_tuned
     with _allocator_lock:
@@ -45,6 +48,7 @@ def keep_message_buffers_mapped() -> bool:
         mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
         ok = mallopt(_M_TRIM_THRESHOLD, 128 << 20) == 1 and ok
+        ok = mallopt(_M_ARENA_MAX, 2) == 1 and ok
         _allocator_tuned = ok
         return ok
 
