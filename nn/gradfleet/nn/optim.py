@@ -139,6 +139,7 @@ class Optimizer:
         self.schedule = schedule or Schedule()
         self.steps = 0
         self.buffers: Arrays = {}
+        self._scratch: Arrays = {}
 
     def current_lr(self) -> float:
         return self.lr * self.schedule.factor(self.steps)
@@ -162,6 +163,14 @@ class Optimizer:
 
     def _update(self, name: str, p: np.ndarray, g: np.ndarray, lr: float) -> None:
         raise NotImplementedError
+
+    def _scaled(self, name: str, g: np.ndarray, factor: float) -> np.ndarray:
+        """factor * g in a buffer kept per parameter: the same numbers as ``factor * g``
+        without a fresh model-sized array (and its page faults) every step."""
+        out = self._scratch.get(name)
+        if out is None or out.shape != g.shape or out.dtype != g.dtype:
+            out = self._scratch[name] = np.empty_like(g)
+        return np.multiply(g, factor, out=out)
 
     def _buffer(self, key: str, like: np.ndarray) -> np.ndarray:
         if key not in self.buffers:
@@ -239,7 +248,7 @@ class SGD(Optimizer):
             v *= self.momentum
             v += g
             g = g + self.momentum * v if self.nesterov else v
-        p -= lr * g
+        p -= self._scaled(name, g, lr)
 
     def config(self) -> dict[str, Any]:
         return {
