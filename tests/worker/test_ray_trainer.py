@@ -122,10 +122,12 @@ def test_killed_worker_is_restarted_and_costs_nothing() -> None:
 
 
 def test_async_converges_on_mnist_and_rejects_only_stale_gradients(mnist_dir: Path) -> None:
+    # Plain SGD: momentum amplifies stale updates (measured 0.937-0.957 with momentum 0.9
+    # over three runs, 0.942-0.945 without), and async order varies from run to run.
     job = JobConfig(
-        model=nn.MLP([784, 128, 10], seed=0),
+        model=nn.MLP([784, 256, 10], seed=0),
         dataset=load_mnist(mnist_dir),
-        optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        optimizer={"name": "sgd", "lr": 0.1},
         batch_size=64,
         epochs=3,
         workers=2,
