@@ -75,3 +75,17 @@ def test_toml_unknown_key_is_named(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="learning_rate"):
         JobConfig.from_toml(config)
+
+
+def test_progress_reports_the_current_step_with_the_latest_held_out_numbers() -> None:
+    from gradfleet.worker.local import train_local
+
+    job = JobConfig(
+        model=nn.MLP([4, 8, 3]), dataset=small_data(), batch_size=8, steps=6, eval_every=4
+    )
+    seen: list[dict[str, float]] = []
+
+    train_local(job, progress=seen.append)
+
+    assert [entry["step"] for entry in seen] == [1, 2, 3, 4, 5, 6]
+    assert "val_accuracy" not in seen[2] and "val_accuracy" in seen[5]

@@ -27,7 +27,7 @@ from gradfleet.proto.runtime import long_lived_objects_frozen
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.local import train_local
 from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
-from gradfleet.worker.result import TrainResult, evaluate
+from gradfleet.worker.result import TrainResult, evaluate, held_out_metrics
 
 logger = logging.getLogger(__name__)
 ProgressFn = Callable[[dict[str, float]], None]
@@ -250,7 +250,7 @@ class _Monitor:
                 self.next_eval += self.job.eval_every
         if self.progress is not None and self.history:
             latest = self._evaluator.latest() if self._evaluator is not None else {}
-            self.progress(self.history[-1] | latest)
+            self.progress(self.history[-1] | held_out_metrics([latest]))
 
     def _evaluate(self, model: MLP | None = None) -> dict[str, float]:
         data = self.job.dataset

@@ -19,7 +19,7 @@ from gradfleet.worker.batches import BatchPlan, shard_rows
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.datasets import ArrayDataset
 from gradfleet.worker.ray_data import RayDataset
-from gradfleet.worker.result import TrainResult, evaluate
+from gradfleet.worker.result import TrainResult, evaluate, held_out_metrics
 
 logger = logging.getLogger(__name__)
 ProgressFn = Callable[[dict[str, float]], None]
@@ -77,7 +77,7 @@ def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResu
             result.evaluations.append(metrics)
             evaluating += time.perf_counter() - eval_started
         if progress is not None:
-            progress(entry | (result.evaluations[-1] if result.evaluations else {}))
+            progress(entry | held_out_metrics(result.evaluations))
     result.final_metrics = {"steps": job.total_steps, **_evaluate(model, job)}
     result.wall_time = time.perf_counter() - started
     logger.info("local training finished: %s", result.final_metrics)

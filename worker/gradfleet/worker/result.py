@@ -60,3 +60,10 @@ def evaluate(
     if loss != "mse":
         metrics["val_accuracy"] = correct / len(x)
     return metrics
+
+
+def held_out_metrics(evaluations: list[dict[str, float]]) -> dict[str, float]:
+    """The latest evaluation's ``val_*`` numbers, to show beside the current step (its own
+    ``step`` and ``wall_time`` would hide the current ones)."""
+    latest = evaluations[-1] if evaluations else {}
+    return {k: v for k, v in latest.items() if k.startswith("val_")}
