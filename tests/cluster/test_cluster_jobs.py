@@ -69,7 +69,7 @@ def test_workers_spread_over_two_nodes_and_match_local(two_worker_nodes: Any) ->
 
 
 def test_losing_a_worker_node_mid_run_costs_nothing(two_worker_nodes: Any) -> None:
-    job = digits_job(steps=150)
+    job = digits_job(steps=600)  # outlasts several 0.5 s polls: removal lands mid-run
     seen: dict[str, Any] = {"removed_at": None, "restarts": 0}
 
     def remove_a_worker_node(entry: dict[str, float]) -> None:
@@ -117,7 +117,9 @@ def test_server_actor_pinned_to_the_head(two_worker_nodes: Any) -> None:
 def test_server_node_loss_resumes_from_shared_checkpoint(
     two_worker_nodes: Any, tmp_path: Path
 ) -> None:
-    job = digits_job(steps=120)
+    # enough steps that the run outlasts several of the monitor's 0.5 s polls: the node
+    # must be removed mid-run
+    job = digits_job(steps=600)
     server_node = two_worker_nodes.worker_nodes()[0]
     removed_at: list[int] = []
     nodes_after: set[str] = set()
