@@ -27,7 +27,11 @@ from gradfleet.client.errors import (
 from gradfleet.nn import MLP
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.worker.config import JobConfig
-from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
+from gradfleet.worker.ps_client import (
+    ParameterServerClient,
+    ParameterServerError,
+    counters_dict,
+)
 
 T = TypeVar("T")
 STATES = {
@@ -132,20 +136,13 @@ class JobHandle:
 
     def status(self) -> JobStatus:
         info = self._info(history=True)
-        counters = info.counters
         return JobStatus(
             job_id=info.job_id,
             state=STATES.get(info.state, "unknown"),
             version=info.version,
             total_steps=info.spec.total_steps,
             last_loss=info.history[-1].loss if info.history else None,
-            counters={
-                "received": counters.received,
-                "accepted": counters.accepted,
-                "duplicate": counters.duplicate,
-                "dropped_late": counters.dropped_late,
-                "rejected": dict(counters.rejected),
-            },
+            counters=counters_dict(info.counters),
         )
 
     def watch(self, from_version: int = 0) -> Iterator[JobEvent]:

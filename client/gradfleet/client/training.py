@@ -26,7 +26,11 @@ from gradfleet.nn import MLP
 from gradfleet.proto.runtime import long_lived_objects_frozen
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.local import train_local
-from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
+from gradfleet.worker.ps_client import (
+    ParameterServerClient,
+    ParameterServerError,
+    counters_dict,
+)
 from gradfleet.worker.result import TrainResult, evaluate, held_out_metrics
 
 logger = logging.getLogger(__name__)
@@ -269,13 +273,7 @@ class _Monitor:
         counters = self.client.get_job(self.job_id, history=False).counters
         metrics: dict[str, Any] = {"steps": version, **self._evaluate()}
         metrics["worker_timings"] = timings
-        metrics["server_counters"] = {
-            "received": counters.received,
-            "accepted": counters.accepted,
-            "duplicate": counters.duplicate,
-            "dropped_late": counters.dropped_late,
-            "rejected": dict(counters.rejected),
-        }
+        metrics["server_counters"] = counters_dict(counters)
         return TrainResult(
             model=self.model,
             history=self.history,

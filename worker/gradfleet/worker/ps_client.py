@@ -72,6 +72,18 @@ def _translate(exc: grpc.RpcError) -> ParameterServerError:
     return ParameterServerError(name, details or f"the call failed with {name}.")
 
 
+def counters_dict(counters: pb.JobCounters) -> dict[str, Any]:
+    """A job's push counters as plain data: received, accepted, duplicate, dropped_late,
+    rejected (by reason)."""
+    return {
+        "received": counters.received,
+        "accepted": counters.accepted,
+        "duplicate": counters.duplicate,
+        "dropped_late": counters.dropped_late,
+        "rejected": dict(counters.rejected),
+    }
+
+
 class ParameterServerClient:
     """One channel to a parameter server; thread-safe, reuse it for every call."""
 
