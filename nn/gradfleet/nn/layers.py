@@ -90,7 +90,10 @@ class Linear(Module):
         dtype: Any = "float32",
         init: str = "he",
         rng: np.random.Generator | None = None,
+        storage: np.ndarray | None = None,
     ) -> None:
+        """``storage``, when given, is a flat slice of in*out + out elements that holds
+        the weight then the bias (an MLP keeps all its parameters in one buffer)."""
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(
@@ -99,16 +102,32 @@ class Linear(Module):
         self.in_features, self.out_features = in_features, out_features
         dtype = check_dtype(dtype)
         rng = rng if rng is not None else np.random.default_rng(0)
-        # Drawn in float64 so float32 and float64 models start from the same values.
-        if init == "he":  # Kaiming: keeps activations' variance for ReLU-family units
-            weight = rng.normal(0.0, np.sqrt(2.0 / in_features), (out_features, in_features))
-        elif init == "xavier":  # Glorot uniform: for sigmoid and tanh
-            limit = np.sqrt(6.0 / (in_features + out_features))
-            weight = rng.uniform(-limit, limit, (out_features, in_features))
-        else:
+        if init not in ("he", "xavier"):
             raise ValueError(f"unknown init {init!r}: use 'he' or 'xavier'")
-        self.weight = Tensor(weight.astype(dtype), requires_grad=True)
-        self.bias = Tensor(np.zeros(out_features, dtype=dtype), requires_grad=True)
+        # He (Kaiming) normal keeps activations' variance for ReLU-family units; Glorot
+        # uniform suits sigmoid and tanh. Drawn in float64 so float32 and float64 models
+        # start from the same values, a block of rows at a time (the same stream of
+        # numbers) so that a big layer needs no float64 temporary of its full size.
+        std = np.sqrt(2.0 / in_features)
+        limit = np.sqrt(6.0 / (in_features + out_features))
+        n_weight = out_features * in_features
+        if storage is None:
+            storage = np.empty(n_weight + out_features, dtype=dtype)
+        if storage.shape != (n_weight + out_features,) or storage.dtype != dtype:
+            raise ValueError(
+                f"storage must be a flat {dtype} array of {n_weight + out_features} elements"
+            )
+        weight = storage[:n_weight].reshape(out_features, in_features)
+        block = max(1, (1 << 20) // in_features)
+        for row in range(0, out_features, block):
+            shape = (min(block, out_features - row), in_features)
+            part = (
+                rng.normal(0.0, std, shape) if init == "he" else rng.uniform(-limit, limit, shape)
+            )
+            weight[row : row + block] = part
+        self.weight = Tensor(weight, requires_grad=True)
+        storage[n_weight:] = 0
+        self.bias = Tensor(storage[n_weight:], requires_grad=True)
         self._parameters = {"weight": self.weight, "bias": self.bias}
 
     def forward(self, x: Tensor) -> Tensor:

@@ -61,28 +61,25 @@ class MLP(Module):
         self.sizes, self.activation, self.seed, self.alpha = sizes, activation, int(seed), alpha
         self.dtype = check_dtype(dtype)
         rng = np.random.default_rng(self.seed)
+        # every parameter lives in one contiguous buffer (what the server and the wire
+        # move): each Linear is built on its slice, weight then bias, in layer order
+        self.flat = np.empty(sum(a * b + b for a, b in itertools.pairwise(sizes)), self.dtype)
+        self.layout: Layout = []
         modules: list[Module] = []
+        offset = 0
         for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
-            modules.append(Linear(fan_in, fan_out, self.dtype, _INIT_FOR[activation], rng))
+            storage = self.flat[offset : offset + fan_in * fan_out + fan_out]
+            linear = Linear(fan_in, fan_out, self.dtype, _INIT_FOR[activation], rng, storage)
+            modules.append(linear)
+            for kind, param in (("weight", linear.weight), ("bias", linear.bias)):
+                self.layout.append((f"layers.{len(modules) - 1}.{kind}", param.shape, offset))
+                offset += param.size
             if i < len(sizes) - 2:
                 modules.append(_activation_module(activation, alpha))
         self.layers = Sequential(*modules)
         self._children = {"layers": self.layers}
         self.linears = [m for m in modules if isinstance(m, Linear)]
-        self._pack_parameters()
-
-    def _pack_parameters(self) -> None:
-        """Move every parameter into one contiguous buffer; parameters become views."""
-        self.layout: Layout = []
-        offset = 0
-        for name, param in self.named_parameters():
-            self.layout.append((name, param.shape, offset))
-            offset += param.size
-        self.flat = np.empty(offset, dtype=self.dtype)
-        for (_, shape, start), param in zip(self.layout, self.parameters(), strict=True):
-            view = self.flat[start : start + math.prod(shape)].reshape(shape)
-            view[...] = param.data
-            param.data = view
+        assert [name for name, *_ in self.layout] == [n for n, _ in self.named_parameters()]
 
     @property
     def num_parameters(self) -> int:
