@@ -28,7 +28,7 @@ def gradient(size: int, worker: int, step: int) -> np.ndarray:
 
 
 def reference_weights(weights: np.ndarray, views: Any, workers: int, steps: int) -> np.ndarray:
-    """Local arithmetic: float64 sum in worker order, mean, the same optimiser."""
+    """Local arithmetic: sum in worker order (float64 here), mean, the same optimiser."""
     weights = weights.copy()
     optimizer = make_optimizer(SGD)
     for step in range(steps):

@@ -26,13 +26,14 @@ def worker_gradient(layout: FlatLayout, worker: int) -> np.ndarray:
 
 
 def reference(weights: np.ndarray, layout: FlatLayout, workers: int, steps: int) -> np.ndarray:
-    """The server's sync arithmetic: float64 sum in worker order, mean, same optimiser."""
+    """The server's sync arithmetic: sum in the model's dtype in worker order, mean, same
+    optimiser."""
     weights = weights.copy()
     optimizer = make_optimizer(SGD)
-    total = np.zeros(layout.total_elements, dtype=np.float64)
-    for worker in range(workers):
+    total = worker_gradient(layout, 0)
+    for worker in range(1, workers):
         np.add(total, worker_gradient(layout, worker), out=total)
-    mean = (total / workers).astype(layout.dtype)
+    mean = total / workers
     for _ in range(steps):
         optimizer.step(layout.views(weights), layout.views(mean.copy()))
     return weights

@@ -43,7 +43,7 @@ def gradient(layout: FlatLayout, worker: int, step: int) -> np.ndarray:
 
 @dataclass
 class Reference:
-    """The local-mode arithmetic: float64 sum in worker order, mean, same optimiser."""
+    """The local-mode arithmetic: sum in the model's dtype in worker order, mean, same optimiser."""
 
     layout: FlatLayout
     weights: np.ndarray
@@ -54,10 +54,10 @@ class Reference:
         self.optimizer = make_optimizer(self.optimizer_config)
 
     def sync_step(self, grads: list[np.ndarray]) -> np.ndarray:
-        total = np.zeros(self.layout.total_elements, dtype=np.float64)
-        for g in grads:
+        total = grads[0].copy()
+        for g in grads[1:]:
             np.add(total, g, out=total)
-        mean = (total / len(grads)).astype(self.layout.dtype)
+        mean = total / len(grads)
         self.optimizer.step(self.layout.views(self.weights), self.layout.views(mean))
         return self.weights
 

@@ -279,17 +279,19 @@ def channel_options(
 ) -> list[tuple[str, int]]:
     """gRPC options used by both ends: message limits and HTTP/2 flow-control tuning.
 
-    Larger stream lookahead (the initial HTTP/2 window) and write buffer let a 1 MiB
-    chunk stream without stalling on window updates; BDP probing stays on so the
-    window can still grow.
+    A 2 MiB stream window (lookahead) and a large write buffer let a 1 MiB chunk flow
+    without stalling on window updates. The window stays fixed (no BDP probing): it
+    bounds what a server buffers per stream, so eight 40 MB pushes at once cost a few
+    MB each rather than tens (benchmarks/bench_transport.py: same throughput, 20-50 MB
+    less peak memory than an 8 MiB window that BDP probing may grow).
     """
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.http2.lookahead_bytes", 8 << 20),
+        ("grpc.http2.lookahead_bytes", 2 << 20),
         ("grpc.http2.write_buffer_size", 4 << 20),
         ("grpc.http2.max_frame_size", 1 << 20),
-        ("grpc.http2.bdp_probe", 1),
+        ("grpc.http2.bdp_probe", 0),
         ("grpc.experimental.tcp_read_chunk_size", 1 << 20),
         ("grpc.experimental.tcp_max_read_chunk_size", 4 << 20),
     ]

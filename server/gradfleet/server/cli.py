@@ -41,7 +41,9 @@ def build_parser(prog: str = "gradfleet server") -> argparse.ArgumentParser:
         "--receive-budget-bytes",
         type=int,
         default=512 << 20,
-        help="gradient bytes one job may receive or hold at once (bounds server memory)",
+        help="whole gradients one job may hold at once: async pushes being received and "
+        "single-message sync gradients that arrive early (streamed sync pushes are folded "
+        "chunk by chunk and need none)",
     )
     p.add_argument("--grace", type=float, default=5.0, help="seconds to finish calls on stop")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

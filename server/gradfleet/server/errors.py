@@ -37,6 +37,12 @@ class WrongState(ServerError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class StepReset(ServerError):
+    """A sync step started again after another push failed half-way: push again."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class OverLimit(ServerError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

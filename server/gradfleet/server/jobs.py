@@ -1,17 +1,22 @@
 """Job state: weights in one flat buffer, the optimiser, and gradient aggregation.
 
 Sync arithmetic (the trainer's local mode does exactly the same, so both agree bit for
-bit): the gradients of a step are summed into a float64 buffer in increasing worker
-order (the first copied in, the others added with `np.add(..., out=...)`), then
-`mean = (sum / count).astype(dtype)` and `optimizer.step(params, mean_views)`; the last
+bit): the gradients of a step are summed in the model's dtype in increasing worker order
+(the first copied in, the others added with `np.add(..., out=...)`), then
+`mean = sum / count` in place and `optimizer.step(params, mean_views)`; the last
 gradient's add and the division share one blocked pass, and a step of one gradient uses
-it as the mean directly (bitwise the same numbers); the step's loss is the rows-weighted mean of the
-contributing workers' losses. A gradient that arrives before a lower-numbered worker's
-is held until its turn. Memory is bounded by the receive budget: a job receives at most
-`receive_slots = budget // gradient bytes` gradients at once (further pushes wait, their
-data held back by HTTP/2 flow control), and holds at most `receive_slots - 1`; past that
-the sum falls back to arrival order, which for float32 gradients summed in float64
-almost never changes a bit.
+it as the mean directly. The step's loss is the rows-weighted mean of the contributing
+workers' losses.
+
+Memory: a gradient that came as one message is added where it lies (or held, as that
+message, when it arrives before a lower-numbered worker's: at most `receive_slots - 1`
+of them, `receive_slots = budget // gradient bytes`, past that the sum goes in arrival
+order). A streamed sync gradient is folded chunk by chunk into a second sum buffer
+(`sum + chunk`), one push at a time in worker order, and becomes the sum only once all
+of it has arrived and checked out, so a push that fails half-way changes nothing; the
+server holds one chunk per stream, never a whole gradient. Async streams are assembled
+in a receive buffer (at most `receive_slots` at once) because the optimiser applies each
+gradient as a whole.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +46,14 @@ from gradfleet.proto.wire import (
     encode_chunk_message,
     plan_chunk_bytes,
 )
-from gradfleet.server.errors import BadRequest, JobNotFound, OverLimit, ShuttingDown, WrongState
+from gradfleet.server.errors import (
+    BadRequest,
+    JobNotFound,
+    OverLimit,
+    ShuttingDown,
+    StepReset,
+    WrongState,
+)
 from gradfleet.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -152,14 +164,19 @@ def spec_nbytes(model_spec: dict) -> int:
     return itemsize * sum(a * b + b for a, b in itertools.pairwise(sizes))
 
 
-def build_initial_weights(model_spec: dict) -> dict[str, np.ndarray]:
+def build_initial_weights(model_spec: dict) -> tuple[FlatLayout, np.ndarray]:
+    """The model's layout and its initial flat weights (the model's own buffer, no copy)."""
     from gradfleet.nn import MLP
 
     try:
         model = MLP.from_spec(model_spec)
     except (ValueError, TypeError, KeyError) as exc:
         raise BadRequest(f"model spec is invalid: {exc}", "bad_config") from None
-    return dict(model.state_dict())
+    try:
+        layout = FlatLayout.from_arrays(model.unflatten(model.flat))
+    except WireError as exc:
+        raise BadRequest(f"the model's weights cannot be laid out: {exc}", "bad_config") from None
+    return layout, model.flat
 
 
 @dataclass
@@ -221,7 +238,9 @@ class _OpenStep:
         self.step = step
         self.contributors: dict[int, tuple[int, float]] = {}  # worker -> (rows, loss)
         self.next_worker = 0  # workers below this are summed (or absent)
-        self.held: dict[int, np.ndarray] = {}
+        self.held: dict[int, tuple[np.ndarray, bool]] = {}  # worker -> (gradient, a buffer?)
+        self.summed: set[int] = set()  # workers whose gradient is in the sum
+        self.needs_repush: set[int] = set()  # acknowledged, then voided by a failed fold
         self.ordered = True
         self.first_arrival = 0.0
 
@@ -268,13 +287,14 @@ class Job:
         self._slots = threading.BoundedSemaphore(self.receive_slots)
         self.on_step: Callable[[Job], None] | None = None  # called under the lock
         self._snapshot: WeightsSnapshot | None = None
+        self._readers: dict[int, int] = {}  # version -> pull streams reading it
+        self._kept: dict[int, np.ndarray] = {}  # version -> its weights, while still read
         self._step_started = time.monotonic()
         self._free_buffers: list[np.ndarray] = []
         # sync
-        self._sum: np.ndarray | None = None
-        self._sum_empty = True
-        self._mean: np.ndarray | None = None
-        self._scratch: np.ndarray | None = None  # one float64 block of the fused close
+        self._sum: np.ndarray | None = None  # in the model's dtype
+        self._sum_empty = True  # nothing of the open step has been added to _sum yet
+        self._folding = False  # a streamed push is being folded (one at a time)
         self._open = _OpenStep(version)
         self._closed_contributors: deque[tuple[int, frozenset[int]]] = deque(
             maxlen=_KEEP_CONTRIBUTORS
@@ -402,17 +422,146 @@ class Job:
         with self.cond:
             self.counters.reject(reason)
 
+    # ---- streamed sync pushes: folded chunk by chunk --------------------------------
+    ORDER_WAIT = 0.05  # seconds a streamed push waits for a missing lower-numbered worker
+
+    def begin_fold(
+        self, header: pb.PushHeader, timeout: float | None, give_up: Callable[[], bool]
+    ) -> int | None:
+        """Wait for this streamed sync push's turn to fold; None when it may start.
+
+        Returns a PushOutcome (duplicate or late) to answer without reading the data.
+        Pushes fold one at a time in worker order, so the sum is reproducible without
+        holding whole gradients; a push left waiting `ORDER_WAIT` for a lower-numbered
+        worker that is not pushing switches the step to arrival order.
+        Raises WrongState, ShuttingDown when `give_up()`, or OverLimit at `timeout`.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            progress = (time.monotonic(), self._open.next_worker)
+            while True:
+                try:
+                    outcome = self._classify(header)
+                except WrongState as exc:
+                    self.counters.reject(exc.reason)
+                    raise
+                if outcome is not None:
+                    return outcome
+                step = self._open
+                if not self._folding and (not step.ordered or step.next_worker == header.worker):
+                    self._folding = True
+                    if not step.contributors:
+                        step.first_arrival = time.monotonic()
+                    if self._sum is None:
+                        self._sum = self.layout.empty()
+                    return None
+                now = time.monotonic()
+                if self._folding or step.next_worker != progress[1]:
+                    progress = (now, step.next_worker)
+                elif step.ordered and now - progress[0] > self.ORDER_WAIT:
+                    log.debug(
+                        "job %s: worker %d is late, summing in arrival order",
+                        self.job_id,
+                        step.next_worker,
+                    )
+                    step.ordered = False
+                    self._flush_held(step)
+                    continue
+                if give_up():
+                    raise ShuttingDown(
+                        "the push was cancelled or the server is stopping.", "shutdown"
+                    )
+                if deadline is not None and now > deadline:
+                    raise OverLimit(
+                        f"job {self.job_id} is folding other gradients and the deadline passed "
+                        "while waiting; retry later.",
+                        "receive_busy",
+                    )
+                self.cond.wait(self.ORDER_WAIT / 2)
+
+    def fold_target(self) -> tuple[np.ndarray, bool]:
+        """(sum, first): the push holding the fold adds its chunks to `sum` in place, or
+        copies them there when `first` (nothing of this step is in the sum yet)."""
+        with self.cond:
+            assert self._folding and self._sum is not None
+            return self._sum, self._sum_empty
+
+    def finish_fold(self, header: pb.PushHeader) -> int:
+        """Count a push whose every chunk has been folded into the sum."""
+        with self.cond:
+            self._folding = False
+            self.cond.notify_all()
+            try:
+                self._classify(header)  # only stopping or deleting the job can change it now
+            except WrongState as exc:
+                self.counters.reject(exc.reason)
+                self._void_sum()
+                raise
+            self.counters.received += 1
+            self.counters.accepted += 1
+            self._sum_empty = False
+            step = self._open
+            step.contributors[header.worker] = (header.rows, header.loss)
+            step.summed.add(header.worker)
+            step.needs_repush.discard(header.worker)
+            if step.ordered and step.next_worker == header.worker:
+                step.next_worker += 1
+                self._drain_held(step)
+            if len(step.contributors) >= self.settings.quorum:
+                self._flush_held(step)
+                self._close_sync_step(step)
+            return pb.PUSH_OUTCOME_ACCEPTED
+
+    def abort_fold(self, touched: bool) -> None:
+        """Give up the fold of a push that failed after `touched` the sum or before.
+
+        The weights are never touched. When part of the push was already added to a sum
+        that held other workers' gradients, that sum can no longer be trusted: the step
+        starts again and those workers, whose pushes were acknowledged, are told to push
+        again (their next pull of this step fails with ABORTED); nothing is lost.
+        """
+        with self.cond:
+            self._folding = False
+            self.cond.notify_all()
+            if touched:
+                self._void_sum()
+
+    def _void_sum(self) -> None:
+        """Start the open step's sum again after a push failed while folding into it."""
+        step = self._open
+        if self._sum_empty:
+            return  # nothing else was in the sum (a first push only copies into it)
+        voided = sorted(step.summed)
+        log.warning(
+            "job %s: a push failed half-way through step %d; workers %s push again",
+            self.job_id,
+            step.step,
+            voided,
+        )
+        for worker in voided:  # received once, now counted as voided instead of accepted
+            del step.contributors[worker]
+            self.counters.accepted -= 1
+            self.counters.rejected["voided"] = self.counters.rejected.get("voided", 0) + 1
+        step.needs_repush.update(voided)
+        step.summed.clear()
+        step.next_worker, step.ordered = 0, True
+        self._sum_empty = True
+        self.metrics.steps_reset.inc()
+        self.cond.notify_all()
+
     def commit(
         self, header: pb.PushHeader, grad: np.ndarray, buf: np.ndarray | None = None
     ) -> tuple[int, bool]:
         """Add a complete, validated gradient. Returns (outcome, buffer_kept).
 
         `grad` is the caller's receive buffer `buf` (from `take_buffer`) or a read-only
-        view of the request; a view the job must hold is first copied into `buf`. When
-        buffer_kept is True the job holds that buffer (sync reordering) and gives it back
-        itself; otherwise the caller may reuse it.
+        view of the request (held as it is when it arrives early). When buffer_kept is
+        True the job holds that buffer (sync reordering) and gives it back itself;
+        otherwise the caller may reuse it. Waits while a streamed push is being folded.
         """
         with self.cond:
+            while self._folding and self.settings.mode == "sync":
+                self.cond.wait()
             try:
                 outcome = self._classify(header)
             except WrongState as exc:
@@ -440,10 +589,10 @@ class Job:
         step = self._open
         if not step.contributors:
             step.first_arrival = time.monotonic()
-            if self._sum is None:
-                self._sum = np.empty(self.layout.total_elements, dtype=np.float64)
-            self._sum_empty = True
+        if self._sum is None:
+            self._sum = self.layout.empty()
         step.contributors[header.worker] = (header.rows, header.loss)
+        step.needs_repush.discard(header.worker)
         closing = len(step.contributors) >= self.settings.quorum
         kept = False
         if header.worker == step.next_worker and step.ordered:
@@ -451,14 +600,11 @@ class Job:
             if closing and not step.held:  # the last gradient: added while averaging
                 self._close_sync_step(step, last=grad)
                 return False
-            self._accumulate(grad)
+            self._accumulate(header.worker, grad)
             self._drain_held(step)
         elif step.ordered and (closing or len(step.held) + 1 < self.receive_slots):
-            if buf is not None and grad is not buf:  # a view of the request: keep a copy
-                np.copyto(buf, grad)
-                grad = buf
-            step.held[header.worker] = grad  # keeps its receive slot until summed
-            kept = True
+            kept = grad is buf  # a receive buffer keeps its slot until summed
+            step.held[header.worker] = (grad, kept)
         else:
             if step.ordered:
                 log.debug("job %s: receive slots full, summing in arrival order", self.job_id)
@@ -467,7 +613,7 @@ class Job:
             if closing:  # arrival order: this gradient is the last one
                 self._close_sync_step(step, last=grad)
                 return False
-            self._accumulate(grad)
+            self._accumulate(header.worker, grad)
         if closing:
             self._flush_held(step)
             self._close_sync_step(step)
@@ -475,20 +621,22 @@ class Job:
 
     def _drain_held(self, step: _OpenStep) -> None:
         while step.next_worker in step.held:
-            buf = step.held.pop(step.next_worker)
-            self._accumulate(buf)
-            self._recycle(buf)
+            self._add_held(step.next_worker, *step.held.pop(step.next_worker))
             step.next_worker += 1
 
     def _flush_held(self, step: _OpenStep) -> None:
         for worker in sorted(step.held):
-            buf = step.held.pop(worker)
-            self._accumulate(buf)
-            self._recycle(buf)
+            self._add_held(worker, *step.held.pop(worker))
 
-    def _accumulate(self, grad: np.ndarray) -> None:
-        """sum += grad in float64, in place; the first gradient is copied (as local mode does)."""
+    def _add_held(self, worker: int, grad: np.ndarray, owned: bool) -> None:
+        self._accumulate(worker, grad)
+        if owned:
+            self._recycle(grad)
+
+    def _accumulate(self, worker: int, grad: np.ndarray) -> None:
+        """sum += grad in place, in the model's dtype; the first is copied (as local mode does)."""
         assert self._sum is not None
+        self._open.summed.add(worker)
         if self._sum_empty:
             np.copyto(self._sum, grad)
             self._sum_empty = False
@@ -507,6 +655,7 @@ class Job:
         count = len(step.contributors)
         # one gradient: (0 + g) / 1 rounded to the model dtype is g itself, bit for bit
         mean = last if last is not None and self._sum_empty else self._mean_of_sum(count, last)
+        self._keep_for_readers()
         self.optimizer.step(self.params, self.layout.views(mean))
         rows = sum(r for r, _ in step.contributors.values())
         if rows > 0:
@@ -517,42 +666,34 @@ class Job:
         self.metrics.step_latency.observe(time.monotonic() - step.first_arrival)
         self._advance(loss, rows, count)
         self._open = _OpenStep(self.version)
+        self._sum_empty = True
 
-    _BLOCK = 1 << 18  # elements per pass of the fused close: the float64 block stays in cache
+    _BLOCK = 1 << 16  # elements per pass of the fused close: the block stays in cache
 
     def _mean_of_sum(self, count: int, last: np.ndarray | None) -> np.ndarray:
-        """`((sum + last) / count).astype(dtype)`, block by block in one pass over memory.
+        """`(sum + last) / count` in place in the sum buffer, block by block in one pass.
 
         Each element sees exactly the operations of `np.add` then `np.divide` over the
-        whole buffer (a float64 add, a float64 division rounded to the model dtype on
-        store), so the numbers are the same; blocking only saves the round trips of the
-        float64 sum to memory. Dividing by a power of two is multiplying by its exact
+        whole buffer, so the numbers are the same; blocking only saves a second trip of
+        the sum through memory. Dividing by a power of two is multiplying by its exact
         reciprocal: the same correctly rounded result, several times cheaper.
         """
-        assert self._sum is not None
-        total, block = self.layout.total_elements, self._BLOCK
-        if total <= 2 * block:
-            block = total  # small models: one pass, no loop
+        total = self.layout.total_elements
+        block = self._BLOCK if total > 2 * self._BLOCK else total
         exact_reciprocal = count & (count - 1) == 0
         scale, factor = (np.multiply, 1.0 / count) if exact_reciprocal else (np.divide, count)
-        if self.layout.dtype == np.float64:
-            mean = self._sum
-        else:
-            if self._mean is None:
-                self._mean = self.layout.empty()
-            mean = self._mean
-        if last is not None and self._scratch is None and mean is not self._sum:
-            self._scratch = np.empty(block, dtype=np.float64)
+        mean = self._sum
+        assert mean is not None
         for lo in range(0, total, block):
-            part = self._sum[lo : lo + block]
+            part = mean[lo : lo + block]
             if last is not None:
-                out = part if mean is self._sum else self._scratch[: len(part)]  # type: ignore[index]
-                part = np.add(part, last[lo : lo + block], out=out)
-            scale(part, factor, out=mean[lo : lo + block], casting="same_kind")
+                np.add(part, last[lo : lo + block], out=part)
+            scale(part, factor, out=part)
         return mean
 
     def _commit_async(self, header: pb.PushHeader, grad: np.ndarray) -> None:
         self.metrics.staleness.observe(self.version - header.step)
+        self._keep_for_readers()
         self.optimizer.step(self.params, self.layout.views(grad))
         seen = self._seen.setdefault(header.worker, set())
         seen.add(header.step)
@@ -584,30 +725,73 @@ class Job:
 
     # ---- pulls ---------------------------------------------------------------------
     def snapshot(self) -> WeightsSnapshot:
-        """The pre-encoded weights of the current version, built once and shared."""
+        """The pre-encoded weights of the current version, built once and shared.
+
+        For weights that fit one message: every worker pulls the same bytes each step.
+        """
         with self.cond:
             snap = self._snapshot
             if snap is not None and snap.version == self.version and snap.state == self.state:
                 return snap
-            header = pb.WeightsHeader(
-                version=self.version,
-                layout=self.layout.to_proto(),
-                total_bytes=self.layout.nbytes,
-                state=self.state,
-            ).SerializeToString()
-            data = as_bytes_view(self.weights)
-            messages = []
-            for i, start in enumerate(range(0, max(1, data.nbytes), self.chunk_bytes)):
-                piece = data[start : start + self.chunk_bytes]
-                messages.append(encode_chunk_message(start, piece, header if i == 0 else b""))
-            snap = WeightsSnapshot(self.version, self.state, tuple(messages), data.nbytes)
+            header = self._weights_header()
+            message = encode_chunk_message(0, as_bytes_view(self.weights), header)
+            snap = WeightsSnapshot(self.version, self.state, (message,), self.layout.nbytes)
             self._snapshot = snap
             return snap
 
+    def weight_messages(self) -> Iterator[bytes]:
+        """The current version's weights as chunk messages, encoded one at a time.
+
+        Only one chunk per stream is in memory: the stream reads the live weights, and
+        a step that changes them while streams still read the old version first keeps a
+        copy of that version for them (`_keep_for_readers`).
+        """
+        if self.weights_fit_one_message:
+            yield from self.snapshot().messages
+            return
+        with self.cond:
+            version = self.version
+            header = self._weights_header()
+            self._readers[version] = self._readers.get(version, 0) + 1
+        try:
+            for start in range(0, self.layout.nbytes, self.chunk_bytes):
+                with self.cond:
+                    source = self._kept.get(version, self.weights)
+                    piece = as_bytes_view(source)[start : start + self.chunk_bytes]
+                    message = encode_chunk_message(start, piece, header if start == 0 else b"")
+                yield message
+        finally:
+            with self.cond:
+                self._readers[version] -= 1
+                if not self._readers[version]:
+                    del self._readers[version]
+                    self._kept.pop(version, None)
+
+    def _weights_header(self) -> bytes:
+        return pb.WeightsHeader(
+            version=self.version,
+            layout=self._layout_proto,
+            total_bytes=self.layout.nbytes,
+            state=self.state,
+        ).SerializeToString()
+
+    def _keep_for_readers(self) -> None:
+        """Before the weights change in place: copy them for streams still reading them."""
+        if self._readers.get(self.version) and self.version not in self._kept:
+            self._kept[self.version] = self.weights.copy()
+
     def wait_for_version(
-        self, min_version: int, timeout: float | None, is_stopping: Callable[[], bool]
+        self,
+        min_version: int,
+        timeout: float | None,
+        is_stopping: Callable[[], bool],
+        worker: int | None = None,
     ) -> bool:
-        """Block until version >= min_version (True) or the timeout passes (False)."""
+        """Block until version >= min_version (True) or the timeout passes (False).
+
+        A `worker` whose gradient of the open step was voided (`abort_fold`) gets
+        StepReset instead of waiting for a step that needs its gradient again.
+        """
         if min_version > self.settings.total_steps:
             raise WrongState(
                 f"min_version {min_version} is beyond total_steps {self.settings.total_steps}; "
@@ -624,6 +808,12 @@ class Job:
                         f"job {self.job_id} stopped at version {self.version} before "
                         f"reaching version {min_version}.",
                         "stopped",
+                    )
+                if worker is not None and worker in self._open.needs_repush:
+                    raise StepReset(
+                        f"step {self._open.step} of job {self.job_id} started again because "
+                        f"another push failed half-way; push worker {worker}'s gradient again.",
+                        "step_reset",
                     )
                 if is_stopping():
                     return False

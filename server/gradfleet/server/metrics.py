@@ -38,6 +38,11 @@ class ServerMetrics:
             buckets=(0, 1, 2, 4, 8, 16, 32, 64),
             registry=r,
         )
+        self.steps_reset = Counter(
+            "gradfleet_steps_reset",
+            "Sync steps started again because a push failed half-way through its sum.",
+            registry=r,
+        )
         self.step_latency = Histogram(
             "gradfleet_step_latency_seconds",
             "From the first gradient of a step to the applied update.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -31,7 +32,6 @@ from gradfleet.server.errors import (
 from gradfleet.server.jobs import (
     Job,
     JobSettings,
-    WeightsSnapshot,
     build_initial_weights,
     check_job_id,
     new_job_id,
@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "gradfleet.v1.ParameterService"
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _check_finite(values: np.ndarray) -> None:
+    if not np.isfinite(values).all():
+        raise BadRequest("the gradient contains NaN or Inf values.", "non_finite")
 
 
 def _status_edge(method: F) -> F:
@@ -218,15 +223,8 @@ class ParameterService:
                 raise BadRequest("initial_weights contain NaN or Inf.", "non_finite")
         else:
             self._check_nbytes(spec_nbytes(settings.model_spec))
-            arrays = build_initial_weights(settings.model_spec)
-            try:
-                layout = FlatLayout.from_arrays(arrays)
-            except WireError as exc:
-                raise BadRequest(
-                    f"the model's weights cannot be laid out: {exc}", "bad_config"
-                ) from None
+            layout, weights = build_initial_weights(settings.model_spec)
             self._check_size(layout)
-            weights = layout.flatten(arrays)
         job = Job(
             job_id,
             request.spec,
@@ -341,35 +339,38 @@ class ParameterService:
         self, request: pb.PullWeightsRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         job = self._job(request.job_id)
+        worker = request.worker if request.HasField("worker") else None
         with self.streams:
-            snap = self._wait_snapshot(job, request.min_version, context)
-            yield from snap.messages
-            self.metrics.weight_bytes_out.inc(snap.nbytes)
+            self._wait(job, request.min_version, context, worker)
+            yield from job.weight_messages()
+            self.metrics.weight_bytes_out.inc(job.layout.nbytes)
 
-    def _wait_snapshot(
-        self, job: Job, min_version: int, context: grpc.ServicerContext
-    ) -> WeightsSnapshot:
-        """Wait (within the call's deadline) for `min_version`, then snapshot the weights."""
-        reached = job.wait_for_version(min_version, context.time_remaining(), self._stopping.is_set)
+    def _wait(
+        self, job: Job, min_version: int, context: grpc.ServicerContext, worker: int | None
+    ) -> None:
+        """Wait (within the call's deadline) for `min_version`."""
+        reached = job.wait_for_version(
+            min_version, context.time_remaining(), self._stopping.is_set, worker
+        )
         if not reached:
             if self._stopping.is_set():
                 raise ShuttingDown("the server is shutting down; retry shortly.", "shutdown")
             raise DeadlineExceeded(
                 f"version {min_version} was not reached before the deadline.", "deadline"
             )
-        return job.snapshot()
 
     @_status_edge
     def PullWeightsUnary(
         self, request: pb.PullWeightsRequest, context: grpc.ServicerContext
     ) -> bytes:
-        messages = list(self.PullWeights.__wrapped__(self, request, context))  # type: ignore[attr-defined]
-        if len(messages) != 1:
+        job = self._job(request.job_id)
+        if not job.weights_fit_one_message:
             raise WrongState(
                 "these weights span several chunks; pull them with the PullWeights stream.",
                 "too_large_for_unary",
             )
-        return messages[0]
+        (message,) = self.PullWeights.__wrapped__(self, request, context)  # type: ignore[attr-defined]
+        return message
 
     @_status_edge
     def PushGradientUnary(self, request: bytes, context: grpc.ServicerContext) -> pb.PushAck:
@@ -398,7 +399,8 @@ class ParameterService:
             )
         self.PushGradient.__wrapped__(self, iter([request]), context)  # type: ignore[attr-defined]
         with self.streams:
-            snap = self._wait_snapshot(job, min(header.step + 1, job.settings.total_steps), context)
+            self._wait(job, min(header.step + 1, job.settings.total_steps), context, header.worker)
+        snap = job.snapshot()
         self.metrics.weight_bytes_out.inc(snap.nbytes)
         return snap.messages[0]
 
@@ -424,76 +426,126 @@ class ParameterService:
             except ServerError as exc:
                 job.count_rejected(exc.reason)
                 raise
-            if early is not None:
+            if early is None:
+                try:
+                    early, nbytes = self._take_gradient(
+                        job, header, offset, data, request_iterator, context
+                    )
+                except ServerError as exc:
+                    if not isinstance(exc, WrongState):  # the job counts its own rejections
+                        job.count_rejected(exc.reason)
+                    raise
+            else:
                 job.count_outcome(early)
-                self.metrics.pushes.labels(outcome=pb.PushOutcome.Name(early)).inc()
-                return pb.PushAck(
-                    outcome=cast(pb.PushOutcome, early), version=job.version, step=header.step
-                )
-            try:
-                buf = job.take_buffer(
-                    context.time_remaining(),
-                    lambda: self._stopping.is_set() or not context.is_active(),
-                )
-            except ServerError as exc:
-                job.count_rejected(exc.reason)
-                raise
-            kept = False
-            try:
-                grad = self._receive(job, buf, offset, data, request_iterator)
-                outcome, kept = job.commit(header, grad, buf)
-            except ServerError as exc:
-                if not isinstance(exc, WrongState):  # commit counts its own rejections
-                    job.count_rejected(exc.reason)
-                raise
-            finally:
-                if not kept:
-                    job.give_back(buf)
-            self.metrics.gradient_bytes_in.inc(buf.nbytes)
-            self.metrics.pushes.labels(outcome=pb.PushOutcome.Name(outcome)).inc()
+                nbytes = 0
+            self.metrics.gradient_bytes_in.inc(nbytes)
+            self.metrics.pushes.labels(outcome=pb.PushOutcome.Name(early)).inc()
             return pb.PushAck(
-                outcome=cast(pb.PushOutcome, outcome), version=job.version, step=header.step
+                outcome=cast(pb.PushOutcome, early), version=job.version, step=header.step
             )
 
-    @staticmethod
-    def _receive(
-        job: Job, buf: np.ndarray, offset: int, data: memoryview, rest: Iterator[bytes]
-    ) -> np.ndarray:
-        """Check the chunks' placement and finiteness; returns the whole gradient.
+    def _take_gradient(
+        self,
+        job: Job,
+        header: pb.PushHeader,
+        offset: int,
+        data: memoryview,
+        rest: Iterator[bytes],
+        context: grpc.ServicerContext,
+    ) -> tuple[int, int]:
+        """Receive, check and commit one push's data; returns (outcome, bytes received).
 
-        A gradient that came as one message is checked where it lies and returned as a
-        read-only view of that message (no copy); chunks of a stream are written into
-        `buf`, which is returned.
+        A gradient that came as one message is checked where it lies and committed as a
+        read-only view of that message (no copy). A sync stream is folded into the sum
+        chunk by chunk (`_fold`); an async stream is assembled in a receive buffer first,
+        because its gradient is applied to the weights as a whole.
         """
-        assembler = ChunkAssembler(buf)
+        nbytes = job.layout.nbytes
         try:
-            raw = None
-            if offset == 0 and data.nbytes == buf.nbytes:
-                raw = next(rest, None)
-                if raw is None:  # the whole gradient in one message
-                    whole = np.frombuffer(data, dtype=buf.dtype)
-                    if not np.isfinite(whole).all():
-                        raise BadRequest("the gradient contains NaN or Inf values.", "non_finite")
-                    return whole
-            while True:
-                if data.nbytes:
-                    dst = assembler.add(offset, data)
-                    if not np.isfinite(dst).all():
-                        raise BadRequest("the gradient contains NaN or Inf values.", "non_finite")
-                if raw is None:
-                    raw = next(rest, None)
-                    if raw is None:
-                        break
-                extra_header, offset, data = decode_chunk_message(raw)
-                raw = None
-                if extra_header is not None:
-                    raise BadRequest(
-                        "only the first push message may carry a header.", "bad_header"
-                    )
-            assembler.finish()
+            if offset == 0 and data.nbytes == nbytes:
+                second = next(rest, None)
+                if second is None:
+                    whole = np.frombuffer(data, dtype=job.layout.dtype)
+                    _check_finite(whole)
+                    return job.commit(header, whole)[0], nbytes
+                rest = itertools.chain([second], rest)
+            if job.settings.mode == "sync":
+                return self._fold(job, header, offset, data, rest, context), nbytes
+            buf = job.take_buffer(
+                context.time_remaining(),
+                lambda: self._stopping.is_set() or not context.is_active(),
+            )
+            try:
+                grad = self._assemble(ChunkAssembler(buf), offset, data, rest, buf)
+                return job.commit(header, grad, buf)[0], nbytes
+            finally:
+                job.give_back(buf)
         except WireError as exc:
             raise BadRequest(str(exc), "bad_bytes") from None
-        return buf
+
+    def _fold(
+        self,
+        job: Job,
+        header: pb.PushHeader,
+        offset: int,
+        data: memoryview,
+        rest: Iterator[bytes],
+        context: grpc.ServicerContext,
+    ) -> int:
+        """Fold a streamed sync gradient into the step's sum, one chunk in memory at a time."""
+        early = job.begin_fold(
+            header,
+            context.time_remaining(),
+            lambda: self._stopping.is_set() or not context.is_active(),
+        )
+        if early is not None:
+            return early
+        total, first = job.fold_target()
+        touched = folded = False
+
+        def fold(place: slice, chunk: np.ndarray) -> None:
+            nonlocal touched
+            touched = True
+            if first:
+                total[place] = chunk
+            else:
+                np.add(total[place], chunk, out=total[place])
+
+        try:
+            self._assemble(ChunkAssembler(total), offset, data, rest, fold)
+            folded = True
+            return job.finish_fold(header)
+        finally:
+            if not folded:
+                job.abort_fold(touched)
+
+    @staticmethod
+    def _assemble(
+        assembler: ChunkAssembler,
+        offset: int,
+        data: memoryview,
+        rest: Iterator[bytes],
+        sink: np.ndarray | Callable[[slice, np.ndarray], None],
+    ) -> np.ndarray:
+        """Check every chunk's placement and finiteness and hand it to `sink` (a buffer to
+        copy into, or a function); raises BadRequest/WireError; returns the assembler's array."""
+        while True:
+            if data.nbytes:
+                place = assembler.place(offset, data.nbytes)
+                chunk = np.frombuffer(data, dtype=assembler.out.dtype)
+                _check_finite(chunk)
+                if isinstance(sink, np.ndarray):
+                    sink[place] = chunk
+                else:
+                    sink(place, chunk)
+            raw = next(rest, None)
+            if raw is None:
+                break
+            extra_header, offset, data = decode_chunk_message(raw)
+            if extra_header is not None:
+                raise BadRequest("only the first push message may carry a header.", "bad_header")
+        assembler.finish()
+        return assembler.out
 
     @_status_edge
     def WatchJob(

@@ -2,8 +2,8 @@
 
 N virtual workers compute on the same per-worker batches as Ray workers would
 (``BatchPlan``), and their gradients are averaged exactly as the parameter server does:
-summed in float64 in worker order, divided by the count, cast to the model's dtype, then
-the same optimiser code. So a sync job gives the same weights here and on a cluster.
+summed in the model's dtype in worker order, divided by the count, then the same
+optimiser code. So a sync job gives the same weights here and on a cluster.
 """
 
 from __future__ import annotations
@@ -41,9 +41,8 @@ def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResu
         plan = BatchPlan(job.seed, worker, stop - start, job.rows_per_worker)
         shards.append((data.x[start:stop], data.y[start:stop], plan))
     grad = np.empty_like(model.flat)
-    grad_sum = np.empty(model.flat.shape, dtype=np.float64)
-    mean_grad = grad if job.workers == 1 else np.empty_like(model.flat)
-    mean_views = model.unflatten(mean_grad)
+    grad_sum = grad if job.workers == 1 else np.empty_like(model.flat)  # becomes the mean
+    mean_views = model.unflatten(grad_sum)
     result = TrainResult(model=model, backend="local")
     evaluating = 0.0  # time spent on held-out evaluation, left out of wall_time
     for step in range(job.total_steps):
@@ -60,7 +59,6 @@ def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResu
                     np.add(grad_sum, grad, out=grad_sum)
         if job.workers > 1:
             np.divide(grad_sum, job.workers, out=grad_sum)
-            np.copyto(mean_grad, grad_sum, casting="same_kind")
         optimizer.step(params, mean_views)
         elapsed = time.perf_counter() - step_started
         entry = {

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 _SERVICE = "/gradfleet.v1.ParameterService/"
 MODES = {"sync": pb.MODE_SYNC, "async": pb.MODE_ASYNC}
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+REPUSH_LIMIT = 10  # pushes of one step's gradient when the server keeps voiding it
 
 
 class ParameterServerError(Exception):
@@ -282,13 +283,16 @@ class ParameterServerClient:
         min_version: int = 0,
         out: np.ndarray | None = None,
         timeout: float | None = None,
+        worker: int | None = None,
     ) -> tuple[int, np.ndarray]:
         """Wait until version >= min_version, then return (version, flat weights).
 
         With `out` (a flat, C-contiguous array of the job's dtype and size) the chunks
-        are written straight into it; otherwise a new array is allocated.
+        are written straight into it; otherwise a new array is allocated. A `worker`
+        that pushed to the step it waits for learns (ABORTED) when that gradient was
+        voided and must be pushed again, instead of waiting for the deadline.
         """
-        request = pb.PullWeightsRequest(job_id=job_id, min_version=min_version)
+        request = pb.PullWeightsRequest(job_id=job_id, min_version=min_version, worker=worker)
         return self._retrying(lambda: self._pull_once(request, out, timeout or self.timeout))
 
     def _is_small(self, nbytes: int) -> bool:
@@ -413,9 +417,33 @@ class ParameterServerClient:
         A worker's whole exchange of a step. When gradient and weights each fit one
         message this is a single call (the server answers once the step has closed);
         otherwise it is `push_gradient` then `pull_weights(min_version=step + 1)`.
-        Idempotent like the push, so a retry after a lost answer is safe.
+        Idempotent like the push, so a retry after a lost answer is safe. When the server
+        voids the acknowledged gradient (another worker's push failed half-way through
+        the step's sum: ABORTED), the gradient is pushed again.
         """
         grad = np.ascontiguousarray(flat_grad).reshape(-1)
+        for attempt in itertools.count(1):
+            try:
+                return self._push_and_pull_once(
+                    job_id, worker, step, rows, loss, grad, out, timeout
+                )
+            except ParameterServerError as exc:
+                if exc.code != "ABORTED" or attempt >= REPUSH_LIMIT:
+                    raise
+                log.info("step %d was started again (%s); pushing again", step, exc.message)
+        raise AssertionError("unreachable")
+
+    def _push_and_pull_once(
+        self,
+        job_id: str,
+        worker: int,
+        step: int,
+        rows: int,
+        loss: float,
+        grad: np.ndarray,
+        out: np.ndarray | None,
+        timeout: float | None,
+    ) -> tuple[int, np.ndarray]:
         layout = self._layouts.get(job_id)
         if layout is not None and self._is_small(layout.nbytes) and self._is_small(grad.nbytes):
             grad, header_bytes = self._push_header(job_id, worker, step, rows, loss, grad)
@@ -429,7 +457,9 @@ class ParameterServerClient:
                 # the server chunks these weights (or the push is refused): separate calls,
                 # which raise the real error if there is one
         self.push_gradient(job_id, worker, step, rows, loss, grad, timeout=timeout)
-        return self.pull_weights(job_id, min_version=step + 1, out=out, timeout=timeout)
+        return self.pull_weights(
+            job_id, min_version=step + 1, out=out, timeout=timeout, worker=worker
+        )
 
     def _exchange_once(
         self, job_id: str, message: bytes, out: np.ndarray | None, timeout: float

@@ -225,12 +225,14 @@ class CheckpointJobResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
 
 class PullWeightsRequest(_message.Message):
-    __slots__ = ("job_id", "min_version")
+    __slots__ = ("job_id", "min_version", "worker")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     min_version: int
-    def __init__(self, job_id: _Optional[str] = ..., min_version: _Optional[int] = ...) -> None: ...
+    worker: int
+    def __init__(self, job_id: _Optional[str] = ..., min_version: _Optional[int] = ..., worker: _Optional[int] = ...) -> None: ...
 
 class WeightsHeader(_message.Message):
     __slots__ = ("version", "layout", "total_bytes", "state")

@@ -1,0 +1,187 @@
+"""Streamed sync pushes: folded chunk by chunk into one sum, in worker order, undoable."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from gradfleet.proto.v1 import parameter_server_pb2 as pb
+from gradfleet.proto.wire import FlatLayout, decode_chunk_message, encode_chunk_message
+from gradfleet.server import serve
+from gradfleet.server.jobs import Job
+from gradfleet.server.metrics import ServerMetrics
+from gradfleet.worker.ps_client import ParameterServerClient
+
+SPEC32 = {"type": "MLP", "sizes": [64, 48, 10], "activation": "relu", "dtype": "float32"}
+SGD = {"name": "sgd", "lr": 0.5}
+CHUNK = 4096  # bytes per pushed chunk: the 13 KB gradient travels as a stream of 4
+
+
+def scaled_gradient(layout: FlatLayout, worker: int) -> np.ndarray:
+    """float32 gradients of very different sizes, so the order of the sum shows in the bits."""
+    rng = np.random.default_rng(worker)
+    return (rng.standard_normal(layout.total_elements) * 10.0**worker).astype(np.float32)
+
+
+def summed(grads: list[np.ndarray]) -> np.ndarray:
+    total = grads[0].copy()
+    for g in grads[1:]:
+        np.add(total, g, out=total)
+    return total
+
+
+def sgd_step(weights: np.ndarray, total: np.ndarray, count: int) -> np.ndarray:
+    return weights - np.float32(SGD["lr"]) * (total / count)
+
+
+def wait_for_accepted(ps: ParameterServerClient, job: str, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while ps.get_job(job, history=False).counters.accepted < count:
+        assert time.monotonic() < deadline, "the pushes never arrived"
+        time.sleep(0.01)
+
+
+def test_streamed_pushes_arriving_in_reverse_are_summed_in_worker_order(monkeypatch) -> None:
+    # prepare: 6 workers push streams in reverse order; each waits for its turn
+    monkeypatch.setattr(Job, "ORDER_WAIT", 60.0)
+    workers = 6
+    with serve(port=0) as server, ParameterServerClient(server.address) as ps:
+        job = ps.create_job(SPEC32, SGD, num_workers=workers, total_steps=3)
+        _, weights0 = ps.pull_weights(job)
+        layout = ps.layout(job)
+        grads = [scaled_gradient(layout, w) for w in range(workers)]
+        in_order, reversed_order = summed(grads), summed(grads[::-1])
+        assert in_order.tobytes() != reversed_order.tobytes()  # the order is visible
+
+        def push(worker: int) -> int:
+            with ParameterServerClient(server.address, chunk_bytes=CHUNK) as own:
+                return own.push_gradient(job, worker, 0, 1, 0.5, grads[worker]).outcome
+
+        # execute
+        with ThreadPoolExecutor(workers) as pool:
+            futures = []
+            for worker in reversed(range(workers)):
+                futures.append(pool.submit(push, worker))
+                wait_for_accepted(ps, job, 0)  # (a round trip between submissions)
+                time.sleep(0.05)
+            outcomes = [f.result(timeout=60) for f in futures]
+        _, weights1 = ps.pull_weights(job, 1)
+        info = ps.get_job(job)
+    # assert
+    assert outcomes == [pb.PUSH_OUTCOME_ACCEPTED] * workers
+    assert info.counters.accepted == workers and info.history[0].contributors == workers
+    assert weights1.tobytes() == sgd_step(weights0, in_order, workers).tobytes()
+
+
+def test_a_missing_lower_worker_switches_the_step_to_arrival_order() -> None:
+    # prepare: 3 workers, 1 backup; worker 0 never pushes, so 1 and 2 cannot wait for it
+    with serve(port=0) as server, ParameterServerClient(server.address) as ps:
+        job = ps.create_job(SPEC32, SGD, num_workers=3, total_steps=2, backup_workers=1)
+        _, weights0 = ps.pull_weights(job)
+        layout = ps.layout(job)
+        grads = [scaled_gradient(layout, w) for w in range(3)]
+        # execute
+        with ParameterServerClient(server.address, chunk_bytes=CHUNK) as own:
+            first = own.push_gradient(job, 2, 0, 1, 0.5, grads[2])
+            second = own.push_gradient(job, 1, 0, 1, 0.5, grads[1])
+        version, weights1 = ps.pull_weights(job, 1, timeout=10)
+        info = ps.get_job(job)
+    # assert: arrival order (2 then 1), and the step closed without worker 0
+    assert (first.outcome, second.outcome) == (pb.PUSH_OUTCOME_ACCEPTED,) * 2
+    assert version == 1 and info.history[0].contributors == 2
+    assert weights1.tobytes() == sgd_step(weights0, summed([grads[2], grads[1]]), 2).tobytes()
+
+
+def _nan_in_second_chunk(job: str, layout: FlatLayout, worker: int, grad: np.ndarray) -> list:
+    header = pb.PushHeader(
+        job_id=job,
+        worker=worker,
+        step=0,
+        rows=1,
+        loss=0.5,
+        dtype=pb.DTYPE_FLOAT32,
+        total_bytes=layout.nbytes,
+        layout=layout.to_proto(),
+    ).SerializeToString()
+    data = bytearray(grad.tobytes())
+    data[CHUNK : CHUNK + 4] = np.float32(np.nan).tobytes()
+    return [
+        encode_chunk_message(0, bytes(data[:CHUNK]), header),
+        encode_chunk_message(CHUNK, bytes(data[CHUNK:])),
+    ]
+
+
+def test_a_push_failing_half_way_voids_the_sum_and_the_others_push_again(kit) -> None:
+    # prepare: workers 0 and 1 have pushed and wait for the step in push_and_pull
+    with serve(port=0) as server, ParameterServerClient(server.address) as ps:
+        job = ps.create_job(SPEC32, SGD, num_workers=3, total_steps=2)
+        _, weights0 = ps.pull_weights(job)
+        layout = ps.layout(job)
+        grads = [scaled_gradient(layout, w) for w in range(3)]
+        results: dict[int, tuple[int, np.ndarray]] = {}
+
+        def exchange(worker: int) -> None:
+            with ParameterServerClient(server.address, chunk_bytes=CHUNK) as own:
+                own.layout(job)
+                results[worker] = own.push_and_pull(job, worker, 0, 1, 0.5, grads[worker])
+
+        threads = [threading.Thread(target=exchange, args=(w,)) for w in (0, 1)]
+        for t in threads:
+            t.start()
+        wait_for_accepted(ps, job, 2)
+        # execute: worker 2's stream is folded until its second chunk turns out to hold NaN
+        with pytest.raises(Exception) as bad:
+            kit.raw_push(server.address, _nan_in_second_chunk(job, layout, 2, grads[2]))
+        voided = ps.get_job(job, history=False).counters
+        with ParameterServerClient(server.address, chunk_bytes=CHUNK) as own:
+            own.push_gradient(job, 2, 0, 1, 0.5, grads[2])
+        for t in threads:
+            t.join(timeout=60)
+        info = ps.get_job(job, history=False)
+    # assert: the sum was voided, 0 and 1 pushed again by themselves, nothing was lost
+    assert "NaN" in bad.value.details()
+    assert voided.rejected["voided"] == 2 and voided.rejected["non_finite"] == 1
+    expected = sgd_step(weights0, summed(grads), 3)
+    assert sorted(results) == [0, 1]
+    for version, weights in results.values():
+        assert version == 1 and weights.tobytes() == expected.tobytes()
+    assert info.version == 1 and info.counters.accepted == 3
+    assert info.counters.received == 6  # 2 + 1 rejected + 2 pushed again + 1
+
+
+def test_a_pull_stream_reads_one_version_while_the_step_closes_under_it() -> None:
+    # prepare: a job whose weights stream in 8 chunks; a pull stream has read one
+    weights = np.arange(8 * 1024, dtype=np.float32)
+    layout = FlatLayout.from_arrays({"w": weights})
+    spec = pb.JobSpec(
+        model_spec_json="{}",
+        optimizer_json='{"name": "sgd", "lr": 1.0}',
+        mode=pb.MODE_SYNC,
+        num_workers=1,
+        total_steps=5,
+    )
+    job = Job("j", spec, layout, weights.copy(), metrics=ServerMetrics(), chunk_bytes=4096)
+    stream = job.weight_messages()
+    first = next(stream)
+    # execute: the step closes, changing the weights in place, then the stream goes on
+    header = pb.PushHeader(job_id="j", worker=0, step=0, rows=1, loss=0.0)
+    job.commit(header, np.ones_like(weights))
+    rest = list(stream)
+    fresh = list(job.weight_messages())
+
+    # assert: the open stream still carries version 0; a new one carries version 1
+    def assemble(messages: list[bytes]) -> tuple[int, np.ndarray]:
+        head = pb.WeightsHeader.FromString(bytes(decode_chunk_message(messages[0])[0]))
+        data = b"".join(bytes(decode_chunk_message(m)[2]) for m in messages)
+        return head.version, np.frombuffer(data, dtype=np.float32)
+
+    old_version, old = assemble([first, *rest])
+    new_version, new = assemble(fresh)
+    assert len(rest) == 7 and (old_version, new_version) == (0, 1)
+    np.testing.assert_array_equal(old, weights)
+    np.testing.assert_array_equal(new, weights - 1.0)
+    assert job._readers == {} and job._kept == {}  # the kept copy went with the stream
