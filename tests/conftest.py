@@ -9,6 +9,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Ray's GCS gets 30 s to bind its port; a loaded 2-core CI machine has been seen to need
+# more right after another test module shut its Ray down.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+
 
 def shared_data_dir() -> Path:
     """``$GRADFLEET_DATA_DIR``, else the ``shared/data`` folder beside the repository."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,15 +11,25 @@ import numpy as np
 import pytest
 
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
-from gradfleet.proto.wire import FlatLayout, decode_chunk_message, encode_chunk_message
+from gradfleet.proto.wire import (
+    FlatLayout,
+    decode_chunk_message,
+    encode_chunk_message,
+    plan_chunk_bytes,
+)
 from gradfleet.server import serve
 from gradfleet.server.jobs import Job
 from gradfleet.server.metrics import ServerMetrics
 from gradfleet.worker.ps_client import ParameterServerClient
 
-SPEC32 = {"type": "MLP", "sizes": [64, 48, 10], "activation": "relu", "dtype": "float32"}
+SPEC32 = {"type": "MLP", "sizes": [64, 96, 10], "activation": "relu", "dtype": "float32"}
 SGD = {"name": "sgd", "lr": 0.5}
-CHUNK = 4096  # bytes per pushed chunk: the 13 KB gradient travels as a stream of 4
+CHUNK = 4096  # bytes per pushed chunk: the 28.8 KB gradient travels as a stream of 8
+
+
+def test_these_gradients_really_travel_as_streams() -> None:
+    nbytes = 4 * sum(a * b + b for a, b in itertools.pairwise(SPEC32["sizes"]))
+    assert plan_chunk_bytes(nbytes, CHUNK, 4) == CHUNK < nbytes
 
 
 def scaled_gradient(layout: FlatLayout, worker: int) -> np.ndarray:
@@ -47,7 +58,7 @@ def wait_for_accepted(ps: ParameterServerClient, job: str, count: int) -> None:
 
 def test_streamed_pushes_arriving_in_reverse_are_summed_in_worker_order(monkeypatch) -> None:
     # prepare: 6 workers push streams in reverse order; each waits for its turn
-    monkeypatch.setattr(Job, "ORDER_WAIT", 60.0)
+    monkeypatch.setattr(Job, "ORDER_PATIENCE", 60.0)
     workers = 6
     with serve(port=0) as server, ParameterServerClient(server.address) as ps:
         job = ps.create_job(SPEC32, SGD, num_workers=workers, total_steps=3)
@@ -77,23 +88,95 @@ def test_streamed_pushes_arriving_in_reverse_are_summed_in_worker_order(monkeypa
     assert weights1.tobytes() == sgd_step(weights0, in_order, workers).tobytes()
 
 
-def test_a_missing_lower_worker_switches_the_step_to_arrival_order() -> None:
-    # prepare: 3 workers, 1 backup; worker 0 never pushes, so 1 and 2 cannot wait for it
+def test_a_missing_lower_worker_switches_the_step_to_arrival_order(monkeypatch) -> None:
+    # prepare: 4 workers, 1 backup; worker 0 never pushes; 3, 2, 1 push one after another
+    monkeypatch.setattr(Job, "ORDER_PATIENCE", 0.2)
+    with serve(port=0) as server, ParameterServerClient(server.address) as ps:
+        job = ps.create_job(SPEC32, SGD, num_workers=4, total_steps=2, backup_workers=1)
+        _, weights0 = ps.pull_weights(job)
+        layout = ps.layout(job)
+        grads = [scaled_gradient(layout, w) for w in range(4)]
+        arrival, by_worker = summed([grads[3], grads[2], grads[1]]), summed(grads[1:])
+        assert arrival.tobytes() != by_worker.tobytes()
+        # execute
+        with ParameterServerClient(server.address, chunk_bytes=CHUNK) as own:
+            outcomes = [own.push_gradient(job, w, 0, 1, 0.5, grads[w]).outcome for w in (3, 2, 1)]
+        version, weights1 = ps.pull_weights(job, 1, timeout=10)
+        info = ps.get_job(job)
+    # assert: worker 3 waited for worker 0 until nothing moved, then the step went on
+    assert outcomes == [pb.PUSH_OUTCOME_ACCEPTED] * 3
+    assert version == 1 and info.history[0].contributors == 3
+    assert weights1.tobytes() == sgd_step(weights0, arrival, 3).tobytes()
+
+
+def test_pushes_that_make_the_quorum_without_a_missing_worker_do_not_wait_for_it(
+    monkeypatch,
+) -> None:
+    # prepare: 3 workers, 1 backup; worker 0 is missing but 1 and 2 make the quorum
+    monkeypatch.setattr(Job, "ORDER_PATIENCE", 600.0)
     with serve(port=0) as server, ParameterServerClient(server.address) as ps:
         job = ps.create_job(SPEC32, SGD, num_workers=3, total_steps=2, backup_workers=1)
         _, weights0 = ps.pull_weights(job)
         layout = ps.layout(job)
         grads = [scaled_gradient(layout, w) for w in range(3)]
+
+        def push(worker: int) -> int:
+            with ParameterServerClient(server.address, chunk_bytes=CHUNK, timeout=30) as own:
+                return own.push_gradient(job, worker, 0, 1, 0.5, grads[worker]).outcome
+
         # execute
-        with ParameterServerClient(server.address, chunk_bytes=CHUNK) as own:
-            first = own.push_gradient(job, 2, 0, 1, 0.5, grads[2])
-            second = own.push_gradient(job, 1, 0, 1, 0.5, grads[1])
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = list(pool.map(push, (2, 1)))
         version, weights1 = ps.pull_weights(job, 1, timeout=10)
-        info = ps.get_job(job)
-    # assert: arrival order (2 then 1), and the step closed without worker 0
-    assert (first.outcome, second.outcome) == (pb.PUSH_OUTCOME_ACCEPTED,) * 2
-    assert version == 1 and info.history[0].contributors == 2
-    assert weights1.tobytes() == sgd_step(weights0, summed([grads[2], grads[1]]), 2).tobytes()
+    # assert (two gradients: either order gives the same bits)
+    assert outcomes == [pb.PUSH_OUTCOME_ACCEPTED] * 2 and version == 1
+    assert weights1.tobytes() == sgd_step(weights0, summed(grads[1:]), 2).tobytes()
+
+
+def test_a_single_message_arriving_during_a_fold_is_held_not_blocked() -> None:
+    # prepare: a job of 3 workers; worker 2's streamed push holds the fold
+    weights = np.zeros(8 * 1024, dtype=np.float32)
+    layout = FlatLayout.from_arrays({"w": weights})
+    job = Job("j", _spec(3), layout, weights.copy(), metrics=ServerMetrics(), chunk_bytes=4096)
+    job._open.ordered = False
+    grads = [np.full(weights.size, 2.0**w, dtype=np.float32) for w in range(3)]
+    assert job.begin_fold(_header(2), None, lambda: False) is None
+    # execute: worker 0 (not the last one) commits while the fold runs
+    outcome, _ = job.commit(_header(0), grads[0], timeout=5)
+    total, first = job.fold_target()
+    total[:] = grads[2] if first else total + grads[2]
+    job.finish_fold(_header(2))
+    job.commit(_header(1), grads[1], timeout=5)
+    # assert: nothing waited, and the step summed all three
+    assert outcome == pb.PUSH_OUTCOME_ACCEPTED and job.version == 1
+    np.testing.assert_array_equal(job.weights, -(np.float32(1.0 + 2.0 + 4.0) / 3))
+
+
+def test_finite_gradients_whose_sum_overflows_stop_the_job_with_weights_unchanged() -> None:
+    weights = np.zeros(1024, dtype=np.float32)
+    layout = FlatLayout.from_arrays({"w": weights})
+    job = Job("j", _spec(2), layout, weights.copy(), metrics=ServerMetrics())
+    huge = np.full(weights.size, 3.0e38, dtype=np.float32)
+    job.commit(_header(0), huge)
+    with np.errstate(over="ignore"):
+        job.commit(_header(1), huge)
+    assert job.state == pb.JOB_STATE_STOPPED and job.version == 0
+    np.testing.assert_array_equal(job.weights, weights)
+    assert job.counters.rejected["overflow"] == 1
+
+
+def _spec(workers: int) -> pb.JobSpec:
+    return pb.JobSpec(
+        model_spec_json="{}",
+        optimizer_json='{"name": "sgd", "lr": 1.0}',
+        mode=pb.MODE_SYNC,
+        num_workers=workers,
+        total_steps=5,
+    )
+
+
+def _header(worker: int) -> pb.PushHeader:
+    return pb.PushHeader(job_id="j", worker=worker, step=0, rows=1, loss=0.0)
 
 
 def _nan_in_second_chunk(job: str, layout: FlatLayout, worker: int, grad: np.ndarray) -> list:
@@ -157,19 +240,11 @@ def test_a_pull_stream_reads_one_version_while_the_step_closes_under_it() -> Non
     # prepare: a job whose weights stream in 8 chunks; a pull stream has read one
     weights = np.arange(8 * 1024, dtype=np.float32)
     layout = FlatLayout.from_arrays({"w": weights})
-    spec = pb.JobSpec(
-        model_spec_json="{}",
-        optimizer_json='{"name": "sgd", "lr": 1.0}',
-        mode=pb.MODE_SYNC,
-        num_workers=1,
-        total_steps=5,
-    )
-    job = Job("j", spec, layout, weights.copy(), metrics=ServerMetrics(), chunk_bytes=4096)
+    job = Job("j", _spec(1), layout, weights.copy(), metrics=ServerMetrics(), chunk_bytes=4096)
     stream = job.weight_messages()
     first = next(stream)
     # execute: the step closes, changing the weights in place, then the stream goes on
-    header = pb.PushHeader(job_id="j", worker=0, step=0, rows=1, loss=0.0)
-    job.commit(header, np.ones_like(weights))
+    job.commit(_header(0), np.ones_like(weights))
     rest = list(stream)
     fresh = list(job.weight_messages())
 

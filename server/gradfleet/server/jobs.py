@@ -9,14 +9,16 @@ it as the mean directly. The step's loss is the rows-weighted mean of the contri
 workers' losses.
 
 Memory: a gradient that came as one message is added where it lies (or held, as that
-message, when it arrives before a lower-numbered worker's: at most `receive_slots - 1`
-of them, `receive_slots = budget // gradient bytes`, past that the sum goes in arrival
-order). A streamed sync gradient is folded chunk by chunk into a second sum buffer
-(`sum + chunk`), one push at a time in worker order, and becomes the sum only once all
-of it has arrived and checked out, so a push that fails half-way changes nothing; the
-server holds one chunk per stream, never a whole gradient. Async streams are assembled
-in a receive buffer (at most `receive_slots` at once) because the optimiser applies each
-gradient as a whole.
+message, when it arrives before a lower-numbered worker's or while a stream is being
+summed: at most `receive_slots - 1` early ones, `receive_slots = budget // gradient
+bytes`, past that the sum goes in arrival order). A streamed sync gradient is added to
+the sum chunk by chunk as it arrives, one push at a time in worker order, so the server
+holds one chunk per stream, never a whole gradient. If such a push fails half-way
+(bad chunk, lost client) after other workers' gradients were summed, the step's sum is
+voided and those workers push again (`needs_repush`, ABORTED on their pull): weights
+and version never see a partial gradient and nothing acknowledged is lost. Async
+streams are assembled in a receive buffer (at most `receive_slots` at once) because
+the optimiser applies each gradient as a whole.
 """
 
 from __future__ import annotations
@@ -295,6 +297,8 @@ class Job:
         self._sum: np.ndarray | None = None  # in the model's dtype
         self._sum_empty = True  # nothing of the open step has been added to _sum yet
         self._folding = False  # a streamed push is being folded (one at a time)
+        self._fold_waiting: list[int] = []  # workers of streamed pushes waiting for their turn
+        self._fold_worker = -1  # the worker whose push is being folded
         self._open = _OpenStep(version)
         self._closed_contributors: deque[tuple[int, frozenset[int]]] = deque(
             maxlen=_KEEP_CONTRIBUTORS
@@ -423,61 +427,73 @@ class Job:
             self.counters.reject(reason)
 
     # ---- streamed sync pushes: folded chunk by chunk --------------------------------
-    ORDER_WAIT = 0.05  # seconds a streamed push waits for a missing lower-numbered worker
+    ORDER_PATIENCE = 1.0  # seconds without progress before a blocked step sums in arrival order
 
     def begin_fold(
         self, header: pb.PushHeader, timeout: float | None, give_up: Callable[[], bool]
     ) -> int | None:
         """Wait for this streamed sync push's turn to fold; None when it may start.
 
-        Returns a PushOutcome (duplicate or late) to answer without reading the data.
-        Pushes fold one at a time in worker order, so the sum is reproducible without
-        holding whole gradients; a push left waiting `ORDER_WAIT` for a lower-numbered
-        worker that is not pushing switches the step to arrival order.
+        Returns a PushOutcome (duplicate or late, counted) to answer without reading the
+        data. Pushes fold one at a time in worker order, so the sum is reproducible
+        without holding whole gradients. The step switches to arrival order only when
+        waiting cannot help: the pushes in hand reach the quorum without the missing
+        lower-numbered workers (backup workers), or nothing moved for `ORDER_PATIENCE`.
         Raises WrongState, ShuttingDown when `give_up()`, or OverLimit at `timeout`.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
-            progress = (time.monotonic(), self._open.next_worker)
-            while True:
-                try:
-                    outcome = self._classify(header)
-                except WrongState as exc:
-                    self.counters.reject(exc.reason)
-                    raise
-                if outcome is not None:
-                    return outcome
-                step = self._open
-                if not self._folding and (not step.ordered or step.next_worker == header.worker):
-                    self._folding = True
-                    if not step.contributors:
-                        step.first_arrival = time.monotonic()
-                    if self._sum is None:
-                        self._sum = self.layout.empty()
-                    return None
-                now = time.monotonic()
-                if self._folding or step.next_worker != progress[1]:
-                    progress = (now, step.next_worker)
-                elif step.ordered and now - progress[0] > self.ORDER_WAIT:
-                    log.debug(
-                        "job %s: worker %d is late, summing in arrival order",
-                        self.job_id,
-                        step.next_worker,
-                    )
-                    step.ordered = False
-                    self._flush_held(step)
-                    continue
-                if give_up():
-                    raise ShuttingDown(
-                        "the push was cancelled or the server is stopping.", "shutdown"
-                    )
-                if deadline is not None and now > deadline:
-                    raise OverLimit(
-                        f"job {self.job_id} is folding other gradients and the deadline passed "
-                        "while waiting; retry later.",
-                        "receive_busy",
-                    )
-                self.cond.wait(self.ORDER_WAIT / 2)
+            self._fold_waiting.append(header.worker)
+            try:
+                return self._wait_for_fold_turn(header, deadline, give_up)
+            finally:
+                self._fold_waiting.remove(header.worker)
+
+    def _wait_for_fold_turn(
+        self, header: pb.PushHeader, deadline: float | None, give_up: Callable[[], bool]
+    ) -> int | None:
+        progress = (time.monotonic(), self._open.next_worker, self._folding)
+        while True:
+            try:
+                outcome = self._classify(header)
+            except WrongState as exc:
+                self.counters.reject(exc.reason)
+                raise
+            if outcome is not None:
+                self._count_early(outcome)
+                return outcome
+            step = self._open
+            if not self._folding and (not step.ordered or step.next_worker == header.worker):
+                self._folding, self._fold_worker = True, header.worker
+                if not step.contributors:
+                    step.first_arrival = time.monotonic()
+                if self._sum is None:
+                    self._sum = self.layout.empty()
+                return None
+            now = time.monotonic()
+            if (step.next_worker, self._folding) != progress[1:]:
+                progress = (now, step.next_worker, self._folding)
+            missing = step.next_worker not in self._fold_waiting
+            in_hand = len(step.contributors) + len(self._fold_waiting)
+            if (
+                step.ordered
+                and not self._folding
+                and missing
+                and (in_hand >= self.settings.quorum or now - progress[0] > self.ORDER_PATIENCE)
+            ):
+                log.debug("job %s: summing step %d in arrival order", self.job_id, step.step)
+                step.ordered = False
+                self._flush_held(step)
+                continue
+            if give_up():
+                raise ShuttingDown("the push was cancelled or the server is stopping.", "shutdown")
+            if deadline is not None and now > deadline:
+                raise OverLimit(
+                    f"job {self.job_id} is summing other gradients and the deadline passed "
+                    "while waiting; retry later.",
+                    "receive_busy",
+                )
+            self.cond.wait(0.05)
 
     def fold_target(self) -> tuple[np.ndarray, bool]:
         """(sum, first): the push holding the fold adds its chunks to `sum` in place, or
@@ -491,12 +507,14 @@ class Job:
         with self.cond:
             self._folding = False
             self.cond.notify_all()
-            try:
-                self._classify(header)  # only stopping or deleting the job can change it now
+            try:  # only stopping or deleting the job can have changed it meanwhile
+                outcome = self._classify(header)
             except WrongState as exc:
                 self.counters.reject(exc.reason)
-                self._void_sum()
                 raise
+            if outcome is not None:
+                self._count_early(outcome)
+                return outcome
             self.counters.received += 1
             self.counters.accepted += 1
             self._sum_empty = False
@@ -507,6 +525,8 @@ class Job:
             if step.ordered and step.next_worker == header.worker:
                 step.next_worker += 1
                 self._drain_held(step)
+            elif not step.ordered:
+                self._flush_held(step)  # single messages that arrived during the fold
             if len(step.contributors) >= self.settings.quorum:
                 self._flush_held(step)
                 self._close_sync_step(step)
@@ -523,8 +543,15 @@ class Job:
         with self.cond:
             self._folding = False
             self.cond.notify_all()
-            if touched:
+            if touched and self.state == pb.JOB_STATE_RUNNING:
                 self._void_sum()
+
+    def _count_early(self, outcome: int) -> None:
+        self.counters.received += 1
+        if outcome == pb.PUSH_OUTCOME_DUPLICATE:
+            self.counters.duplicate += 1
+        else:
+            self.counters.dropped_late += 1
 
     def _void_sum(self) -> None:
         """Start the open step's sum again after a push failed while folding into it."""
@@ -545,34 +572,48 @@ class Job:
         step.needs_repush.update(voided)
         step.summed.clear()
         step.next_worker, step.ordered = 0, True
+        step.first_arrival = time.monotonic()
         self._sum_empty = True
         self.metrics.steps_reset.inc()
         self.cond.notify_all()
 
     def commit(
-        self, header: pb.PushHeader, grad: np.ndarray, buf: np.ndarray | None = None
+        self,
+        header: pb.PushHeader,
+        grad: np.ndarray,
+        buf: np.ndarray | None = None,
+        timeout: float | None = None,
     ) -> tuple[int, bool]:
         """Add a complete, validated gradient. Returns (outcome, buffer_kept).
 
         `grad` is the caller's receive buffer `buf` (from `take_buffer`) or a read-only
         view of the request (held as it is when it arrives early). When buffer_kept is
         True the job holds that buffer (sync reordering) and gives it back itself;
-        otherwise the caller may reuse it. Waits while a streamed push is being folded.
+        otherwise the caller may reuse it. A push that would close the step, or that comes
+        from the worker whose stream is being folded, first waits (up to `timeout`, then
+        OverLimit) for that fold to end: the step cannot close around a half-added push.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
-            while self._folding and self.settings.mode == "sync":
-                self.cond.wait()
+            while (
+                self._folding
+                and self.state == pb.JOB_STATE_RUNNING
+                and (self._would_close(header) or header.worker == self._fold_worker)
+            ):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise OverLimit(
+                        f"job {self.job_id} is still summing another worker's gradient and "
+                        "the deadline passed while waiting; retry later.",
+                        "receive_busy",
+                    )
+                self.cond.wait(0.05)
             try:
                 outcome = self._classify(header)
             except WrongState as exc:
                 self.counters.reject(exc.reason)
                 raise
             if outcome is not None:
-                self.counters.received += 1
-                if outcome == pb.PUSH_OUTCOME_DUPLICATE:
-                    self.counters.duplicate += 1
-                else:
-                    self.counters.dropped_late += 1
+                self._count_early(outcome)
                 return outcome, False
             self.counters.received += 1
             self.counters.accepted += 1
@@ -582,6 +623,15 @@ class Job:
                 self._commit_async(header, grad)
                 kept = False
             return pb.PUSH_OUTCOME_ACCEPTED, kept
+
+    def _would_close(self, header: pb.PushHeader) -> bool:
+        """Whether a sync gradient from this push would complete the open step."""
+        step = self._open
+        return (
+            self.settings.mode == "sync"
+            and header.worker not in step.contributors
+            and len(step.contributors) + 1 >= self.settings.quorum
+        )
 
     def _commit_sync(
         self, header: pb.PushHeader, grad: np.ndarray, buf: np.ndarray | None = None
@@ -595,6 +645,11 @@ class Job:
         step.needs_repush.discard(header.worker)
         closing = len(step.contributors) >= self.settings.quorum
         kept = False
+        if self._folding:  # the sum is being written: hold it, the fold adds it after
+            assert not closing  # `commit` waits for the fold when this push would close
+            kept = grad is buf
+            step.held[header.worker] = (grad, kept)
+            return kept
         if header.worker == step.next_worker and step.ordered:
             step.next_worker += 1
             if closing and not step.held:  # the last gradient: added while averaging
@@ -655,6 +710,9 @@ class Job:
         count = len(step.contributors)
         # one gradient: (0 + g) / 1 rounded to the model dtype is g itself, bit for bit
         mean = last if last is not None and self._sum_empty else self._mean_of_sum(count, last)
+        if mean is not last and not np.isfinite(mean).all():
+            self._stop_on_overflow(step)
+            return
         self._keep_for_readers()
         self.optimizer.step(self.params, self.layout.views(mean))
         rows = sum(r for r, _ in step.contributors.values())
@@ -667,6 +725,24 @@ class Job:
         self._advance(loss, rows, count)
         self._open = _OpenStep(self.version)
         self._sum_empty = True
+
+    def _stop_on_overflow(self, step: _OpenStep) -> None:
+        """Finite gradients whose sum overflows the model's dtype: the weights stay as they
+        are and the job stops with the reason logged, since training has diverged."""
+        log.error(
+            "job %s: the sum of step %d's gradients overflows %s although each was finite; "
+            "the job is stopped at version %d with its weights unchanged. Lower the learning "
+            "rate, clip gradients or train in float64.",
+            self.job_id,
+            step.step,
+            self.layout.dtype.name,
+            self.version,
+        )
+        self.counters.rejected["overflow"] = self.counters.rejected.get("overflow", 0) + 1
+        self.counters.accepted -= 1
+        self.state = pb.JOB_STATE_STOPPED
+        self._sum_empty = True
+        self.cond.notify_all()
 
     _BLOCK = 1 << 16  # elements per pass of the fused close: the block stays in cache
 

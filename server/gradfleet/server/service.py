@@ -467,10 +467,10 @@ class ParameterService:
                 if second is None:
                     whole = np.frombuffer(data, dtype=job.layout.dtype)
                     _check_finite(whole)
-                    return job.commit(header, whole)[0], nbytes
+                    return job.commit(header, whole, timeout=context.time_remaining())[0], nbytes
                 rest = itertools.chain([second], rest)
             if job.settings.mode == "sync":
-                return self._fold(job, header, offset, data, rest, context), nbytes
+                return self._fold(job, header, offset, data, rest, context)
             buf = job.take_buffer(
                 context.time_remaining(),
                 lambda: self._stopping.is_set() or not context.is_active(),
@@ -491,15 +491,16 @@ class ParameterService:
         data: memoryview,
         rest: Iterator[bytes],
         context: grpc.ServicerContext,
-    ) -> int:
-        """Fold a streamed sync gradient into the step's sum, one chunk in memory at a time."""
+    ) -> tuple[int, int]:
+        """Fold a streamed sync gradient into the step's sum, one chunk in memory at a time;
+        returns (outcome, bytes received)."""
         early = job.begin_fold(
             header,
             context.time_remaining(),
             lambda: self._stopping.is_set() or not context.is_active(),
         )
         if early is not None:
-            return early
+            return early, 0
         total, first = job.fold_target()
         touched = folded = False
 
@@ -514,7 +515,7 @@ class ParameterService:
         try:
             self._assemble(ChunkAssembler(total), offset, data, rest, fold)
             folded = True
-            return job.finish_fold(header)
+            return job.finish_fold(header), job.layout.nbytes
         finally:
             if not folded:
                 job.abort_fold(touched)

@@ -132,6 +132,12 @@ class GradientWorker:
             # No new version in PULL_WAIT: a peer is slow or restarting, or the server
             # restarted from an older checkpoint. Re-sync; a repeated push is a duplicate.
             return 0
+        if exc.code == "ABORTED":
+            # The server voided this step's gradient more often than push_and_pull retries
+            # (other pushes kept failing half-way): take the server's state afresh.
+            return 0
+        if exc.code == "FAILED_PRECONDITION" and "stopped" in exc.message:
+            raise exc  # the job was stopped (by a user, or because training diverged)
         if exc.code == "FAILED_PRECONDITION":
             # Async: too stale. Sync: a step the server does not have (it went back to a
             # checkpoint). Either way, take the server's current version.
