@@ -696,7 +696,8 @@ class Job:
             np.copyto(self._sum, grad)
             self._sum_empty = False
         else:
-            np.add(self._sum, grad, out=self._sum)
+            with np.errstate(over="ignore"):  # an overflow stops the job at the close
+                np.add(self._sum, grad, out=self._sum)
 
     def _recycle(self, buf: np.ndarray) -> None:
         """Keep a couple of buffers for reuse and free the receive slot."""
@@ -710,7 +711,7 @@ class Job:
         count = len(step.contributors)
         # one gradient: (0 + g) / 1 rounded to the model dtype is g itself, bit for bit
         mean = last if last is not None and self._sum_empty else self._mean_of_sum(count, last)
-        if mean is not last and not np.isfinite(mean).all():
+        if mean is None:
             self._stop_on_overflow(step)
             return
         self._keep_for_readers()
@@ -746,8 +747,9 @@ class Job:
 
     _BLOCK = 1 << 16  # elements per pass of the fused close: the block stays in cache
 
-    def _mean_of_sum(self, count: int, last: np.ndarray | None) -> np.ndarray:
-        """`(sum + last) / count` in place in the sum buffer, block by block in one pass.
+    def _mean_of_sum(self, count: int, last: np.ndarray | None) -> np.ndarray | None:
+        """`(sum + last) / count` in place in the sum buffer, block by block in one pass;
+        None if the sum overflowed (the gradients themselves were checked finite).
 
         Each element sees exactly the operations of `np.add` then `np.divide` over the
         whole buffer, so the numbers are the same; blocking only saves a second trip of
@@ -760,12 +762,15 @@ class Job:
         scale, factor = (np.multiply, 1.0 / count) if exact_reciprocal else (np.divide, count)
         mean = self._sum
         assert mean is not None
-        for lo in range(0, total, block):
-            part = mean[lo : lo + block]
-            if last is not None:
-                np.add(part, last[lo : lo + block], out=part)
-            scale(part, factor, out=part)
-        return mean
+        finite = True
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below
+            for lo in range(0, total, block):
+                part = mean[lo : lo + block]
+                if last is not None:
+                    np.add(part, last[lo : lo + block], out=part)
+                scale(part, factor, out=part)
+                finite = finite and bool(np.isfinite(part).all())
+        return mean if finite else None
 
     def _commit_async(self, header: pb.PushHeader, grad: np.ndarray) -> None:
         self.metrics.staleness.observe(self.version - header.step)

@@ -510,7 +510,8 @@ class ParameterService:
             if first:
                 total[place] = chunk
             else:
-                np.add(total[place], chunk, out=total[place])
+                with np.errstate(over="ignore"):  # an overflow stops the job at the close
+                    np.add(total[place], chunk, out=total[place])
 
         try:
             self._assemble(ChunkAssembler(total), offset, data, rest, fold)
