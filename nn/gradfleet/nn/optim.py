@@ -164,22 +164,23 @@ class Optimizer:
     def _update(self, name: str, p: np.ndarray, g: np.ndarray, lr: float) -> None:
         raise NotImplementedError
 
-    _BLOCK = 1 << 15  # elements per pass of `_subtract_scaled`: its scratch stays in cache
+    _BLOCK = 1 << 17  # elements per pass of `_subtract_scaled`: its scratch stays in cache
 
-    def _subtract_scaled(self, p: np.ndarray, g: np.ndarray, factor: float) -> None:
-        """``p -= factor * g``, block by block through a small kept scratch: the same
-        numbers, without a model-sized temporary (memory and page faults) every step."""
-        if not p.flags.c_contiguous:
-            p -= factor * g  # a strided parameter: the plain expression
+    def _subtract_scaled(self, name: str, p: np.ndarray, g: np.ndarray, factor: float) -> None:
+        """``p -= factor * g`` through a kept scratch, block by block for big parameters:
+        the same numbers, without a model-sized temporary (memory, page faults) per step."""
+        if p.size <= self._BLOCK or not p.flags.c_contiguous:
+            out = self._scratch.get(name)
+            if out is None or out.shape != g.shape or out.dtype != g.dtype:
+                out = self._scratch[name] = np.empty_like(g)
+            p -= np.multiply(g, factor, out=out)
             return
         flat_p, flat_g = p.reshape(-1), g.reshape(-1)
-        scratch = self._scratch.get(g.dtype.str)
-        if scratch is None:
-            scratch = self._scratch[g.dtype.str] = np.empty(self._BLOCK, dtype=g.dtype)
+        block = self._scratch.get(g.dtype.str)
+        if block is None:
+            block = self._scratch[g.dtype.str] = np.empty(self._BLOCK, dtype=g.dtype)
         for lo in range(0, flat_p.size, self._BLOCK):
-            part = np.multiply(
-                flat_g[lo : lo + self._BLOCK], factor, out=scratch[: flat_p.size - lo]
-            )
+            part = np.multiply(flat_g[lo : lo + self._BLOCK], factor, out=block[: flat_p.size - lo])
             np.subtract(flat_p[lo : lo + self._BLOCK], part, out=flat_p[lo : lo + self._BLOCK])
 
     def _buffer(self, key: str, like: np.ndarray) -> np.ndarray:
@@ -258,7 +259,7 @@ class SGD(Optimizer):
             v *= self.momentum
             v += g
             g = g + self.momentum * v if self.nesterov else v
-        self._subtract_scaled(p, g, lr)
+        self._subtract_scaled(name, p, g, lr)
 
     def config(self) -> dict[str, Any]:
         return {
