@@ -175,16 +175,28 @@ class MLP(Module):
                 saved.append(extra)
 
         value, g = _loss_forward_backward(h, y, loss, rows)
-        views = self.unflatten(grads)
+        views = self._grad_views(grads)
         for i in range(last, -1, -1):
             layer = self.linears[i]
-            base = f"layers.{2 * i}."
-            np.matmul(g.T, inputs[i], out=views[base + "weight"])  # (out, in)
-            np.sum(g, axis=0, out=views[base + "bias"])
+            np.matmul(g.T, inputs[i], out=views[2 * i])  # (out, in)
+            np.sum(g, axis=0, out=views[2 * i + 1])
             if i > 0:
                 g = g @ layer.weight.data  # (B, in)
                 self._activation_backward(g, inputs[i], saved[i - 1])
         return value, grads
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_views_of", None)  # a cache that would carry a gradient buffer along
+        return state
+
+    def _grad_views(self, grads: np.ndarray) -> list[np.ndarray]:
+        """Weight and bias views of a gradient buffer, in layer order (kept for the last
+        buffer: a training loop passes the same one every step)."""
+        cached = getattr(self, "_views_of", None)
+        if cached is None or cached[0] is not grads:
+            cached = self._views_of = (grads, list(self.unflatten(grads).values()))
+        return cached[1]
 
     def _check_inputs(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
@@ -230,14 +242,14 @@ def _loss_forward_backward(
     dtype = outputs.dtype
     if loss == "cross_entropy":
         labels = check_labels(y, rows, outputs.shape[1])
+        picks = (np.arange(rows), labels)
         shifted = outputs - outputs.max(axis=1, keepdims=True)
-        exp = np.exp(shifted)
-        sums = exp.sum(axis=1, keepdims=True)
-        picked = shifted[np.arange(rows), labels] - np.log(sums[:, 0])
-        value = -float(picked.mean())
-        grad = exp
+        picked = shifted[picks]
+        grad = np.exp(shifted, out=shifted)
+        sums = grad.sum(axis=1, keepdims=True)
+        value = float(np.log(sums).sum() - picked.sum()) / rows if rows else float("nan")
         grad /= sums
-        grad[np.arange(rows), labels] -= 1
+        grad[picks] -= 1
         grad /= dtype.type(rows)
         return value, grad
     targets = np.asarray(y, dtype=dtype)
