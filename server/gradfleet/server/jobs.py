@@ -427,7 +427,10 @@ class Job:
             self.counters.reject(reason)
 
     # ---- streamed sync pushes: folded chunk by chunk --------------------------------
-    ORDER_PATIENCE = 1.0  # seconds without progress before a blocked step sums in arrival order
+    # Seconds without progress before a blocked step sums in arrival order. Without
+    # backup workers the step cannot close before the missing worker pushes anyway, so
+    # waiting costs nothing; this only guards against a push that cannot get in at all.
+    ORDER_PATIENCE = 5.0
 
     def begin_fold(
         self, header: pb.PushHeader, timeout: float | None, give_up: Callable[[], bool]
