@@ -9,9 +9,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Ray's GCS gets 30 s to bind its port; a loaded 2-core CI machine has been seen to need
-# more right after another test module shut its Ray down.
-os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+# Tests run gRPC servers in this process and then start Ray, which forks its GCS and
+# raylet. With grpcio's fork support on, its fork handlers run in the child, and when
+# other threads were inside gRPC the child has been seen to hang before exec: Ray then
+# times out waiting for the GCS ("Timed out waiting for file .../gcs_server_port_...",
+# no GCS log written). Nothing here uses gRPC in a forked child, so turn that off
+# (before grpc is imported).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 
 def shared_data_dir() -> Path:

@@ -24,7 +24,7 @@ from gradfleet.client import JobConfig, train
 from gradfleet.client.data import load_dataset
 from gradfleet.server import serve
 from gradfleet.worker.ps_client import ParameterServerClient
-from gradfleet.worker.ray_runner import WorkerOptions, WorkersFailed
+from gradfleet.worker.ray_runner import WorkerOptions, WorkersFailed, init_ray
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow]
 
@@ -39,7 +39,7 @@ def ray_instance() -> Any:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    context = ray.init(
+    context = init_ray(
         address="local",
         num_cpus=2,
         include_dashboard=True,

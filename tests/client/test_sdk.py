@@ -22,6 +22,7 @@ from gradfleet.client import (
 )
 from gradfleet.client.data import load_dataset
 from gradfleet.server import serve
+from gradfleet.worker.ray_runner import init_ray
 
 pytestmark = [pytest.mark.integration]
 TOKEN = "sdk-test-token"
@@ -110,7 +111,7 @@ def test_token_is_required_when_configured() -> None:
 @pytest.mark.ray
 def test_train_on_a_separate_server_then_follow_it_with_the_sdk(server: str) -> None:
     job = iris_job(steps=30)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         result = train(job, backend="ray", server=server)
     finally:

@@ -14,13 +14,14 @@ from gradfleet import nn
 from gradfleet.client import JobConfig, train
 from gradfleet.client.data import ArrayDataset, load_dataset
 from gradfleet.worker.ray_data import RayDataset
+from gradfleet.worker.ray_runner import init_ray
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance() -> Iterator[None]:
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

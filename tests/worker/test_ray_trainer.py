@@ -21,6 +21,7 @@ from ray.util.state import list_actors
 from gradfleet import nn
 from gradfleet.client import JobConfig, train
 from gradfleet.client.data import load_dataset, load_mnist
+from gradfleet.worker.ray_runner import init_ray
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration]
 
@@ -37,7 +38,7 @@ STATE_API: dict[str, str] = {}
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance() -> Any:
     # The dashboard serves Ray's state API, which these tests use to find actors.
-    context = ray.init(
+    context = init_ray(
         address="local",
         num_cpus=2,
         include_dashboard=True,

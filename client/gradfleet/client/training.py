@@ -290,13 +290,15 @@ def _ray_session(address: str | None) -> Iterator[None]:
     """Join the given cluster (or RAY_ADDRESS), else start a local one; stop only ours."""
     import ray
 
+    from gradfleet.worker.ray_runner import init_ray
+
     if ray.is_initialized():
         yield
         return
     # "local" starts a new instance: without it Ray would join any cluster that a
     # `ray start` left running on this machine.
     target = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(
+    init_ray(
         address=target, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True
     )
     try:

@@ -25,6 +25,24 @@ logger = logging.getLogger(__name__)
 PollFn = Callable[[], None]
 
 
+def init_ray(**kwargs: Any) -> Any:
+    """``ray.init(**kwargs)``, tried a second time if Ray's GCS never came up.
+
+    Ray starts its GCS with a ``preexec_fn``, which Python warns is unsafe while other
+    threads run: in a process that already has gRPC threads (a parameter server, a client)
+    the forked child has been seen to hang before exec, and Ray gives up waiting for the
+    GCS's port file. A second start, in a new session, has always worked.
+    """
+    try:
+        return ray.init(**kwargs)
+    except RuntimeError as exc:
+        if "gcs_server_port" not in str(exc):
+            raise
+        logger.warning("Ray's GCS did not start (%s); starting Ray again", exc)
+        ray.shutdown()
+        return ray.init(**kwargs)
+
+
 class WorkersFailed(RuntimeError):
     """The workers died more often than ``max_restarts`` allows; the job cannot finish."""
 
