@@ -225,6 +225,11 @@ def test_a_push_failing_half_way_voids_the_sum_and_the_others_push_again(kit) ->
         for t in threads:
             t.join(timeout=60)
         info = ps.get_job(job, history=False)
+        sample = server.metrics.registry.get_sample_value
+        metrics = (
+            sample("gradfleet_steps_reset_total"),
+            sample("gradfleet_pushes_total", {"outcome": "VOIDED"}),
+        )
     # assert: the sum was voided, 0 and 1 pushed again by themselves, nothing was lost
     assert "NaN" in bad.value.details()
     assert voided.rejected["voided"] == 2 and voided.rejected["non_finite"] == 1
@@ -234,6 +239,7 @@ def test_a_push_failing_half_way_voids_the_sum_and_the_others_push_again(kit) ->
         assert version == 1 and weights.tobytes() == expected.tobytes()
     assert info.version == 1 and info.counters.accepted == 3
     assert info.counters.received == 6  # 2 + 1 rejected + 2 pushed again + 1
+    assert metrics == (1.0, 2.0)
 
 
 def test_a_pull_stream_reads_one_version_while_the_step_closes_under_it() -> None:

@@ -578,6 +578,7 @@ class Job:
         step.first_arrival = time.monotonic()
         self._sum_empty = True
         self.metrics.steps_reset.inc()
+        self.metrics.pushes.labels(outcome="VOIDED").inc(len(voided))
         self.cond.notify_all()
 
     def commit(

@@ -27,7 +27,10 @@ class ServerMetrics:
             "gradfleet_weight_bytes_out", "Weight bytes sent to pullers.", registry=r
         )
         self.pushes = Counter(
-            "gradfleet_pushes", "Gradient pushes by outcome.", ["outcome"], registry=r
+            "gradfleet_pushes",
+            "Gradient pushes by outcome (VOIDED: accepted, then voided by a failed push).",
+            ["outcome"],
+            registry=r,
         )
         self.pushes_rejected = Counter(
             "gradfleet_pushes_rejected", "Rejected requests by reason.", ["reason"], registry=r
