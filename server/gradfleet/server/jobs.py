@@ -477,7 +477,7 @@ class Job:
             if (step.next_worker, self._folding) != progress[1:]:
                 progress = (now, step.next_worker, self._folding)
             missing = step.next_worker not in self._fold_waiting
-            in_hand = len(step.contributors) + len(self._fold_waiting)
+            in_hand = len(step.contributors.keys() | set(self._fold_waiting))
             if (
                 step.ordered
                 and not self._folding
