@@ -416,11 +416,19 @@ class Job:
 
     def count_outcome(self, outcome: int) -> None:
         with self.cond:
-            self.counters.received += 1
-            if outcome == pb.PUSH_OUTCOME_DUPLICATE:
-                self.counters.duplicate += 1
-            elif outcome == pb.PUSH_OUTCOME_DROPPED_LATE:
-                self.counters.dropped_late += 1
+            self._count_early(outcome)
+
+    def _classify_counted(self, header: pb.PushHeader) -> int | None:
+        """`_classify` (under the lock) that counts what it decides: a rejection, or an
+        early outcome (duplicate or late) answered without the data."""
+        try:
+            outcome = self._classify(header)
+        except WrongState as exc:
+            self.counters.reject(exc.reason)
+            raise
+        if outcome is not None:
+            self._count_early(outcome)
+        return outcome
 
     def count_rejected(self, reason: str) -> None:
         with self.cond:
@@ -457,13 +465,8 @@ class Job:
     ) -> int | None:
         progress = (time.monotonic(), self._open.next_worker, self._folding)
         while True:
-            try:
-                outcome = self._classify(header)
-            except WrongState as exc:
-                self.counters.reject(exc.reason)
-                raise
+            outcome = self._classify_counted(header)
             if outcome is not None:
-                self._count_early(outcome)
                 return outcome
             step = self._open
             if not self._folding and (not step.ordered or step.next_worker == header.worker):
@@ -510,13 +513,9 @@ class Job:
         with self.cond:
             self._folding = False
             self.cond.notify_all()
-            try:  # only stopping or deleting the job can have changed it meanwhile
-                outcome = self._classify(header)
-            except WrongState as exc:
-                self.counters.reject(exc.reason)
-                raise
+            # only stopping or deleting the job can have changed it meanwhile
+            outcome = self._classify_counted(header)
             if outcome is not None:
-                self._count_early(outcome)
                 return outcome
             self.counters.received += 1
             self.counters.accepted += 1
@@ -553,7 +552,7 @@ class Job:
         self.counters.received += 1
         if outcome == pb.PUSH_OUTCOME_DUPLICATE:
             self.counters.duplicate += 1
-        else:
+        elif outcome == pb.PUSH_OUTCOME_DROPPED_LATE:
             self.counters.dropped_late += 1
 
     def _void_sum(self) -> None:
@@ -611,13 +610,8 @@ class Job:
                         "receive_busy",
                     )
                 self.cond.wait(0.05)
-            try:
-                outcome = self._classify(header)
-            except WrongState as exc:
-                self.counters.reject(exc.reason)
-                raise
+            outcome = self._classify_counted(header)
             if outcome is not None:
-                self._count_early(outcome)
                 return outcome, False
             self.counters.received += 1
             self.counters.accepted += 1

@@ -444,6 +444,10 @@ class ParameterService:
                 outcome=cast(pb.PushOutcome, early), version=job.version, step=header.step
             )
 
+    def _gives_up(self, context: grpc.ServicerContext) -> Callable[[], bool]:
+        """For waits inside a call: true once the client left or the server is stopping."""
+        return lambda: self._stopping.is_set() or not context.is_active()
+
     def _take_gradient(
         self,
         job: Job,
@@ -473,7 +477,7 @@ class ParameterService:
                 return self._fold(job, header, offset, data, rest, context)
             buf = job.take_buffer(
                 context.time_remaining(),
-                lambda: self._stopping.is_set() or not context.is_active(),
+                self._gives_up(context),
             )
             try:
                 grad = self._assemble(ChunkAssembler(buf), offset, data, rest, buf)
@@ -497,7 +501,7 @@ class ParameterService:
         early = job.begin_fold(
             header,
             context.time_remaining(),
-            lambda: self._stopping.is_set() or not context.is_active(),
+            self._gives_up(context),
         )
         if early is not None:
             return early, 0
