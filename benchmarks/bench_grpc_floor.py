@@ -7,7 +7,8 @@ same run, so that the gap to the targets splits into "ours" and "grpcio's":
 * round trip, 269k float32 parameters (784-256-256-10), one worker, interleaved call by
   call: raw TCP echo (the ceiling); a bare grpcio echo of the same bytes; the minimal
   server (one unary call: finiteness check, SGD step, weights back); gradfleet's
-  ``push_and_pull`` against a real ``gradfleet server``;
+  ``push_and_pull`` against a real ``gradfleet server``. Then the CPU time a bare grpcio
+  echo of those bytes costs the client and the server process per call;
 * a sync step with 2 Ray workers on MNIST, 64 rows each (issue 4's set-up), rounds
   interleaved: the minimal server with no compute (the exchange alone), the minimal
   server with the real forward/backward pass, and gradfleet's ``GradientWorker`` actors
@@ -24,6 +25,7 @@ layout or header, no chunking, no limits, no checkpoints, no metrics, no idempot
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import statistics
 import subprocess
@@ -174,6 +176,39 @@ def round_trips(calls: int) -> dict[str, np.ndarray]:
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def echo_cpu(calls: int) -> dict[str, float]:
+    """CPU seconds per bare grpcio echo of the 269k model's bytes: this (client) process
+    and the server's, over ``calls`` calls with nothing else running here."""
+    nbytes = bench_transport.n_params(SIZES) * 4
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve-minimal"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        echo = minimal_stub(int(server.stdout.readline()), "Echo")
+        payload = bytes(nbytes)
+        for _ in range(20):
+            echo(payload)
+        wall, client, served = time.perf_counter(), time.process_time(), process_cpu(server.pid)
+        for _ in range(calls):
+            echo(payload)
+        return {
+            "wall": (time.perf_counter() - wall) / calls,
+            "client": (time.process_time() - client) / calls,
+            "server": (process_cpu(server.pid) - served) / calls,
+        }
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads included."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def print_round_trips(times: dict[str, np.ndarray]) -> None:
@@ -365,6 +400,11 @@ def main() -> None:
         serve_minimal_subprocess()
         return
     print_round_trips(round_trips(args.calls))
+    cpu = echo_cpu(args.calls)
+    print(
+        f"bare grpcio echo, CPU per call: client {cpu['client'] * 1e3:.2f} ms, server "
+        f"{cpu['server'] * 1e3:.2f} ms (wall {cpu['wall'] * 1e3:.2f} ms per call)"
+    )
     if not args.no_ray:
         print_ray_steps(ray_steps(args.steps, args.rounds, args.rows), args.rows)
 
