@@ -18,6 +18,7 @@ from gradfleet.proto.wire import (
     plan_chunk_bytes,
 )
 from gradfleet.server import serve
+from gradfleet.server.errors import ShuttingDown
 from gradfleet.server.jobs import Job
 from gradfleet.server.metrics import ServerMetrics
 from gradfleet.worker.ps_client import ParameterServerClient
@@ -266,3 +267,87 @@ def test_a_pull_stream_reads_one_version_while_the_step_closes_under_it() -> Non
     np.testing.assert_array_equal(old, weights)
     np.testing.assert_array_equal(new, weights - 1.0)
     assert job._readers == {} and job._kept == {}  # the kept copy went with the stream
+
+
+def _job_for_held_gradients(workers: int, receive_slots: int | None = None) -> Job:
+    weights = np.zeros(1024, dtype=np.float32)
+    layout = FlatLayout.from_arrays({"w": weights})
+    budget = layout.nbytes * receive_slots if receive_slots else 512 << 20
+    return Job(
+        "j",
+        _spec(workers),
+        layout,
+        weights.copy(),
+        metrics=ServerMetrics(),
+        chunk_bytes=4096,
+        receive_budget_bytes=budget,
+    )
+
+
+def _powers_of_two(workers: int) -> list[np.ndarray]:
+    return [np.full(1024, 2.0**w, dtype=np.float32) for w in range(workers)]
+
+
+def test_a_gradient_held_during_a_fold_whose_first_chunk_failed_is_still_summed() -> None:
+    # prepare: 3 workers, one receive slot, so worker 1's early push switches the step
+    # to arrival order; then worker 2 streams and worker 0's single message is held
+    job = _job_for_held_gradients(3, receive_slots=1)
+    grads = _powers_of_two(3)
+    job.commit(_header(1), grads[1])
+    assert not job._open.ordered
+    assert job.begin_fold(_header(2), None, lambda: False) is None
+    job.commit(_header(0), grads[0], timeout=5)
+    # execute: worker 2's first chunk is refused (nothing folded); it pushes again
+    job.abort_fold(touched=False)
+    job.commit(_header(2), grads[2], timeout=5)
+    # assert: all three gradients are in the mean
+    assert job.version == 1
+    np.testing.assert_array_equal(job.weights, -(np.float32(1.0 + 2.0 + 4.0) / 3))
+
+
+def test_a_gradient_held_during_a_failed_first_fold_is_summed_and_the_mean_divided() -> None:
+    # prepare: 2 workers in arrival order; worker 1's stream is the first into the sum
+    job = _job_for_held_gradients(2)
+    job._open.ordered = False
+    grads = _powers_of_two(2)
+    assert job.begin_fold(_header(1), None, lambda: False) is None
+    total, first = job.fold_target()
+    total[:10] = 99.0  # part of the stream went in, then it failed
+    job.commit(_header(0), grads[0], timeout=5)  # held during the fold
+    # execute: the fold fails; worker 1 pushes again as one message
+    job.abort_fold(touched=True)
+    job.commit(_header(1), grads[1], timeout=5)
+    # assert: the mean of both, not worker 1's gradient alone
+    assert first and job.version == 1
+    np.testing.assert_array_equal(job.weights, -(np.float32(1.0 + 2.0) / 2))
+
+
+def test_a_gradient_held_before_a_void_goes_in_when_the_step_starts_again() -> None:
+    # prepare: 3 workers; worker 1 folded into the sum, worker 0 held during worker 2's fold
+    job = _job_for_held_gradients(3)
+    grads = _powers_of_two(3)
+    job._open.ordered = False
+    assert job.begin_fold(_header(1), None, lambda: False) is None
+    total, _ = job.fold_target()
+    total[:] = grads[1]
+    job.finish_fold(_header(1))
+    assert job.begin_fold(_header(2), None, lambda: False) is None
+    job.commit(_header(0), grads[0], timeout=5)
+    # execute: worker 2's fold fails after touching the sum: worker 1 is voided
+    job.abort_fold(touched=True)
+    # assert: worker 0's held gradient went in at once (the step's sum starts with it)
+    assert job._open.needs_repush == {1} and job._open.summed == {0}
+    assert job._open.next_worker == 1 and not job._open.held
+    job.commit(_header(1), grads[1], timeout=5)
+    job.commit(_header(2), grads[2], timeout=5)
+    np.testing.assert_array_equal(job.weights, -(np.float32(1.0 + 2.0 + 4.0) / 3))
+
+
+def test_a_push_waiting_for_a_fold_gives_up_when_its_client_has_left() -> None:
+    # prepare: worker 1's stream folds; a single message from worker 1 must wait for it
+    job = _job_for_held_gradients(2)
+    assert job.begin_fold(_header(1), None, lambda: False) is None
+    # execute + assert: no deadline, but the client is gone: it stops waiting at once
+    with pytest.raises(ShuttingDown):
+        job.commit(_header(1), np.ones(1024, np.float32), give_up=lambda: True)
+    assert job.counters.received == 0 and not job._open.contributors

@@ -383,6 +383,8 @@ class Job:
             return self._classify(header)
 
     def _classify(self, header: pb.PushHeader) -> int | None:
+        if self.state == pb.JOB_STATE_DELETED:  # a push that began before DeleteJob
+            raise JobNotFound(f"job {self.job_id!r} was deleted.", "not_found")
         if self.state == pb.JOB_STATE_STOPPED:
             raise WrongState(f"job {self.job_id} is stopped; it accepts no gradients.", "stopped")
         if header.step > self.version:
@@ -547,6 +549,8 @@ class Job:
             self.cond.notify_all()
             if touched and self.state == pb.JOB_STATE_RUNNING:
                 self._void_sum()
+            if not self._open.ordered:  # what arrived during the fold is summed now
+                self._flush_held(self._open)
 
     def _count_early(self, outcome: int) -> None:
         self.counters.received += 1
@@ -576,6 +580,7 @@ class Job:
         step.next_worker, step.ordered = 0, True
         step.first_arrival = time.monotonic()
         self._sum_empty = True
+        self._drain_held(step)  # held gradients of the first workers go in at once
         self.metrics.steps_reset.inc()
         self.metrics.pushes.labels(outcome="VOIDED").inc(len(voided))
         self.cond.notify_all()
@@ -586,6 +591,7 @@ class Job:
         grad: np.ndarray,
         buf: np.ndarray | None = None,
         timeout: float | None = None,
+        give_up: Callable[[], bool] | None = None,
     ) -> tuple[int, bool]:
         """Add a complete, validated gradient. Returns (outcome, buffer_kept).
 
@@ -594,7 +600,8 @@ class Job:
         True the job holds that buffer (sync reordering) and gives it back itself;
         otherwise the caller may reuse it. A push that would close the step, or that comes
         from the worker whose stream is being folded, first waits (up to `timeout`, then
-        OverLimit) for that fold to end: the step cannot close around a half-added push.
+        OverLimit; ShuttingDown once `give_up()`) for that fold to end: the step cannot
+        close around a half-added push.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
@@ -603,6 +610,10 @@ class Job:
                 and self.state == pb.JOB_STATE_RUNNING
                 and (self._would_close(header) or header.worker == self._fold_worker)
             ):
+                if give_up is not None and give_up():
+                    raise ShuttingDown(
+                        "the push was cancelled or the server is stopping.", "shutdown"
+                    )
                 if deadline is not None and time.monotonic() > deadline:
                     raise OverLimit(
                         f"job {self.job_id} is still summing another worker's gradient and "
@@ -662,7 +673,7 @@ class Job:
             if step.ordered:
                 log.debug("job %s: receive slots full, summing in arrival order", self.job_id)
                 step.ordered = False
-                self._flush_held(step)
+            self._flush_held(step)  # also what was held during a fold that failed
             if closing:  # arrival order: this gradient is the last one
                 self._close_sync_step(step, last=grad)
                 return False

@@ -142,7 +142,7 @@ class ParameterService:
             return
         if (every and job.version % every == 0) or job.state == pb.JOB_STATE_COMPLETED:
             try:
-                checkpoint.write_checkpoint(self.checkpoint_dir, job)
+                self._write_checkpoint(job)
             except OSError:
                 log.exception("checkpoint of job %s failed", job.job_id)
 
@@ -166,6 +166,9 @@ class ParameterService:
             except ServerError as exc:
                 log.warning("cannot resume job %s: %s", loaded.job_id, exc.message)
                 continue
+            if loaded.state == pb.JOB_STATE_DELETED:  # written by an older server mid-delete
+                log.warning("job %s was deleted; not resumed", loaded.job_id)
+                continue
             job.state = loaded.state
             job.counters = loaded.counters
             job.history = loaded.history
@@ -184,7 +187,15 @@ class ParameterService:
         for job in jobs:
             with job.cond:
                 if job.last_checkpoint_version != job.version:
-                    checkpoint.write_checkpoint(self.checkpoint_dir, job)
+                    self._write_checkpoint(job)
+
+    def _write_checkpoint(self, job: Job) -> Path | None:
+        """Checkpoint `job` (call with `job.cond` held); None, writing nothing, for a job
+        deleted meanwhile, whose directory must not come back."""
+        assert self.checkpoint_dir is not None
+        if job.state == pb.JOB_STATE_DELETED:
+            return None
+        return checkpoint.write_checkpoint(self.checkpoint_dir, job)
 
     def begin_shutdown(self) -> None:
         """Wake every waiting pull and watch so they return UNAVAILABLE promptly."""
@@ -316,7 +327,8 @@ class ParameterService:
         job.stop()
         if self.checkpoint_dir is not None:
             with job.cond:
-                checkpoint.write_checkpoint(self.checkpoint_dir, job)
+                if self._write_checkpoint(job) is None:
+                    raise JobNotFound(f"job {request.job_id!r} was deleted.", "not_found")
         return job.info(with_history=False)
 
     @_status_edge
@@ -330,7 +342,9 @@ class ParameterService:
                 "no_checkpoint_dir",
             )
         with job.cond:
-            path = checkpoint.write_checkpoint(self.checkpoint_dir, job)
+            path = self._write_checkpoint(job)
+            if path is None:
+                raise JobNotFound(f"job {request.job_id!r} was deleted.", "not_found")
             return pb.CheckpointJobResponse(version=job.version, path=str(path))
 
     # ---- streams -------------------------------------------------------------------
@@ -350,7 +364,7 @@ class ParameterService:
     ) -> None:
         """Wait (within the call's deadline) for `min_version`."""
         reached = job.wait_for_version(
-            min_version, context.time_remaining(), self._stopping.is_set, worker
+            min_version, context.time_remaining(), self._gives_up(context), worker
         )
         if not reached:
             if self._stopping.is_set():
@@ -471,7 +485,13 @@ class ParameterService:
                 if second is None:
                     whole = np.frombuffer(data, dtype=job.layout.dtype)
                     _check_finite(whole)
-                    return job.commit(header, whole, timeout=context.time_remaining())[0], nbytes
+                    outcome = job.commit(
+                        header,
+                        whole,
+                        timeout=context.time_remaining(),
+                        give_up=self._gives_up(context),
+                    )[0]
+                    return outcome, nbytes
                 rest = itertools.chain([second], rest)
             if job.settings.mode == "sync":
                 return self._fold(job, header, offset, data, rest, context)
