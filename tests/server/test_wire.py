@@ -78,6 +78,27 @@ def test_any_chunking_in_any_order_reassembles_exactly(values, chunk, order) -> 
     assert out.tobytes() == src.tobytes()
 
 
+def test_scattered_tiny_chunks_merge_and_a_push_may_not_scatter_without_bound() -> None:
+    # prepare: 4-byte chunks, every even one first, then the odd ones
+    src = np.arange(2 * ChunkAssembler.MAX_RANGES, dtype=np.float32)
+    order = [*range(0, src.size, 2), *range(1, src.size, 2)]
+    out = np.empty_like(src)
+    assembler = ChunkAssembler(out)
+    # execute: all the even ones leave MAX_RANGES separate ranges; the odd ones join them
+    for i in order:
+        assembler.add(4 * i, src[i : i + 1].tobytes())
+    assembler.finish()
+    # assert: exact, merged into one range; one more scattered range is refused
+    assert out.tobytes() == src.tobytes() and len(assembler._starts) == 1
+    wider = ChunkAssembler(np.empty(2 * ChunkAssembler.MAX_RANGES + 2, dtype=np.float32))
+    for i in range(0, 2 * ChunkAssembler.MAX_RANGES, 2):
+        wider.add(4 * i, b"\0" * 4)
+    with pytest.raises(WireError, match="separate byte ranges"):
+        wider.add(4 * (2 * ChunkAssembler.MAX_RANGES), b"\0" * 4)
+    with pytest.raises(WireError, match="overlaps"):
+        wider.add(4 * 2, b"\0" * 8)
+
+
 @settings(max_examples=200, deadline=None)
 @given(raw=st.binary(max_size=64))
 def test_decoding_random_bytes_raises_only_wire_errors(raw: bytes) -> None:
