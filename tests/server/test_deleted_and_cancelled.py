@@ -162,3 +162,31 @@ def _wait_until(condition, limit: float = 20.0) -> None:  # type: ignore[no-unty
     while not condition():
         assert time.monotonic() < deadline, "the server never reached the expected state"
         time.sleep(0.05)
+
+
+def test_watches_count_as_streams_so_they_cannot_starve_other_calls() -> None:
+    # prepare: a server allowing 1 concurrent stream, one watch holding it
+    with (
+        serve(host="127.0.0.1", port=0, max_concurrent_streams=1) as server,
+        ParameterServerClient(server.address, timeout=10) as ps,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        job = ps.create_job(SPEC64, SGD, num_workers=2, total_steps=5)
+        watch = channel.unary_stream(
+            SERVICE + "WatchJob",
+            request_serializer=pb.WatchJobRequest.SerializeToString,
+            response_deserializer=pb.JobEvent.FromString,
+        )
+        first = watch(pb.WatchJobRequest(job_id=job))
+        next(first)
+        # execute: many more watchers
+        refused = []
+        for _ in range(40):
+            try:
+                next(watch(pb.WatchJobRequest(job_id=job), timeout=10))
+            except grpc.RpcError as exc:
+                refused.append(exc.code())
+        # assert: each is refused at once, and unary calls still answer
+        assert refused == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 40
+        assert ps.get_job(job).version == 0
+        first.cancel()

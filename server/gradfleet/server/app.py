@@ -143,14 +143,15 @@ class ParameterServer:
             interceptors.append(
                 TokenAuthInterceptor(c.token, lambda: self.metrics.reject("unauthenticated"))
             )
-        # every stream can hold a thread while it waits; leave room for unary calls
-        pool = futures.ThreadPoolExecutor(
-            max_workers=c.max_concurrent_streams + 32, thread_name_prefix="gradfleet-ps"
-        )
+        # every stream can hold a thread while it waits; leave room for unary calls, and
+        # refuse (RESOURCE_EXHAUSTED) rather than queue calls once every thread is taken
+        threads = c.max_concurrent_streams + 32
+        pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gradfleet-ps")
         server = grpc.server(
             pool,
             interceptors=interceptors,
             options=channel_options(c.max_message_bytes),
+            maximum_concurrent_rpcs=threads,
         )
         server.add_generic_rpc_handlers((self.service.generic_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

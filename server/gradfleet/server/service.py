@@ -578,7 +578,12 @@ class ParameterService:
         self, request: pb.WatchJobRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.JobEvent]:
         job = self._job(request.job_id)
-        next_step = request.from_version
+        with self.streams:  # a watch holds a server thread like any other stream
+            yield from self._job_events(job, request.from_version, context)
+
+    def _job_events(
+        self, job: Job, next_step: int, context: grpc.ServicerContext
+    ) -> Iterator[pb.JobEvent]:
         last_state = None
         terminal = (pb.JOB_STATE_COMPLETED, pb.JOB_STATE_STOPPED, pb.JOB_STATE_DELETED)
         while context.is_active() and not self._stopping.is_set():
