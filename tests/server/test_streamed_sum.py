@@ -18,7 +18,7 @@ from gradfleet.proto.wire import (
     plan_chunk_bytes,
 )
 from gradfleet.server import serve
-from gradfleet.server.errors import ShuttingDown
+from gradfleet.server.errors import OverLimit, ShuttingDown
 from gradfleet.server.jobs import Job
 from gradfleet.server.metrics import ServerMetrics
 from gradfleet.worker.ps_client import ParameterServerClient
@@ -289,12 +289,12 @@ def _powers_of_two(workers: int) -> list[np.ndarray]:
 
 
 def test_a_gradient_held_during_a_fold_whose_first_chunk_failed_is_still_summed() -> None:
-    # prepare: 3 workers, one receive slot, so worker 1's early push switches the step
-    # to arrival order; then worker 2 streams and worker 0's single message is held
-    job = _job_for_held_gradients(3, receive_slots=1)
+    # prepare: 3 workers summing in arrival order (as after ORDER_PATIENCE); worker 1 is
+    # in the sum, then worker 2 streams and worker 0's single message is held
+    job = _job_for_held_gradients(3, receive_slots=2)
     grads = _powers_of_two(3)
+    job._open.ordered = False
     job.commit(_header(1), grads[1])
-    assert not job._open.ordered
     assert job.begin_fold(_header(2), None, lambda: False) is None
     job.commit(_header(0), grads[0], timeout=5)
     # execute: worker 2's first chunk is refused (nothing folded); it pushes again
@@ -351,3 +351,24 @@ def test_a_push_waiting_for_a_fold_gives_up_when_its_client_has_left() -> None:
     with pytest.raises(ShuttingDown):
         job.commit(_header(1), np.ones(1024, np.float32), give_up=lambda: True)
     assert job.counters.received == 0 and not job._open.contributors
+
+
+def test_gradients_held_during_a_fold_stay_within_the_receive_budget() -> None:
+    # prepare: 5 workers, a budget of 2 gradients; worker 4's stream folds
+    job = _job_for_held_gradients(5, receive_slots=2)
+    grads = _powers_of_two(5)
+    job._open.ordered = False
+    assert job.begin_fold(_header(4), None, lambda: False) is None
+    job.commit(_header(1), grads[1], timeout=5)  # held: 1 of the 2 slots
+    # execute + assert: the next one waits for the fold instead of being held, up to its
+    # deadline; it gets in once the fold ends
+    with pytest.raises(OverLimit):
+        job.commit(_header(2), grads[2], timeout=0.2)
+    assert len(job._open.held) == 1 and 2 not in job._open.contributors
+    total, first = job.fold_target()
+    total[:] = grads[4] if first else total + grads[4]
+    job.finish_fold(_header(4))
+    for worker in (2, 0, 3):
+        job.commit(_header(worker), grads[worker], timeout=5)
+    assert job.version == 1
+    np.testing.assert_array_equal(job.weights, -(np.float32(31.0) / 5))

@@ -598,17 +598,22 @@ class Job:
         `grad` is the caller's receive buffer `buf` (from `take_buffer`) or a read-only
         view of the request (held as it is when it arrives early). When buffer_kept is
         True the job holds that buffer (sync reordering) and gives it back itself;
-        otherwise the caller may reuse it. A push that would close the step, or that comes
-        from the worker whose stream is being folded, first waits (up to `timeout`, then
-        OverLimit; ShuttingDown once `give_up()`) for that fold to end: the step cannot
-        close around a half-added push.
+        otherwise the caller may reuse it. A push that would close the step, that comes
+        from the worker whose stream is being folded, or that finds the receive budget full
+        of gradients held during that fold, first waits (up to `timeout`, then OverLimit;
+        ShuttingDown once `give_up()`) for the fold to end: the step cannot close around a
+        half-added push, and held gradients stay within the budget.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
             while (
                 self._folding
                 and self.state == pb.JOB_STATE_RUNNING
-                and (self._would_close(header) or header.worker == self._fold_worker)
+                and (
+                    self._would_close(header)
+                    or header.worker == self._fold_worker
+                    or len(self._open.held) + 1 >= self.receive_slots  # the budget is full
+                )
             ):
                 if give_up is not None and give_up():
                     raise ShuttingDown(
