@@ -185,3 +185,41 @@ def test_push_retries_while_the_server_restarts(tmp_path: Path, kit) -> None:
     # assert
     assert result["ack"].outcome == pb.PUSH_OUTCOME_ACCEPTED  # type: ignore[attr-defined]
     assert version == 1
+
+
+def test_unusable_newer_files_never_cost_a_new_job_its_fresh_checkpoints(
+    tmp_path: Path, kit
+) -> None:
+    # prepare: a directory holding two unusable checkpoints at versions 40 and 50
+    (tmp_path / "j3").mkdir()
+    for version in (40, 50):
+        (tmp_path / "j3" / f"ckpt-{version:012d}.json").write_text("{not json")
+        (tmp_path / "j3" / f"ckpt-{version:012d}.npz").write_bytes(b"garbage")
+    with (
+        serve(port=0, checkpoint_dir=tmp_path) as server,
+        ParameterServerClient(server.address) as c,
+    ):
+        # execute: a new job of that id trains 3 steps, checkpointing at every one
+        job = c.create_job(
+            kit.SPEC64, kit.SGD, num_workers=2, total_steps=10, checkpoint_every=1, job_id="j3"
+        )
+        _, weights0 = c.pull_weights(job)
+        _train(c, job, range(3), kit, kit.Reference(c.layout(job), weights0, kit.SGD))
+        written = Path(c.checkpoint(job).path)
+        _, at_three = c.pull_weights(job, 3)
+    names = sorted(p.name for p in (tmp_path / "j3").glob("ckpt-*.json"))
+    with (
+        serve(port=0, checkpoint_dir=tmp_path) as server,
+        ParameterServerClient(server.address) as c,
+    ):
+        version, weights = c.pull_weights("j3")
+    # assert: the newest good checkpoint and the one before it are kept, the unusable
+    # files are left alone, and a restart resumes at version 3
+    assert written.is_file() and written.name == "ckpt-000000000003.json"
+    assert names == [
+        "ckpt-000000000002.json",
+        "ckpt-000000000003.json",
+        "ckpt-000000000040.json",
+        "ckpt-000000000050.json",
+    ]
+    assert version == 3 and weights.tobytes() == at_three.tobytes()

@@ -139,19 +139,25 @@ def write_checkpoint(root: Path, job: Job) -> Path:
     json_path = job_dir / f"{stem}.json"
     _atomic_write(json_path, lambda f: f.write(json.dumps(meta).encode()))
     job.last_checkpoint_version = job.version
-    _prune(job_dir)
+    _prune(job_dir, stem)
     log.info("checkpoint of job %s at version %d", job.job_id, job.version)
     return json_path
 
 
-def _prune(job_dir: Path) -> None:
-    """Keep the newest `_KEEP` checkpoints; drop leftovers of writes a crash cut short."""
-    metas = sorted(job_dir.glob("ckpt-*.json"), reverse=True)
-    for old in metas[_KEEP:]:
-        for path in (old, old.with_suffix(".npz")):
-            with contextlib.suppress(OSError):
-                path.unlink()
-    kept = {m.stem for m in metas[:_KEEP]}
+def _prune(job_dir: Path, current: str) -> None:
+    """Keep the checkpoint just written (stem `current`) and the `_KEEP - 1` newest before
+    it; drop older ones and leftovers of writes a crash cut short. Newer files (left by an
+    earlier job of the same id that could not be resumed from them) stay for the operator:
+    sorting by name alone once deleted the checkpoint just written."""
+    metas = sorted(job_dir.glob("ckpt-*.json"))
+    older = [m for m in metas if m.stem < current]
+    kept = {current} | {m.stem for m in metas if m.stem > current}
+    kept |= {m.stem for m in older[len(older) - (_KEEP - 1) :]}
+    for old in metas:
+        if old.stem not in kept:
+            for path in (old, old.with_suffix(".npz")):
+                with contextlib.suppress(OSError):
+                    path.unlink()
     # writes hold the job's lock and one server owns a directory, so these are orphans
     leftovers = [p for p in job_dir.glob("ckpt-*.npz") if p.stem not in kept]
     leftovers += job_dir.glob(".ckpt-*.tmp")
