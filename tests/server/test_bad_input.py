@@ -294,7 +294,7 @@ def test_job_over_the_size_limit_is_resource_exhausted(kit) -> None:
 def test_message_over_the_size_limit_is_resource_exhausted(kit) -> None:
     # prepare: the server accepts 64 KiB messages; this client sends 128 KiB chunks
     spec = {**kit.SPEC64, "sizes": [128, 256]}
-    with serve(port=0, max_message_bytes=64 << 10, chunk_bytes=16 << 10) as small:
+    with serve(port=0, max_message_bytes=64 << 10, chunk_bytes=12 << 10) as small:
         with ParameterServerClient(small.address) as c:
             job = c.create_job(spec, kit.SGD, total_steps=2)
             _, weights = c.pull_weights(job)

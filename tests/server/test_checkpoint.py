@@ -223,3 +223,29 @@ def test_unusable_newer_files_never_cost_a_new_job_its_fresh_checkpoints(
         "ckpt-000000000050.json",
     ]
     assert version == 3 and weights.tobytes() == at_three.tobytes()
+
+
+def test_one_failed_final_checkpoint_does_not_cost_the_other_jobs_theirs(
+    tmp_path: Path, kit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # prepare: two jobs one step in; job "a"'s disk is full (a stand-in for ENOSPC)
+    from gradfleet.server import checkpoint
+
+    real_write = checkpoint.write_checkpoint
+
+    def disk_full_for_a(root: Path, job):  # type: ignore[no-untyped-def]
+        if job.job_id == "a":
+            raise OSError(28, "No space left on device")
+        return real_write(root, job)
+
+    server = serve(port=0, checkpoint_dir=tmp_path)
+    with server as running, ParameterServerClient(running.address) as c:
+        for job in ("a", "b"):
+            c.create_job(kit.SPEC64, kit.SGD, num_workers=1, total_steps=5, job_id=job)
+            layout = c.layout(job)
+            c.push_gradient(job, 0, 0, 1, 1.0, kit.gradient(layout, 0, 0))
+        monkeypatch.setattr(checkpoint, "write_checkpoint", disk_full_for_a)
+        # execute: leaving the block stops the server, which checkpoints every job
+    # assert: the stop did not raise, and job "b" was checkpointed at version 1
+    assert (tmp_path / "b" / "ckpt-000000000001.json").is_file()
+    assert not (tmp_path / "a" / "ckpt-000000000001.json").exists()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import socket
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from gradfleet.server import main, serve
+from gradfleet.server import ParameterServer, main, serve
 from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
 
 TOKEN = "correct-horse-battery-staple"
@@ -155,7 +157,14 @@ def test_metrics_are_exposed_in_prometheus_format(kit) -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--tls-cert", "cert.pem"], ["--port", "70000"], ["--chunk-bytes", "10"]],
+    [
+        ["--tls-cert", "cert.pem"],
+        ["--port", "70000"],
+        ["--chunk-bytes", "10"],
+        ["--metrics-port", "70000"],
+        ["--max-message-bytes", str(2**32)],
+        ["--max-message-bytes", str(2 << 20)],  # too small for 4 default chunks
+    ],
 )
 def test_cli_rejects_bad_settings_with_exit_code_2(argv: list[str], capsys) -> None:
     # execute
@@ -164,6 +173,36 @@ def test_cli_rejects_bad_settings_with_exit_code_2(argv: list[str], capsys) -> N
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("gradfleet server: ") and err.strip().endswith(".")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_names_the_address_or_files_when_it_cannot_listen(tmp_path: Path, capsys) -> None:
+    # prepare: a port already taken, and a "certificate" that is not PEM
+    bad_pem = tmp_path / "bad.pem"
+    bad_pem.write_text("not a certificate")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        # execute
+        codes = [
+            main(["-q", "--port", port]),
+            main(["-q", "--tls-cert", str(bad_pem), "--tls-key", str(bad_pem)]),
+        ]
+    # assert: one line each, exit code 2, no traceback
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert codes == [2, 2] and len(lines) == 2
+    assert f"127.0.0.1:{port}" in lines[0] and "PEM" in lines[1]
+    assert all(line.startswith("gradfleet server: could not listen on ") for line in lines)
+
+
+def test_a_metrics_port_already_taken_leaves_no_grpc_server_running() -> None:
+    # prepare
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        server = ParameterServer(metrics_port=taken.getsockname()[1])
+        # execute
+        with pytest.raises(OSError):
+            server.start()
+    # assert: the gRPC port was never opened for business
+    assert server._server is None
 
 
 def test_binding_beyond_loopback_without_a_token_warns(caplog: pytest.LogCaptureFixture) -> None:

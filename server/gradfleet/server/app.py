@@ -22,6 +22,7 @@ from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.proto.wire import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
+    SINGLE_MESSAGE_FACTOR,
     channel_options,
 )
 from gradfleet.server.auth import TokenAuthInterceptor
@@ -29,6 +30,7 @@ from gradfleet.server.metrics import ServerMetrics
 from gradfleet.server.service import SERVICE_NAME, ParameterService
 
 log = logging.getLogger(__name__)
+_GRPC_INT_MAX = 2**31 - 1
 
 
 @dataclass
@@ -54,6 +56,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be within 0..65535, got {self.port}.")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be within 0..65535, got {self.metrics_port}.")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together.")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -66,9 +70,15 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1.")
-        if self.chunk_bytes < 4096 or self.chunk_bytes > self.max_message_bytes - 4096:
+        if self.max_message_bytes > _GRPC_INT_MAX:
+            raise ValueError(f"max_message_bytes must be at most {_GRPC_INT_MAX} (gRPC's limit).")
+        if self.chunk_bytes < 4096 or SINGLE_MESSAGE_FACTOR * self.chunk_bytes > (
+            self.max_message_bytes - 4096
+        ):
             raise ValueError(
-                "chunk_bytes must be at least 4096 and leave 4 KiB of max_message_bytes free."
+                f"chunk_bytes must be at least 4096 and at most (max_message_bytes - 4096) / "
+                f"{SINGLE_MESSAGE_FACTOR}: weights of up to {SINGLE_MESSAGE_FACTOR} chunks "
+                "travel as one message."
             )
         if self.checkpoint_every < 0:
             raise ValueError("checkpoint_every must be 0 (shutdown only) or more.")
@@ -164,21 +174,31 @@ class ParameterServer:
             server,
         )
         bind = f"{c.host}:{c.port}" if ":" not in c.host else f"[{c.host}]:{c.port}"
-        if self.secure:
-            creds = grpc.ssl_server_credentials(
-                [(_read(c.tls_key), _read(c.tls_cert))],  # type: ignore[arg-type]
-                root_certificates=_read(c.tls_client_ca) if c.tls_client_ca else None,
-                require_client_auth=c.tls_client_ca is not None,
-            )
-            self.port = server.add_secure_port(bind, creds)
-        else:
-            self.port = server.add_insecure_port(bind)
+        try:
+            if self.secure:
+                creds = grpc.ssl_server_credentials(
+                    [(_read(c.tls_key), _read(c.tls_cert))],  # type: ignore[arg-type]
+                    root_certificates=_read(c.tls_client_ca) if c.tls_client_ca else None,
+                    require_client_auth=c.tls_client_ca is not None,
+                )
+                self.port = server.add_secure_port(bind, creds)
+            else:
+                self.port = server.add_insecure_port(bind)
+        except RuntimeError as exc:  # grpcio reports a failed bind this way
+            tls = " with the TLS certificate and key given (are they valid PEM?)" * self.secure
+            raise OSError(f"could not listen on {bind}{tls}: {exc}") from None
         if self.port == 0:
             raise OSError(f"could not bind {bind}.")
+        if c.metrics_port is not None:  # before the gRPC server starts serving
+            try:
+                self.metrics_port = self.metrics.serve(c.metrics_port, c.host)
+            except OSError as exc:
+                server.stop(None)  # let the bound gRPC port go
+                raise OSError(
+                    f"could not serve metrics on {c.host}:{c.metrics_port}: {exc}"
+                ) from None
         server.start()
         self._server = server
-        if c.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(c.metrics_port, c.host)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(

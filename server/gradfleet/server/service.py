@@ -184,10 +184,13 @@ class ParameterService:
             return
         with self._lock:
             jobs = list(self.jobs.values())
-        for job in jobs:
+        for job in jobs:  # one job's failed write must not cost the others theirs
             with job.cond:
                 if job.last_checkpoint_version != job.version:
-                    self._write_checkpoint(job)
+                    try:
+                        self._write_checkpoint(job)
+                    except OSError:
+                        log.exception("final checkpoint of job %s failed", job.job_id)
 
     def _write_checkpoint(self, job: Job) -> Path | None:
         """Checkpoint `job` (call with `job.cond` held); None, writing nothing, for a job
