@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gradfleet.client import Client
-from gradfleet.client.cli import build_parser
+from gradfleet.client.cli import build_parser, main
 from gradfleet.client.data import load_dataset
 
 pytestmark = [pytest.mark.integration]
@@ -175,6 +175,7 @@ def bad_config(tmp_path: Path, text: str) -> str:
         ("unreachable server", "no gradfleet server at"),
         ("foreign model file", "not a gradfleet model"),
         ("missing model", "no model at"),
+        ("nan timeout", "not a positive number of seconds"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(case: str, message: str, tmp_path: Path) -> None:
@@ -189,6 +190,7 @@ def test_bad_input_exits_2_with_one_line(case: str, message: str, tmp_path: Path
         "unreachable server": ["status", "--server", f"127.0.0.1:{free_port()}", "--timeout", "1"],
         "foreign model file": ["predict", str(foreign), "--input", str(foreign)],
         "missing model": ["evaluate", str(tmp_path / "none"), "--data", "iris"],
+        "nan timeout": ["status", "--server", f"127.0.0.1:{free_port()}", "--timeout", "nan"],
     }[case]
 
     result = run(*args, "--backend", "local") if args[0] == "train" else run(*args)
@@ -196,6 +198,15 @@ def test_bad_input_exits_2_with_one_line(case: str, message: str, tmp_path: Path
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert lines[-1].startswith("gradfleet: error:")
+    assert lines[-1].startswith(("gradfleet: error:", "gradfleet status: error:"))
     assert message in lines[-1]
-    assert len([line for line in lines if line.startswith("gradfleet: error")]) == 1
+    assert len([line for line in lines if ": error:" in line]) == 1
+
+
+@pytest.mark.parametrize("flags", [[], ["-v"], ["--debug"], ["-vv", "-q"]])
+def test_server_after_global_flags_takes_its_own_options(flags: list[str], capsys) -> None:
+    code = main([*flags, "server", "--port", "70000"])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == ["gradfleet server: port must be within 0..65535, got 70000."]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -103,16 +104,33 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default="127.0.0.1:50051", help="server host:port")
     parser.add_argument("--token-file", help="file holding the server's bearer token")
     parser.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds to keep retrying an unreachable server"
+        "--timeout",
+        type=_positive_seconds,
+        default=10.0,
+        help="seconds to keep retrying an unreachable server",
     )
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+_GLOBAL_FLAGS = {"--debug": "", "-v": "-v", "--verbose": "-v", "-q": "-q", "--quiet": "-q"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["server"]:
+    server_args = _server_command(argv)
+    if server_args is not None:  # its own parser: argparse cannot forward "--port 0" intact
         from gradfleet.server import main as server_main
 
-        return server_main(argv[1:])
+        return server_main(server_args)
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.INFO - 10 * args.verbose + 10 * args.quiet
@@ -127,6 +145,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"gradfleet: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _server_command(argv: list[str]) -> list[str] | None:
+    """The arguments for `gradfleet server` when that is the command (after any global
+    flags, which carry over as the server's -v/-q), else None."""
+    carried: set[str] = set()
+    for i, arg in enumerate(argv):
+        if arg == "server":
+            return sorted(carried) + argv[i + 1 :]
+        if arg in _GLOBAL_FLAGS:
+            carried |= {_GLOBAL_FLAGS[arg]} - {""}
+        elif arg[:1] == "-" and len(arg) > 1 and set(arg[1:]) <= {"v", "q"}:  # -vv, -vq
+            carried |= {f"-{letter}" for letter in set(arg[1:])}
+        else:
+            return None
+    return None
 
 
 def _one_line(exc: BaseException) -> str:
