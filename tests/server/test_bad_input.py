@@ -211,11 +211,19 @@ def test_bad_job_config_is_invalid_argument(
     assert client.list_jobs() == []
 
 
-def test_bad_json_is_invalid_argument(server) -> None:
+@pytest.mark.parametrize(
+    ("model_spec_json", "fragment"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[" * 100_000 + "]" * 100_000, "nests too deeply"),
+        ('{"type": "MLP", "sizes": [1e400, 3]}', "cannot convert float infinity"),
+    ],
+)
+def test_bad_json_is_invalid_argument(server, model_spec_json: str, fragment: str) -> None:
     # prepare
     request = pb.CreateJobRequest(
         spec=pb.JobSpec(
-            model_spec_json="{not json", optimizer_json="{}", total_steps=1, num_workers=1
+            model_spec_json=model_spec_json, optimizer_json="{}", total_steps=1, num_workers=1
         )
     )
     # execute
@@ -229,7 +237,7 @@ def test_bad_json_is_invalid_argument(server) -> None:
             stub(request, timeout=10)
     # assert
     assert err.value.code() == INVALID
-    assert "not valid JSON" in err.value.details()
+    assert fragment in err.value.details()
 
 
 METHODS = [

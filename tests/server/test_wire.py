@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.proto.wire import (
+    MAX_UNKNOWN_FIELDS,
     ChunkAssembler,
     FlatLayout,
     WireError,
@@ -115,3 +116,14 @@ def test_small_payloads_go_as_one_message() -> None:
     assert plan_chunk_bytes(1000, 1 << 20, 4) == 1000
     assert plan_chunk_bytes(64 << 20, 1 << 20, 4) == 1 << 20
     assert plan_chunk_bytes(10_000, 1001, 8) == 1000
+
+
+def test_unknown_fields_are_skipped_up_to_a_bound() -> None:
+    # prepare: a chunk message followed by varint fields numbered 9 (unknown here)
+    message = encode_chunk_message(8, np.ones(4, np.float32).tobytes())
+    unknown = b"\x48\x01"  # field 9, varint 1
+    # execute / assert: a few are skipped as protobuf allows; a flood is refused
+    _, offset, data = decode_chunk_message(message + unknown * MAX_UNKNOWN_FIELDS)
+    assert offset == 8 and data.nbytes == 16
+    with pytest.raises(WireError, match="unknown fields"):
+        decode_chunk_message(message + unknown * (MAX_UNKNOWN_FIELDS + 2))

@@ -358,12 +358,21 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+# Fields a chunk message may carry besides its three: enough for later protocol versions,
+# few enough that a message of nothing but tiny unknown fields is refused, not walked.
+MAX_UNKNOWN_FIELDS = 64
+
+
 def decode_chunk_message(raw: bytes) -> tuple[memoryview | None, int, memoryview]:
-    """Parse {header, offset, data} without copying; unknown fields are skipped."""
+    """Parse {header, offset, data} without copying; unknown fields are skipped (at most
+    `MAX_UNKNOWN_FIELDS`: the walk is Python, so their number is what it costs)."""
     buf = memoryview(raw)
     header, offset, data = None, 0, buf[0:0]
-    pos, end = 0, len(buf)
+    pos, end, fields = 0, len(buf), 0
     while pos < end:
+        fields += 1
+        if fields > 3 + MAX_UNKNOWN_FIELDS:
+            raise WireError(f"the message has more than {MAX_UNKNOWN_FIELDS} unknown fields.")
         key, pos = _read_varint(buf, pos)
         field_no, wire_type = key >> 3, key & 7
         if wire_type == 0:

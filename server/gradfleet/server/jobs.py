@@ -88,6 +88,8 @@ def _json_field(text: str, what: str, required: bool) -> dict:
         value = json.loads(text)
     except ValueError as exc:
         raise BadRequest(f"{what} is not valid JSON ({exc}).", "bad_config") from None
+    except RecursionError:
+        raise BadRequest(f"{what} nests too deeply to be a config.", "bad_config") from None
     if not isinstance(value, dict):
         raise BadRequest(f"{what} must be a JSON object.", "bad_config")
     return value
@@ -161,7 +163,7 @@ def spec_nbytes(model_spec: dict) -> int:
     try:
         sizes = [int(s) for s in model_spec["sizes"]]
         itemsize = np.dtype(model_spec.get("dtype", "float32")).itemsize
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise BadRequest(f"model spec is invalid: {exc}", "bad_config") from None
     return itemsize * sum(a * b + b for a, b in itertools.pairwise(sizes))
 
