@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
@@ -43,6 +45,24 @@ def test_too_stale_gradient_fails_precondition_and_changes_nothing(
     assert after[2].accepted == before[2].accepted == 2
     assert within_bound.outcome == pb.PUSH_OUTCOME_ACCEPTED and within_bound.version == 3
     assert client.get_job(job).counters.rejected["stale"] == 1
+
+
+def test_a_stale_exchange_is_refused_once_with_its_reason(
+    client: ParameterServerClient, make_job, kit
+) -> None:
+    # prepare: bound 1, version 2
+    job, layout, *_ = make_job(num_workers=2, mode="async", staleness_bound=1)
+    client.push_gradient(job, 0, 0, 1, 1.0, kit.gradient(layout, 0, 0))
+    client.push_gradient(job, 0, 1, 1, 1.0, kit.gradient(layout, 0, 1))
+    # execute: a worker's whole exchange (one call) with a gradient of version 0
+    with pytest.raises(ParameterServerError) as err:
+        client.push_and_pull(job, 1, 0, 1, 1.0, kit.gradient(layout, 1, 0))
+    counters = client.get_job(job).counters
+    # assert: the reason travels with the error (and through pickling, as from a Ray
+    # actor), and the refused gradient was sent and counted once
+    assert err.value.code == "FAILED_PRECONDITION" and err.value.reason == "stale"
+    assert pickle.loads(pickle.dumps(err.value)).reason == "stale"
+    assert counters.received == 3 and counters.rejected["stale"] == 1
 
 
 def test_async_retry_is_a_duplicate(client: ParameterServerClient, make_job, kit) -> None:

@@ -21,6 +21,8 @@ from gradfleet.proto.v1 import parameter_server_pb2 as pb
 DEFAULT_CHUNK_BYTES = 1 << 20
 MIN_CHUNK_BYTES = 4096
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+# Trailing metadata key under which the server names an error's machine-readable reason.
+REASON_KEY = "gradfleet-reason"
 
 _DTYPE_TO_PROTO: dict[np.dtype, pb.DType] = {
     np.dtype("<f4"): pb.DTYPE_FLOAT32,

@@ -17,7 +17,13 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
-from gradfleet.proto.wire import ChunkAssembler, FlatLayout, WireError, decode_chunk_message
+from gradfleet.proto.wire import (
+    REASON_KEY,
+    ChunkAssembler,
+    FlatLayout,
+    WireError,
+    decode_chunk_message,
+)
 from gradfleet.server import checkpoint
 from gradfleet.server.errors import (
     BadRequest,
@@ -51,23 +57,27 @@ def _check_finite(values: np.ndarray) -> None:
 
 
 def _status_edge(method: F) -> F:
-    """Turn ServerError into `context.abort(code, sentence)`; count it in the metrics."""
+    """Turn ServerError into `context.abort(code, sentence)` with its reason in the trailing
+    metadata (`REASON_KEY`, e.g. "stale"); count it in the metrics."""
+
+    def abort(self: ParameterService, context: grpc.ServicerContext, exc: ServerError) -> None:
+        self.metrics.reject(exc.reason)
+        context.set_trailing_metadata(((REASON_KEY, exc.reason),))
+        context.abort(exc.code, exc.message)
 
     @functools.wraps(method)
     def unary(self: ParameterService, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
         except ServerError as exc:
-            self.metrics.reject(exc.reason)
-            context.abort(exc.code, exc.message)
+            abort(self, context, exc)
 
     @functools.wraps(method)
     def stream(self: ParameterService, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             yield from method(self, request, context)
         except ServerError as exc:
-            self.metrics.reject(exc.reason)
-            context.abort(exc.code, exc.message)
+            abort(self, context, exc)
 
     return stream if inspect.isgeneratorfunction(method) else unary  # type: ignore[return-value]
 

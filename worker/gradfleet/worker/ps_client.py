@@ -31,6 +31,7 @@ from gradfleet.proto.v1 import parameter_server_pb2_grpc as pb_grpc
 from gradfleet.proto.wire import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
+    REASON_KEY,
     SINGLE_MESSAGE_FACTOR,
     ChunkAssembler,
     FlatLayout,
@@ -52,15 +53,17 @@ REPUSH_LIMIT = 10  # pushes of one step's gradient when the server keeps voiding
 
 
 class ParameterServerError(Exception):
-    """A call failed; `code` is the gRPC status name (e.g. "NOT_FOUND"). Pickles cleanly."""
+    """A call failed; `code` is the gRPC status name (e.g. "NOT_FOUND") and `reason` the
+    server's machine-readable reason (e.g. "stale"), when it gave one. Pickles cleanly."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = reason
 
     def __reduce__(self) -> tuple:
-        return (type(self), (self.code, self.message))
+        return (type(self), (self.code, self.message, self.reason))
 
     def __str__(self) -> str:
         return f"{self.message} ({self.code})"
@@ -70,7 +73,9 @@ def _translate(exc: grpc.RpcError) -> ParameterServerError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else None
     name = code.name if code is not None else "UNKNOWN"
-    return ParameterServerError(name, details or f"the call failed with {name}.")
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    reason = dict(trailing or ()).get(REASON_KEY)
+    return ParameterServerError(name, details or f"the call failed with {name}.", reason)
 
 
 def counters_dict(counters: pb.JobCounters) -> dict[str, Any]:
@@ -452,10 +457,9 @@ class ParameterServerClient:
             try:
                 return self._retrying(lambda: self._exchange_once(job_id, message, out, deadline))
             except ParameterServerError as exc:
-                if exc.code != "FAILED_PRECONDITION":
-                    raise
-                # the server chunks these weights (or the push is refused): separate calls,
-                # which raise the real error if there is one
+                if exc.reason != "too_large_for_unary":
+                    raise  # refused (stale, stopped, ...): pushing again would count it twice
+                # the server chunks these weights: a push stream, then a pull stream
         self.push_gradient(job_id, worker, step, rows, loss, grad, timeout=timeout)
         return self.pull_weights(
             job_id, min_version=step + 1, out=out, timeout=timeout, worker=worker
