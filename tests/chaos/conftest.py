@@ -203,6 +203,7 @@ class ThreadWorkers:
                     job.total_steps,
                     job.mode,
                     server_patience=120.0,
+                    num_workers=job.workers,
                 )
             )
         self.errors: list[BaseException] = []

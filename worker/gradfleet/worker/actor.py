@@ -53,6 +53,7 @@ class GradientWorker:
         blas_threads: int = 1,
         server_actor_name: str | None = None,
         server_patience: float = 120.0,
+        num_workers: int = 1,
     ) -> None:
         # One BLAS thread per worker: workers share the node's cores with each other.
         self._blas_limit = threadpool_limits(blas_threads)
@@ -64,6 +65,9 @@ class GradientWorker:
         self.model = MLP.from_spec(model_spec)
         self.grad = np.empty_like(self.model.flat)
         self.plan = BatchPlan(seed, worker, len(x), rows_per_worker)
+        self.num_workers = num_workers
+        # async: this worker's own step count picks its batches (see `_batch_step`)
+        self._own_steps = 0
         self.token, self.server_actor_name = token, server_actor_name
         self.client = ParameterServerClient(address, token=token)
         # pull: plain pulls (first step, re-syncs); exchange: push + wait for the step + pull
@@ -96,10 +100,11 @@ class GradientWorker:
                         self.job_id, min_version=version, out=self.model.flat, timeout=PULL_WAIT
                     )
                     synced = True
+                    self._own_steps = max(self._own_steps, version // self.num_workers)
                 pulled = time.perf_counter()
                 if version >= self.total_steps:
                     break
-                rows = self.plan.indices(version)
+                rows = self.plan.indices(self._batch_step(version))
                 loss, _ = self.model.loss_and_grads(
                     self.x[rows], self.y[rows], self.loss, out=self.grad
                 )
@@ -117,6 +122,7 @@ class GradientWorker:
             except ParameterServerError as exc:
                 version, synced = self._recover(exc), False
                 continue
+            self._own_steps += 1
             self._unavailable_since = None
             self.timings["pull"] += pulled - started
             self.timings["compute"] += computed - pulled
@@ -124,6 +130,14 @@ class GradientWorker:
             self.timings["steps"] += 1
         self.client.close()
         return dict(self.timings)
+
+    def _batch_step(self, version: int) -> int:
+        """Which of this worker's batches to use: step ``version`` in sync mode; in async
+        mode the worker's own count of gradients, since the job's version moves about N
+        per gradient of one worker and indexing by it would skip some rows of each epoch
+        and repeat others. After a restart the count resumes at version // N, where an
+        even share of the job's updates would have put it."""
+        return self._own_steps if self.mode == "async" else version
 
     def _recover(self, exc: ParameterServerError) -> int:
         """Decide how to go on after a failed call; returns the version to pull next (0 =

@@ -4,6 +4,10 @@ N virtual workers compute on the same per-worker batches as Ray workers would
 (``BatchPlan``), and their gradients are averaged exactly as the parameter server does:
 summed in the model's dtype in worker order, divided by the count, then the same
 optimiser code. So a sync job gives the same weights here and on a cluster.
+
+Async mode runs as async training with no staleness: update v applies the gradient of
+worker v mod N on its batch number v // N (its own step count, as a Ray worker counts),
+computed on the current weights.
 """
 
 from __future__ import annotations
@@ -47,25 +51,27 @@ def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResu
     evaluating = 0.0  # time spent on held-out evaluation, left out of wall_time
     for step in range(job.total_steps):
         step_started = time.perf_counter()
-        weighted_loss = 0.0
-        for worker, (x, y, plan) in enumerate(shards):
-            rows = plan.indices(step)
+        weighted_loss, rows_used = 0.0, 0
+        for i, (worker, batch_step) in enumerate(_contributions(job, step)):
+            x, y, plan = shards[worker]
+            rows = plan.indices(batch_step)
             loss, _ = model.loss_and_grads(x[rows], y[rows], job.loss, out=grad)
             weighted_loss += loss * len(rows)
-            if job.workers > 1:  # one worker's mean is its gradient, bit for bit
-                if worker == 0:
+            rows_used += len(rows)
+            if grad_sum is not grad:  # one worker's mean is its gradient, bit for bit
+                if i == 0:
                     np.copyto(grad_sum, grad)
                 else:
                     np.add(grad_sum, grad, out=grad_sum)
-        if job.workers > 1:
+        if job.mode == "sync" and job.workers > 1:
             np.divide(grad_sum, job.workers, out=grad_sum)
         optimizer.step(params, mean_views)
         elapsed = time.perf_counter() - step_started
         entry = {
             "step": step + 1,
-            "loss": weighted_loss / job.batch_size,
-            "rows": job.batch_size,
-            "samples_per_s": job.batch_size / elapsed if elapsed > 0 else 0.0,
+            "loss": weighted_loss / rows_used,
+            "rows": rows_used,
+            "samples_per_s": rows_used / elapsed if elapsed > 0 else 0.0,
             "wall_time": time.perf_counter() - started - evaluating,
         }
         result.history.append(entry)
@@ -80,6 +86,13 @@ def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResu
     result.wall_time = time.perf_counter() - started
     logger.info("local training finished: %s", result.final_metrics)
     return result
+
+
+def _contributions(job: JobConfig, step: int) -> list[tuple[int, int]]:
+    """(worker, that worker's batch number) of every gradient in update ``step``."""
+    if job.mode == "async":
+        return [(step % job.workers, step // job.workers)]
+    return [(worker, step) for worker in range(job.workers)]
 
 
 def _evaluate(model: MLP, job: JobConfig) -> dict[str, float]:

@@ -126,6 +126,7 @@ def start_workers(
             token,
             options.blas_threads,
             server_actor_name,
+            num_workers=job.workers,
         )
         for worker, (x, y) in enumerate(shards)
     ]
