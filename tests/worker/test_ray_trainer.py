@@ -21,6 +21,9 @@ from ray.util.state import list_actors
 from gradfleet import nn
 from gradfleet.client import JobConfig, train
 from gradfleet.client.data import load_dataset, load_mnist
+from gradfleet.proto.v1 import parameter_server_pb2 as pb
+from gradfleet.server import serve
+from gradfleet.worker.ps_client import ParameterServerClient
 from gradfleet.worker.ray_runner import init_ray
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration]
@@ -194,3 +197,21 @@ def test_nothing_outlives_train_when_it_returns_or_raises() -> None:
     assert after_return == []
     assert after_raise == []
     assert port_is_closed(finished.server_address)
+
+
+def test_a_failed_train_on_a_separate_server_stops_the_job_it_started() -> None:
+    job = digits_job(2, steps=400)
+
+    def interrupt_midway(entry: dict[str, float]) -> None:
+        if entry["step"] >= 5:
+            raise KeyboardInterrupt
+
+    with serve(host="127.0.0.1", port=0) as server:
+        with pytest.raises(KeyboardInterrupt):
+            train(job, backend="ray", server=server.address, progress=interrupt_midway)
+        with ParameterServerClient(server.address) as client:
+            jobs = client.list_jobs()
+
+    assert len(jobs) == 1
+    assert jobs[0].state == pb.JOB_STATE_STOPPED and 5 <= jobs[0].version < 400
+    assert our_live_actors() == []

@@ -105,7 +105,7 @@ def _train_ray(
         from gradfleet.worker import ray_runner
 
         client = ParameterServerClient(server_address, token=token)
-        group, monitor = None, None
+        group, monitor, job_id, finished = None, None, None, False
         try:
             job_id = client.create_job(**job.server_settings())
             logger.info(
@@ -127,15 +127,30 @@ def _train_ray(
             timings = ray_runner.run_workers(group, poll=monitor.poll)
             monitor.poll()
             result = monitor.result(timings)
+            finished = True
         finally:
             if group is not None:
                 ray_runner.stop_workers(group)
+            if server and job_id is not None and not finished:
+                _stop_abandoned_job(server_address, token, job_id)
             client.close()
             if monitor is not None:
-                monitor.stop()
-                monitor.client.close()
+                try:
+                    monitor.stop()
+                finally:
+                    monitor.client.close()
     result.wall_time = time.perf_counter() - started
     return result
+
+
+def _stop_abandoned_job(address: str, token: str | None, job_id: str) -> None:
+    """Stop a job this call started on a server that outlives it (``server=``) when the
+    call fails or is interrupted: its workers are gone, so it would show RUNNING forever."""
+    try:
+        with ParameterServerClient(address, token=token, timeout=5.0, retries=1) as client:
+            client.stop_job(job_id)
+    except ParameterServerError as exc:
+        logger.warning("could not stop job %s on %s: %s", job_id, address, exc)
 
 
 class _Evaluator:
@@ -226,7 +241,11 @@ class _Monitor:
             if exc.code != "UNAVAILABLE" or self.server_actor is None:
                 raise
             # The server's node died; Ray restarts the actor elsewhere from its checkpoint.
-            self.client = ParameterServerClient(self.server_actor.current_address(), self.token)
+            stale, self.client = (
+                self.client,
+                ParameterServerClient(self.server_actor.current_address(), self.token),
+            )
+            stale.close()
             return
         for record in info.history:
             if record.step < len(self.history):
