@@ -150,7 +150,7 @@ class GradientWorker:
             # The server voided this step's gradient more often than push_and_pull retries
             # (other pushes kept failing half-way): take the server's state afresh.
             return 0
-        if exc.code == "FAILED_PRECONDITION" and "stopped" in exc.message:
+        if exc.code == "FAILED_PRECONDITION" and exc.reason == "stopped":
             raise exc  # the job was stopped (by a user, or because training diverged)
         if exc.code == "FAILED_PRECONDITION":
             # Async: too stale. Sync: a step the server does not have (it went back to a
@@ -159,9 +159,6 @@ class GradientWorker:
             return 0
         if exc.code not in ("UNAVAILABLE", "CANCELLED"):  # CANCELLED: the server stopped mid-call
             raise exc
-        if self.server_actor_name is not None:
-            self._reconnect()
-            return 0
         now = time.monotonic()
         self._unavailable_since = self._unavailable_since or now
         if now - self._unavailable_since > self.server_patience:
@@ -170,6 +167,9 @@ class GradientWorker:
                 f"worker {self.worker} could not reach the parameter server for "
                 f"{self.server_patience:.0f}s; giving up",
             ) from exc
+        if self.server_actor_name is not None:  # a new address, not a new patience
+            self._reconnect()
+            return 0
         time.sleep(0.5)
         return 0
 

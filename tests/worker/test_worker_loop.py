@@ -1,12 +1,15 @@
-"""Async mode picks each worker's batches by that worker's own step count, so an epoch of
-updates walks every worker's shard once, on the local backend and against a real server."""
+"""Worker behaviour without Ray: async mode picks each worker's batches by that worker's own
+step count (an epoch of updates walks every shard once, on the local backend and against a
+real server), and a worker's patience with an unreachable server is bounded."""
 
 from __future__ import annotations
 
 import itertools
 import threading
+import time
 
 import numpy as np
+import pytest
 
 from gradfleet.client import JobConfig, train
 from gradfleet.nn import MLP, make_optimizer
@@ -14,7 +17,7 @@ from gradfleet.server import serve
 from gradfleet.worker.actor import GradientWorker
 from gradfleet.worker.batches import BatchPlan, shard_rows
 from gradfleet.worker.datasets import ArrayDataset
-from gradfleet.worker.ps_client import ParameterServerClient
+from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
 
 
 def _job(workers: int, **changes) -> JobConfig:  # type: ignore[no-untyped-def]
@@ -108,3 +111,32 @@ def test_async_ray_workers_walk_their_batches_in_order_without_skipping() -> Non
         assert all(b - a in (0, 1) for a, b in itertools.pairwise(steps))
     applied = sum(len(set(steps)) for steps in batches)
     assert applied >= job.total_steps
+
+
+def test_a_worker_gives_up_after_its_patience_even_when_it_can_ask_a_server_actor() -> None:
+    # prepare: a worker whose server (a named Ray actor) keeps answering with an address
+    # nobody serves on; asking the actor is replaced by counting the questions
+    worker = GradientWorker(
+        "127.0.0.1:9",
+        "job",
+        0,
+        np.zeros((8, 4)),
+        np.zeros(8, dtype=np.int64),
+        {"type": "MLP", "sizes": [4, 3]},
+        "cross_entropy",
+        4,
+        0,
+        10,
+        server_actor_name="server",
+        server_patience=0.3,
+    )
+    asked: list[int] = []
+    worker._reconnect = lambda: asked.append(1)  # type: ignore[method-assign]
+    unavailable = ParameterServerError("UNAVAILABLE", "no server")
+    # execute: the worker's loop would call _recover after each failed call
+    with pytest.raises(ParameterServerError, match="giving up"):
+        for _ in range(10_000):
+            worker._recover(unavailable)
+            time.sleep(0.01)
+    # assert: it asked for the address while it was patient, then gave up
+    assert asked
