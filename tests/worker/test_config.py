@@ -9,7 +9,7 @@ import pytest
 
 from gradfleet import nn
 from gradfleet.worker.config import JobConfig
-from gradfleet.worker.datasets import ArrayDataset
+from gradfleet.worker.datasets import ArrayDataset, load_dataset
 
 
 def small_data(classes: int = 3, rows: int = 60, features: int = 4) -> ArrayDataset:
@@ -44,6 +44,15 @@ def test_valid_job_knows_its_steps() -> None:
         ({"epochs": None}, "exactly one of epochs or steps"),
         ({"steps": 3}, "exactly one of epochs or steps"),
         ({"batch_size": 64}, "only 48"),
+        ({"seed": -1}, "seed must be a non-negative integer"),
+        ({"seed": 2**63}, "seed must be at most"),
+        ({"epochs": None, "steps": 2**63}, "steps must be a positive integer"),
+        ({"staleness_bound": 2**31}, "staleness_bound must be at most"),
+        ({"checkpoint_every": 2**31}, "checkpoint_every must be at most"),
+        ({"model": 5}, "model must be an MLP or its spec"),
+        ({"model": "abc"}, "model must be an MLP or its spec"),
+        ({"dtype": 5}, "dtype must be 'float32' or 'float64'"),
+        ({"loss": "mse"}, "needs targets of shape \\(rows, 3\\)"),
     ],
 )
 def test_wrong_values_raise_one_clear_sentence(changes: dict, message: str) -> None:
@@ -89,3 +98,23 @@ def test_progress_reports_the_current_step_with_the_latest_held_out_numbers() ->
 
     assert [entry["step"] for entry in seen] == [1, 2, 3, 4, 5, 6]
     assert "val_accuracy" not in seen[2] and "val_accuracy" in seen[5]
+
+
+@pytest.mark.parametrize(
+    ("source", "options", "message"),
+    [
+        ("digits", {"label_column": 0}, "unknown option"),
+        ("table.csv", {"labelcolumn": 0}, "unknown option"),
+        ("table.csv", {"label_column": 3}, "outside its 3 columns"),
+        ("table.csv", {"label_column": -4}, "outside its 3 columns"),
+    ],
+)
+def test_dataset_options_that_would_be_ignored_or_wrapped_are_refused(
+    tmp_path: Path, source: str, options: dict, message: str
+) -> None:
+    table = tmp_path / "table.csv"
+    table.write_text("".join(f"{i},{i % 3},{i % 2}\n" for i in range(20)))
+    path = str(table) if source == "table.csv" else source
+
+    with pytest.raises(ValueError, match=message):
+        load_dataset(path, **options)

@@ -19,6 +19,7 @@ from gradfleet.worker.ray_data import RayDataset
 Dataset: TypeAlias = ArrayDataset | RayDataset
 
 MODES = ("sync", "async")
+_INT32, _INT64 = 2**31 - 1, 2**63 - 1
 
 
 @dataclass
@@ -49,10 +50,17 @@ class JobConfig:
     name: str = "job"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.model, MLP | dict):
+            raise ValueError(f"model must be an MLP or its spec (a dict), got {self.model!r}")
         spec = self.model.spec() if isinstance(self.model, MLP) else dict(self.model)
         if self.dtype is not None:
+            if not isinstance(self.dtype, str):
+                raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
             spec["dtype"] = self.dtype
-        self.model_spec = MLP.from_spec(spec).spec()  # validates the spec
+        try:
+            self.model_spec = MLP.from_spec(spec).spec()  # validates the spec
+        except TypeError as exc:
+            raise ValueError(f"model spec is invalid: {exc}") from None
         self.dtype = self.model_spec["dtype"]
         if isinstance(self.optimizer, Optimizer):
             self.optimizer = self.optimizer.config()
@@ -86,6 +94,14 @@ class JobConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        # what the server's job spec can carry (int32 fields; seed and steps are int64)
+        limits = {"workers": _INT32, "backup_workers": _INT32, "staleness_bound": _INT32}
+        limits |= {"checkpoint_every": _INT32, "seed": _INT64}
+        for name, limit in limits.items():
+            if getattr(self, name) > limit:
+                raise ValueError(f"{name} must be at most {limit}, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
         if self.batch_size < 1:
@@ -105,7 +121,7 @@ class JobConfig:
         for name in ("epochs", "steps"):
             value = getattr(self, name)
             if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
+                isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _INT64
             ):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
@@ -129,6 +145,11 @@ class JobConfig:
                     f"the dataset has {data.classes()} classes but the model has "
                     f"{sizes[-1]} outputs"
                 )
+        elif isinstance(data, ArrayDataset) and data.y.shape[1:] != (sizes[-1],):
+            raise ValueError(
+                f"loss {self.loss!r} needs targets of shape (rows, {sizes[-1]}) to match the "
+                f"model's outputs, got {data.y.shape}"
+            )
         data.astype(self.dtype)
         steps_per_epoch(self.shard_size, self.rows_per_worker)  # enough rows per shard
 

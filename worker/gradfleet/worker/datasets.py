@@ -228,6 +228,8 @@ def load_csv(path: str | Path, label_column: int | str = -1) -> tuple[np.ndarray
         if not header or label_column not in header:
             raise ValueError(f"{path}: no column named {label_column!r} in the header {header}")
         label_index = header.index(label_column)
+    elif not -width <= label_column < width:
+        raise ValueError(f"{path}: label_column {label_column} is outside its {width} columns")
     else:
         label_index = label_column % width
     values = np.empty((len(rows), width), dtype=np.float64)
@@ -253,16 +255,26 @@ def load_dataset(source: str | Path, validation_split: float = 0.2, **options: A
     """
     text = str(source)
     if text in SKLEARN_SETS:
+        _check_options(options, {"standardize"}, text)
         return load_sklearn(text, validation_split, options.get("standardize", True))
     path = Path(text.removeprefix("mnist:"))
     if text.startswith("mnist:") or (path.is_dir() and any(path.glob("*-images-idx3-ubyte*"))):
+        if options.pop("standardize", False):
+            raise ValueError("MNIST is scaled to [0, 1]; it cannot be standardized as well")
+        _check_options(options, {"train_rows", "kind"}, "an MNIST")
         return load_mnist(path, **options)
     if not path.exists():
         raise ValueError(
             f"no dataset at {text!r}: give a file path or one of the bundled sets {SKLEARN_SETS}"
         )
-    standardize = bool(options.pop("standardize", False))
     suffixes = "".join(path.suffixes)
+    if suffixes.endswith(".csv"):
+        _check_options(options, {"standardize", "label_column"}, "a .csv")
+    elif suffixes.endswith(".npz"):
+        _check_options(options, {"standardize"}, "an .npz")
+    else:
+        _check_options(options, {"standardize", "labels"}, "an .npy or IDX")
+    standardize = bool(options.pop("standardize", False))
     if suffixes.endswith(".npz"):
         try:
             with np.load(path, allow_pickle=False) as archive:
@@ -294,6 +306,14 @@ def load_dataset(source: str | Path, validation_split: float = 0.2, **options: A
     return ArrayDataset(
         x, y, validation_split=validation_split, standardize=standardize, name=str(path)
     )
+
+
+def _check_options(options: dict[str, Any], allowed: set[str], kind: str) -> None:
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for {kind} dataset; allowed: {sorted(allowed)}"
+        )
 
 
 def _load_array(path: Path) -> np.ndarray:
