@@ -217,6 +217,7 @@ def test_bad_job_config_is_invalid_argument(
         ("{not json", "not valid JSON"),
         ("[" * 100_000 + "]" * 100_000, "nests too deeply"),
         ('{"type": "MLP", "sizes": [1e400, 3]}', "cannot convert float infinity"),
+        ('{"type": "MLP", "sizes": [6, 8, 3], "seed": 1e400}', "cannot convert float infinity"),
     ],
 )
 def test_bad_json_is_invalid_argument(server, model_spec_json: str, fragment: str) -> None:

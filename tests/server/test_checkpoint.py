@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
-from gradfleet.server import serve
+from gradfleet.server import checkpoint, serve
 from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
 
 ADDRESS = re.compile(r"parameter server on (127\.0\.0\.1:\d+)")
@@ -229,8 +229,6 @@ def test_one_failed_final_checkpoint_does_not_cost_the_other_jobs_theirs(
     tmp_path: Path, kit, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # prepare: two jobs one step in; job "a"'s disk is full (a stand-in for ENOSPC)
-    from gradfleet.server import checkpoint
-
     real_write = checkpoint.write_checkpoint
 
     def disk_full_for_a(root: Path, job):  # type: ignore[no-untyped-def]
@@ -249,3 +247,36 @@ def test_one_failed_final_checkpoint_does_not_cost_the_other_jobs_theirs(
     # assert: the stop did not raise, and job "b" was checkpointed at version 1
     assert (tmp_path / "b" / "ckpt-000000000001.json").is_file()
     assert not (tmp_path / "a" / "ckpt-000000000001.json").exists()
+
+
+def test_a_checkpoint_of_a_deleted_job_never_hides_the_new_job_of_that_id(
+    tmp_path: Path, kit
+) -> None:
+    # prepare: job "j4" checkpointed at version 50 in state DELETED (an older server wrote
+    # it while the job was being deleted); a new "j4" then trains to version 3
+    with (
+        serve(port=0, checkpoint_dir=tmp_path) as server,
+        ParameterServerClient(server.address) as c,
+    ):
+        job = c.create_job(kit.SPEC64, kit.SGD, num_workers=2, total_steps=99, job_id="j4")
+        held = server.service.jobs[job]
+        with held.cond:
+            held.version, held.state = 50, pb.JOB_STATE_DELETED
+            checkpoint.write_checkpoint(tmp_path, held)
+        (tmp_path / "j4" / "ckpt-000000000000.json").unlink()
+        server.service.jobs.pop(job)
+        job = c.create_job(
+            kit.SPEC64, kit.SGD, num_workers=2, total_steps=10, checkpoint_every=1, job_id="j4"
+        )
+        _, weights0 = c.pull_weights(job)
+        _train(c, job, range(3), kit, kit.Reference(c.layout(job), weights0, kit.SGD))
+        _, at_three = c.pull_weights(job, 3)
+    # execute: restart twice
+    for _ in range(2):
+        with (
+            serve(port=0, checkpoint_dir=tmp_path) as server,
+            ParameterServerClient(server.address) as c,
+        ):
+            version, weights = c.pull_weights("j4")
+    # assert: the new job resumes at version 3 each time
+    assert version == 3 and weights.tobytes() == at_three.tobytes()

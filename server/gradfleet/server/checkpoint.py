@@ -240,12 +240,18 @@ def _parse(json_path: Path) -> LoadedCheckpoint:
 
 
 def load_latest(job_dir: Path) -> LoadedCheckpoint | None:
-    """The newest checkpoint of a job that loads cleanly; torn ones are skipped."""
+    """The newest checkpoint of a job that loads cleanly and can be resumed; torn ones,
+    and ones written while the job was being deleted, are skipped."""
     for json_path in sorted(job_dir.glob("ckpt-*.json"), reverse=True):
         try:
-            return _load_one(json_path)
+            loaded = _load_one(json_path)
         except CheckpointError as exc:
             log.warning("%s; trying an older one", exc)
+            continue
+        if loaded.state == pb.JOB_STATE_DELETED:
+            log.warning("%s belongs to a deleted job; trying an older one", json_path)
+            continue
+        return loaded
     return None
 
 

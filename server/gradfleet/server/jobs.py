@@ -174,7 +174,7 @@ def build_initial_weights(model_spec: dict) -> tuple[FlatLayout, np.ndarray]:
 
     try:
         model = MLP.from_spec(model_spec)
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
         raise BadRequest(f"model spec is invalid: {exc}", "bad_config") from None
     try:
         layout = FlatLayout.from_arrays(model.unflatten(model.flat))

@@ -176,9 +176,6 @@ class ParameterService:
             except ServerError as exc:
                 log.warning("cannot resume job %s: %s", loaded.job_id, exc.message)
                 continue
-            if loaded.state == pb.JOB_STATE_DELETED:  # written by an older server mid-delete
-                log.warning("job %s was deleted; not resumed", loaded.job_id)
-                continue
             job.state = loaded.state
             job.counters = loaded.counters
             job.history = loaded.history
