@@ -53,6 +53,7 @@ def test_valid_job_knows_its_steps() -> None:
         ({"model": "abc"}, "model must be an MLP or its spec"),
         ({"dtype": 5}, "dtype must be 'float32' or 'float64'"),
         ({"loss": "mse"}, "needs targets of shape \\(rows, 3\\)"),
+        ({"model": {"type": "MLP", "sizes": [4, 8, 3], "seed": 1e400}}, "model spec is invalid"),
     ],
 )
 def test_wrong_values_raise_one_clear_sentence(changes: dict, message: str) -> None:
@@ -118,3 +119,12 @@ def test_dataset_options_that_would_be_ignored_or_wrapped_are_refused(
 
     with pytest.raises(ValueError, match=message):
         load_dataset(path, **options)
+
+
+@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy"])
+def test_one_output_models_take_one_target_per_row(loss: str) -> None:
+    data = small_data(classes=2)
+
+    job = JobConfig(model=nn.MLP([4, 8, 1]), dataset=data, loss=loss, batch_size=8, epochs=1)
+
+    assert job.dataset.y.ndim == 1

@@ -126,3 +126,72 @@ def test_unknown_source_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown format"):
         (tmp_path / "data.parquet").write_text("x")
         load_dataset(tmp_path / "data.parquet")
+
+
+def test_idx_longer_than_its_header_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    # 300 MiB of zeros behind a header that promises 10 bytes: a few hundred KiB gzipped
+    path = tmp_path / "bomb-idx1-ubyte.gz"
+    header = bytes([0, 0, 0x08, 1]) + struct.pack(">i", 10)
+    with gzip.open(path, "wb") as f:
+        f.write(header)
+        for _ in range(300):
+            f.write(bytes(1 << 20))
+
+    with pytest.raises(ValueError, match="longer than the 10 bytes its header gives"):
+        read_idx(path)
+
+
+def test_a_constant_training_column_keeps_its_scale() -> None:
+    # 1.7 is not exact in binary: its std over 100 rows is ~1e-15, not 0
+    rng = np.random.default_rng(0)
+    x = np.column_stack([rng.standard_normal(100), np.full(100, 1.7)])
+    x_val = np.array([[0.0, 1.8]])
+
+    data = ArrayDataset(x, np.zeros(100), x_val, np.zeros(1), standardize=True)
+
+    assert data.stats["std"][1] == 1.0
+    np.testing.assert_allclose(data.x_val[0, 1], 0.1)
+
+
+def _bad_files(tmp_path: Path) -> dict[str, tuple[str, dict]]:
+    np.save(tmp_path / "scalar.npy", np.float64(3.0))
+    np.save(tmp_path / "labels.npy", np.zeros(3))
+    np.savez(tmp_path / "no_y_val.npz", x=np.zeros((4, 2)), y=np.zeros(4), x_val=np.zeros((2, 2)))
+    np.savez(tmp_path / "text_labels.npz", x=np.zeros((4, 2)), y=np.array(list("abab")))
+    good = gzip.compress(bytes([0, 0, 0x08, 1]) + struct.pack(">i", 4) + bytes(4))
+    (tmp_path / "corrupt-idx1-ubyte.gz").write_bytes(good[:12] + b"\xff" * 8 + good[20:])
+    huge = tmp_path / "huge.npy"
+    np.save(huge, np.zeros(4))
+    huge.write_bytes(huge.read_bytes().replace(b"(4,)", b"(10**15,)".replace(b"**", b"00")))
+    return {
+        "scalar features": (str(tmp_path / "scalar.npy"), {"labels": tmp_path / "labels.npy"}),
+        "x_val without y_val": (str(tmp_path / "no_y_val.npz"), {}),
+        "text labels": (str(tmp_path / "text_labels.npz"), {}),
+        "corrupt gzip": (
+            str(tmp_path / "corrupt-idx1-ubyte.gz"),
+            {"labels": tmp_path / "labels.npy"},
+        ),
+        "header promising petabytes": (str(huge), {"labels": tmp_path / "labels.npy"}),
+    }
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("scalar features", "one row per sample"),
+        ("x_val without y_val", "validation features and labels together"),
+        ("text labels", "labels must be numbers"),
+        ("corrupt gzip", "IDX file"),
+        ("header promising petabytes", "not a readable .npy"),
+    ],
+)
+def test_broken_files_are_one_value_error(tmp_path: Path, case: str, message: str) -> None:
+    source, options = _bad_files(tmp_path)[case]
+
+    with pytest.raises(ValueError, match=message):
+        load_dataset(source, **options)
+
+
+def test_a_split_that_leaves_no_training_rows_is_refused() -> None:
+    with pytest.raises(ValueError, match="leave none to train on"):
+        ArrayDataset(np.ones((1, 2)), np.zeros(1), validation_split=0.2)

@@ -63,6 +63,14 @@ def test_labels_outside_the_model_are_rejected_before_training() -> None:
         JobConfig(model=nn.MLP([3, 3]), dataset=source, batch_size=4, steps=1)
 
 
+def test_fractional_labels_are_refused_where_the_shard_is_read() -> None:
+    frame = as_frame(np.zeros((8, 3)), np.array([0, 0.6, 1, 1, 0, 1, 0, 1]))
+    shard = RayDataset(ray.data.from_pandas(frame)).shards(1)[0]
+
+    with pytest.raises(ValueError, match=r"row 1 of this shard is 0\.6, not a class index"):
+        shard.arrays()
+
+
 def test_a_missing_label_column_is_named() -> None:
     frame = as_frame(np.zeros((4, 2)), np.zeros(4)).rename(columns={"label": "target"})
 

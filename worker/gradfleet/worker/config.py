@@ -59,7 +59,7 @@ class JobConfig:
             spec["dtype"] = self.dtype
         try:
             self.model_spec = MLP.from_spec(spec).spec()  # validates the spec
-        except TypeError as exc:
+        except (TypeError, OverflowError) as exc:
             raise ValueError(f"model spec is invalid: {exc}") from None
         self.dtype = self.model_spec["dtype"]
         if isinstance(self.optimizer, Optimizer):
@@ -145,7 +145,9 @@ class JobConfig:
                     f"the dataset has {data.classes()} classes but the model has "
                     f"{sizes[-1]} outputs"
                 )
-        elif isinstance(data, ArrayDataset) and data.y.shape[1:] != (sizes[-1],):
+        elif isinstance(data, ArrayDataset) and not (
+            data.y.shape[1:] == (sizes[-1],) or (data.y.ndim == 1 and sizes[-1] == 1)
+        ):
             raise ValueError(
                 f"loss {self.loss!r} needs targets of shape (rows, {sizes[-1]}) to match the "
                 f"model's outputs, got {data.y.shape}"

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import gzip
+import math
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,8 +55,15 @@ class ArrayDataset:
                     f"validation_split must be between 0 and 1, got {self.validation_split}"
                 )
             cut = len(self.x) - max(1, round(len(self.x) * self.validation_split))
+            if cut < 1:
+                raise ValueError(
+                    f"{self.name}: {len(self.x)} rows leave none to train on after a "
+                    f"validation split of {self.validation_split}"
+                )
             self.x, self.x_val = self.x[:cut], self.x[cut:]
             self.y, self.y_val = self.y[:cut], self.y[cut:]
+        if (self.x_val is None) != (self.y_val is None):
+            raise ValueError(f"{self.name}: give validation features and labels together")
         if self.x_val is not None:
             self.x_val = _check_features(self.x_val, f"{self.name} (validation)")
             self.y_val = np.asarray(self.y_val)
@@ -65,8 +74,11 @@ class ArrayDataset:
                     f"training rows {self.x.shape[1]}"
                 )
         if self.standardize and not self.stats:
-            std = self.x.std(axis=0)
-            self.stats = {"mean": self.x.mean(axis=0), "std": np.where(std > 0, std, 1.0)}
+            # a constant column's std comes out a rounding error above 0, not 0: dividing by
+            # it would blow other values of that column up to ~1e14, so it keeps scale 1
+            constant = self.x.max(axis=0) == self.x.min(axis=0)
+            std = np.where(constant, 1.0, self.x.std(axis=0))
+            self.stats = {"mean": self.x.mean(axis=0), "std": std}
             self.x = (self.x - self.stats["mean"]) / self.stats["std"]
             if self.x_val is not None:
                 self.x_val = (self.x_val - self.stats["mean"]) / self.stats["std"]
@@ -134,6 +146,10 @@ def _check_features(x: Any, name: str) -> np.ndarray:
 
 
 def _check_rows(x: np.ndarray, y: np.ndarray, name: str) -> None:
+    if y.ndim == 0:
+        raise ValueError(f"{name}: labels must be an array with one entry per row")
+    if y.dtype.kind not in "fiub":
+        raise ValueError(f"{name}: labels must be numbers, got dtype {y.dtype}")
     if len(y) != len(x):
         raise ValueError(f"{name}: {len(x)} rows of features but {len(y)} labels")
     if len(x) == 0:
@@ -146,26 +162,25 @@ def read_idx(path: str | Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as exc:
+            magic = f.read(4)
+            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_TYPES:
+                raise ValueError(f"{path}: not an IDX file (bad magic number)")
+            dtype, ndim = np.dtype(_IDX_TYPES[magic[2]]), magic[3]
+            dims = f.read(4 * ndim)
+            if ndim < 1 or len(dims) < 4 * ndim:
+                raise ValueError(f"{path}: IDX header is truncated or has no dimensions")
+            shape = struct.unpack(f">{ndim}I", dims)
+            expected = math.prod(shape) * dtype.itemsize
+            # read only what the header promises (+1 byte to see that nothing follows): a
+            # small compressed file cannot make us hold gigabytes it does not describe
+            raw = f.read(expected + 1)
+    except (OSError, EOFError, zlib.error) as exc:
         raise ValueError(f"{path}: cannot read IDX file: {exc}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
-        raise ValueError(f"{path}: not an IDX file (bad magic number)")
-    dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{path}: IDX header is truncated")
-    shape = struct.unpack(f">{ndim}i", raw[4:header])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise ValueError(
-            f"{path}: IDX data has {len(raw) - header} bytes, the header promises {expected}"
-        )
-    return (
-        np.frombuffer(raw, dtype=dtype, offset=header)
-        .reshape(shape)
-        .astype(dtype.newbyteorder("="))
-    )
+    if len(raw) > expected:
+        raise ValueError(f"{path}: IDX data is longer than the {expected} bytes its header gives")
+    if len(raw) < expected:
+        raise ValueError(f"{path}: IDX data has {len(raw)} bytes, the header promises {expected}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def load_mnist(directory: str | Path, train_rows: int = 8000, kind: str = "t10k") -> ArrayDataset:
@@ -279,7 +294,7 @@ def load_dataset(source: str | Path, validation_split: float = 0.2, **options: A
         try:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {k: archive[k] for k in archive.files}
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, MemoryError, zlib.error) as exc:
             raise ValueError(f"{path}: not a readable .npz without pickles: {exc}") from None
         if "x" not in arrays or "y" not in arrays:
             raise ValueError(f"{path}: needs arrays named 'x' and 'y', found {sorted(arrays)}")
@@ -300,6 +315,8 @@ def load_dataset(source: str | Path, validation_split: float = 0.2, **options: A
             raise ValueError(f"{path}: features alone are not enough, pass labels=<file>")
         x = _load_array(path)
         y = _load_array(Path(label_path))
+        if x.ndim < 1:
+            raise ValueError(f"{path}: features must have one row per sample, got a scalar")
         x = x.reshape(len(x), -1)
     else:
         raise ValueError(f"{path}: unknown format; use .npz, .npy, .csv or IDX (.gz)")
@@ -320,6 +337,6 @@ def _load_array(path: Path) -> np.ndarray:
     if "".join(path.suffixes).endswith(".npy"):
         try:
             return np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, MemoryError) as exc:
             raise ValueError(f"{path}: not a readable .npy without pickles: {exc}") from None
     return read_idx(path)

@@ -41,6 +41,14 @@ class RayDataShard:
             row, column = np.argwhere(bad)[0]
             name = self.feature_columns[column]
             raise ValueError(f"column {name!r}, row {row} of this shard is {x[row, column]}")
+        if y.dtype.kind == "f":  # the driver checked the range; whole numbers are checked here
+            fractional = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
+            if fractional.size:
+                row = fractional[0]
+                raise ValueError(
+                    f"label column {self.label_column!r}, row {row} of this shard is {y[row]}, "
+                    "not a class index"
+                )
         return x.astype(self.dtype), y.astype(np.int64)
 
 
