@@ -153,6 +153,19 @@ def test_backward_on_a_non_scalar_takes_the_upstream_gradient() -> None:
     np.testing.assert_array_equal(x.grad, 2 * x.data * upstream)
 
 
+def test_a_leaf_gradient_never_shares_memory_with_the_callers_upstream_array() -> None:
+    # prepare: y = x + 0 passes the upstream gradient through unchanged
+    x = leaf([1.0, 2.0, 3.0])
+    upstream = np.ones(3)
+
+    # execute: the caller reuses its buffer after backward
+    (x + 0.0).backward(upstream)
+    upstream[:] = 99.0
+
+    # assert
+    np.testing.assert_array_equal(x.grad, np.ones(3))
+
+
 def test_backward_on_a_non_scalar_without_upstream_gradient_is_refused() -> None:
     # prepare
     y = leaf([1.0, 2.0]) * 2

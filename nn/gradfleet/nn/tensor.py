@@ -189,7 +189,7 @@ def gradients(output: Tensor, seed: ArrayLike | None = None) -> dict[int, np.nda
             )
         seed_array = np.ones_like(output.data)
     else:
-        seed_array = np.asarray(seed, dtype=output.dtype)
+        seed_array = np.array(seed, dtype=output.dtype)  # a copy: a leaf's .grad may be it
         if seed_array.shape != output.shape:
             raise ValueError(
                 f"upstream gradient has shape {seed_array.shape}, expected {output.shape}"
