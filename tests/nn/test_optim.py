@@ -295,6 +295,26 @@ def test_load_state_dict_without_steps_is_refused() -> None:
         SGD(lr=0.1).load_state_dict({})
 
 
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ({"steps": np.int64(9), "m/a": np.zeros(3)}, r"partial: it lacks \['m/b', 'v/a', 'v/b'\]"),
+        ({"steps": np.int64(9), "m/a": np.zeros(3), "v/a": np.zeros((2, 3))}, "expected"),
+        ({"steps": np.int64(9), "m/a": np.zeros(3, np.float32)}, "expected float64"),
+    ],
+)
+def test_a_partial_or_misshapen_state_is_refused_against_the_parameters(
+    state: dict, message: str
+) -> None:
+    # prepare
+    params = {"a": np.ones(3), "b": np.ones(2)}
+    optimizer = Adam(lr=0.1)
+    # execute / assert: refused, and nothing changed
+    with pytest.raises(ValueError, match=message):
+        optimizer.load_state_dict(state, params)
+    assert optimizer.steps == 0 and optimizer.buffers == {}
+
+
 def test_config_round_trips_through_make_optimizer() -> None:
     # prepare
     original = AdamW(lr=0.003, betas=(0.85, 0.99), eps=1e-7, weight_decay=0.02)

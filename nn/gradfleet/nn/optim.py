@@ -195,7 +195,8 @@ class Optimizer:
 
     def load_state_dict(self, state: Arrays, params: Arrays | None = None) -> None:
         """Restore ``state_dict()``; with ``params``, every buffer must match its parameter's
-        shape and dtype. Nothing changes unless all entries are valid."""
+        shape and dtype, and a state with buffers must hold every kind for every parameter
+        (as any state after one step does). Nothing changes unless all entries are valid."""
         if "steps" not in state:
             raise ValueError("optimiser state needs a 'steps' entry")
         steps = np.asarray(state["steps"])
@@ -224,6 +225,18 @@ class Optimizer:
             if not np.all(np.isfinite(array)):
                 raise ValueError(f"optimiser state {key!r} contains NaN or Inf values")
             buffers[key] = array
+        if params is not None and buffers:
+            missing = [
+                f"{kind}/{name}"
+                for kind in self.buffer_kinds
+                for name in params
+                if f"{kind}/{name}" not in buffers
+            ]
+            if missing:
+                raise ValueError(
+                    f"optimiser state is partial: it lacks {missing[:3]}"
+                    f"{' and more' if len(missing) > 3 else ''}"
+                )
         self.steps, self.buffers = int(steps), buffers
 
     def config(self) -> dict[str, Any]:

@@ -274,7 +274,10 @@ class Job:
         self._layout_proto = layout.to_proto()
         self.optimizer = build_optimizer(self.settings.optimizer)
         if optimizer_state is not None:
-            self.optimizer.load_state_dict(optimizer_state)
+            try:
+                self.optimizer.load_state_dict(optimizer_state, self.params)
+            except ValueError as exc:
+                raise BadRequest(f"optimizer state is invalid: {exc}", "bad_config") from None
         self.version = version
         self.state = pb.JOB_STATE_RUNNING
         if version >= self.settings.total_steps:
