@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import zipfile
 from collections.abc import Callable
@@ -57,14 +58,31 @@ def load_model_and_preprocessing(path: str | Path) -> tuple[MLP, Preprocess]:
         raise ValueError(f"{meta_path} is not a gradfleet model description: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path} is not a gradfleet model description ({FORMAT})")
-    model = MLP.from_spec(meta.get("spec") or {})
+    spec = meta.get("spec") or {}
     try:
         with np.load(weights_path, allow_pickle=False) as archive:
             weights = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, MemoryError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{weights_path} is not a readable weights file: {exc}") from None
+    # the spec must describe these weights before a model of its size is built
+    stored = sum(int(w.size) for w in weights.values())
+    if _spec_parameters(spec, meta_path) != stored:
+        raise ValueError(f"{meta_path}: its spec does not describe the {stored} stored weights")
+    try:
+        model = MLP.from_spec(spec)
+    except (TypeError, OverflowError) as exc:
+        raise ValueError(f"{meta_path}: the model spec is invalid: {exc}") from None
     model.load_state_dict(weights)
     return model, _preprocess(meta.get("preprocessing"), model, meta_path)
+
+
+def _spec_parameters(spec: object, source: Path) -> int:
+    """How many parameters an MLP spec describes (sum of a*b + b over its layers)."""
+    try:
+        sizes = [int(n) for n in spec["sizes"]]  # type: ignore[index]
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise ValueError(f"{source}: the model spec needs 'sizes', a list of integers") from None
+    return sum(a * b + b for a, b in itertools.pairwise(sizes))
 
 
 def _preprocess(stats: dict | None, model: MLP, source: Path) -> Preprocess:
