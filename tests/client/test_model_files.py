@@ -8,8 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gradfleet.client import JobConfig, train
+from gradfleet.client.cli import main
 from gradfleet.client.model_files import load_model, load_model_and_preprocessing, save_model
+from gradfleet.client.reporting import write_run
 from gradfleet.nn import MLP
+from gradfleet.worker.datasets import load_dataset
 
 
 def test_a_saved_model_predicts_the_same_after_loading(tmp_path: Path) -> None:
@@ -45,3 +49,23 @@ def test_a_damaged_model_description_is_one_value_error(
 
     with pytest.raises(ValueError, match=message):
         load_model(tmp_path)
+
+
+def test_evaluate_holds_out_the_rows_training_held_out(tmp_path: Path, capsys) -> None:
+    # prepare: train on digits with a 10 % held-out part (not the default 20 %)
+    job = JobConfig(
+        model=MLP([64, 16, 10], seed=0),
+        dataset=load_dataset("digits", validation_split=0.1),
+        batch_size=32,
+        steps=30,
+    )
+    result = train(job, backend="local")
+    write_run(result, job, tmp_path)
+    # execute
+    code = main(["evaluate", str(tmp_path), "--data", "digits"])
+    # assert: the accuracy is that of training's own held-out rows
+    printed = dict(item.split("=") for item in capsys.readouterr().out.split())
+    assert code == 0
+    assert float(printed["val_accuracy"]) == pytest.approx(
+        result.final_metrics["val_accuracy"], abs=1e-4
+    )

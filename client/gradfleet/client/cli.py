@@ -280,7 +280,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from gradfleet.client.model_files import load_model_and_preprocessing
+    from gradfleet.client.model_files import load_model_and_preprocessing, model_description
     from gradfleet.worker.datasets import load_dataset
     from gradfleet.worker.result import evaluate
 
@@ -288,6 +288,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"standardize": False}
     if args.labels:
         options["labels"] = args.labels
+    trained_on = model_description(args.model)
+    if trained_on.get("dataset") == args.data and trained_on.get("validation_split"):
+        options["validation_split"] = trained_on["validation_split"]  # the same held-out rows
     data = load_dataset(args.data, **options)
     # A bundled set keeps its held-out part (the rows training did not see); a file is
     # evaluated whole.

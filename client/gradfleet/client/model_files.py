@@ -43,8 +43,12 @@ def load_model(path: str | Path) -> MLP:
     return load_model_and_preprocessing(path)[0]
 
 
-def load_model_and_preprocessing(path: str | Path) -> tuple[MLP, Preprocess]:
-    """The model and a function applying its training-time feature scaling to raw rows."""
+def model_description(path: str | Path) -> dict:
+    """The contents of a saved model's ``model.json`` (spec, dataset, final metrics, ...)."""
+    return _paths_and_description(path)[2]
+
+
+def _paths_and_description(path: str | Path) -> tuple[Path, Path, dict]:
     path = Path(path)
     weights_path = path / "model.npz" if path.is_dir() else path
     meta_path = weights_path.with_suffix(".json")
@@ -58,6 +62,12 @@ def load_model_and_preprocessing(path: str | Path) -> tuple[MLP, Preprocess]:
         raise ValueError(f"{meta_path} is not a gradfleet model description: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path} is not a gradfleet model description ({FORMAT})")
+    return weights_path, meta_path, meta
+
+
+def load_model_and_preprocessing(path: str | Path) -> tuple[MLP, Preprocess]:
+    """The model and a function applying its training-time feature scaling to raw rows."""
+    weights_path, meta_path, meta = _paths_and_description(path)
     spec = meta.get("spec") or {}
     try:
         with np.load(weights_path, allow_pickle=False) as archive:

@@ -72,7 +72,12 @@ def write_run(result: TrainResult, job: JobConfig, out: Path) -> Path:
     model_path = save_model(
         result.model,
         out,
-        {"final_metrics": _plain(result.final_metrics), "dataset": job.summary()["dataset"]},
+        {
+            "final_metrics": _plain(result.final_metrics),
+            "dataset": job.summary()["dataset"],
+            # so that `gradfleet evaluate` holds out the same rows training did
+            "validation_split": getattr(data, "validation_split", None),
+        },
         preprocessing=data.stats,
     )
     (out / "config.json").write_text(json.dumps(job.summary(), indent=2) + "\n")
