@@ -140,3 +140,35 @@ def test_a_worker_gives_up_after_its_patience_even_when_it_can_ask_a_server_acto
             time.sleep(0.01)
     # assert: it asked for the address while it was patient, then gave up
     assert asked
+
+
+def test_a_server_that_moved_gets_the_full_patience_again(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # prepare: the server actor answers with a new address (Ray restarted it elsewhere)
+    import ray
+
+    worker = GradientWorker(
+        "127.0.0.1:9",
+        "job",
+        0,
+        np.zeros((8, 4)),
+        np.zeros(8, dtype=np.int64),
+        {"type": "MLP", "sizes": [4, 3]},
+        "cross_entropy",
+        4,
+        0,
+        10,
+        server_actor_name="server",
+        server_patience=60.0,
+    )
+    addresses = iter(["127.0.0.1:9", "127.0.0.1:10"])
+    monkeypatch.setattr(ray, "get_actor", lambda name, namespace: object())
+    monkeypatch.setattr(GradientWorker, "_actor_address", lambda self, actor: next(addresses))
+    unavailable = ParameterServerError("UNAVAILABLE", "no server")
+    # execute: the same address keeps the clock running; a new one restarts it
+    worker._recover(unavailable)
+    same = worker._unavailable_since
+    worker._recover(unavailable)
+    # assert
+    assert same is not None and worker._unavailable_since is None
+    assert worker.client.address == "127.0.0.1:10"
+    worker.client.close()

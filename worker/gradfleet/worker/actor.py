@@ -167,11 +167,17 @@ class GradientWorker:
                 f"worker {self.worker} could not reach the parameter server for "
                 f"{self.server_patience:.0f}s; giving up",
             ) from exc
-        if self.server_actor_name is not None:  # a new address, not a new patience
+        if self.server_actor_name is not None:  # a new address restarts the patience
             self._reconnect()
             return 0
         time.sleep(0.5)
         return 0
+
+    @staticmethod
+    def _actor_address(server: Any) -> str:
+        import ray
+
+        return str(ray.get(server.get_address.remote(), timeout=300))
 
     def _reconnect(self) -> None:
         """Ask the named server actor for its address (Ray may be restarting it)."""
@@ -180,7 +186,7 @@ class GradientWorker:
         assert self.server_actor_name is not None
         try:
             server = ray.get_actor(self.server_actor_name, namespace=SERVER_ACTOR_NAMESPACE)
-            address = str(ray.get(server.get_address.remote(), timeout=300))
+            address = self._actor_address(server)
         except (ValueError, ray.exceptions.RayActorError) as exc:
             raise ParameterServerError(
                 "UNAVAILABLE",
@@ -188,6 +194,9 @@ class GradientWorker:
                 "restarted; give the job a checkpoint directory every node can read so that "
                 "it can resume after a node loss.",
             ) from exc
+        if address == self.client.address:
+            return  # the same server, still unreachable: patience keeps running
         logger.warning("worker %d: parameter server moved to %s", self.worker, address)
         self.client.close()
         self.client = ParameterServerClient(address, token=self.token)
+        self._unavailable_since = None  # a restarted server gets the full patience
