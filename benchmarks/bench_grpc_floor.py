@@ -43,6 +43,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_transport
 
+from gradfleet.nn.mlp import parameter_count
+
 SIZES = [784, 256, 256, 10]
 LR = 0.1
 GRPC_OPTIONS = [
@@ -106,7 +108,7 @@ def minimal_stub(port: int, method: str) -> Callable[[bytes], bytes]:
 
 def serve_minimal_subprocess() -> None:
     """`--serve-minimal`: a one-worker minimal server in its own process; prints its port."""
-    minimal = MinimalServer(np.zeros(bench_transport.n_params(SIZES), np.float32), 1, 1e-6)
+    minimal = MinimalServer(np.zeros(parameter_count(SIZES), np.float32), 1, 1e-6)
     server, port = minimal.start()
     print(port, flush=True)
     server.wait_for_termination()
@@ -116,7 +118,7 @@ def round_trips(calls: int) -> dict[str, np.ndarray]:
     """Seconds per round trip of each transport, interleaved call by call."""
     from gradfleet.worker.ps_client import ParameterServerClient
 
-    params = bench_transport.n_params(SIZES)
+    params = parameter_count(SIZES)
     nbytes = params * 4
     procs: list[subprocess.Popen] = []
     try:
@@ -181,7 +183,7 @@ def round_trips(calls: int) -> dict[str, np.ndarray]:
 def echo_cpu(calls: int) -> dict[str, float]:
     """CPU seconds per bare grpcio echo of the 269k model's bytes: this (client) process
     and the server's, over ``calls`` calls with nothing else running here."""
-    nbytes = bench_transport.n_params(SIZES) * 4
+    nbytes = parameter_count(SIZES) * 4
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve-minimal"], stdout=subprocess.PIPE, text=True
     )

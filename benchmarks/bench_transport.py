@@ -21,7 +21,6 @@ server's peak RSS while 8 workers push a 10M-parameter gradient at once.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import re
 import socket
@@ -33,16 +32,14 @@ from collections.abc import Callable
 
 import numpy as np
 
+from gradfleet.nn.mlp import parameter_count
+
 MODELS = {
     "269k": [784, 256, 256, 10],
     "1M": [784, 1024, 192, 10],
     "10M": [1000, 4000, 1500, 10],
 }
 OPTIMIZER = {"name": "sgd", "lr": 1e-6}
-
-
-def n_params(sizes: list[int]) -> int:
-    return sum(a * b + b for a, b in itertools.pairwise(sizes))
 
 
 def best_of(repeats: int, fn: Callable[[], None]) -> float:
@@ -272,7 +269,7 @@ def main() -> None:
     try:
         for name in names:
             sizes = MODELS[name]
-            params = n_params(sizes)
+            params = parameter_count(sizes)
             nbytes = params * 4
             tcp = bench_tcp(nbytes, args.repeats)
             grpc_times = bench_gradfleet(address, sizes, args.repeats)
@@ -313,7 +310,7 @@ def main() -> None:
         f"{cpu[len(cpu) // 2] * 1e3:.1f} ms over {len(cpu)} steps "
         f"(wall: best {min(w for _, w in steps) * 1e3:.1f} ms)"
     )
-    weights_mb = n_params(MODELS["10M"]) * 4 / 1e6
+    weights_mb = parameter_count(MODELS["10M"]) * 4 / 1e6
     for budget in (None, 50_000_000):
         extra = () if budget is None else ("--receive-budget-bytes", str(budget))
         proc, address = start_server(*extra)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import zipfile
 from collections.abc import Callable
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from gradfleet.nn import MLP
+from gradfleet.nn.mlp import parameter_count
 
 FORMAT = "gradfleet.model/1"
 Preprocess = Callable[[np.ndarray], np.ndarray]
@@ -92,7 +92,7 @@ def _spec_parameters(spec: object, source: Path) -> int:
         sizes = [int(n) for n in spec["sizes"]]  # type: ignore[index]
     except (KeyError, TypeError, ValueError, OverflowError):
         raise ValueError(f"{source}: the model spec needs 'sizes', a list of integers") from None
-    return sum(a * b + b for a, b in itertools.pairwise(sizes))
+    return parameter_count(sizes)
 
 
 def _preprocess(stats: dict | None, model: MLP, source: Path) -> Preprocess:

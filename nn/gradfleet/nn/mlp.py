@@ -38,6 +38,11 @@ _INIT_FOR = {"relu": "he", "leaky_relu": "he", "gelu": "he", "sigmoid": "xavier"
 Layout = list[tuple[str, tuple[int, ...], int]]
 
 
+def parameter_count(sizes: Sequence[int]) -> int:
+    """How many weights and biases an MLP of these layer sizes has, without building it."""
+    return sum(a * b + b for a, b in itertools.pairwise(sizes))
+
+
 class MLP(Module):
     """Linear layers of ``sizes`` with ``activation`` between them and raw outputs (logits)."""
 
@@ -63,7 +68,7 @@ class MLP(Module):
         rng = np.random.default_rng(self.seed)
         # every parameter lives in one contiguous buffer (what the server and the wire
         # move): each Linear is built on its slice, weight then bias, in layer order
-        self.flat = np.empty(sum(a * b + b for a, b in itertools.pairwise(sizes)), self.dtype)
+        self.flat = np.empty(parameter_count(sizes), self.dtype)
         self.layout: Layout = []
         modules: list[Module] = []
         offset = 0

@@ -23,7 +23,6 @@ the optimiser applies each gradient as a whole.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -160,12 +159,14 @@ def build_optimizer(config: dict) -> Any:
 def spec_nbytes(model_spec: dict) -> int:
     """Bytes of a model's weights from its spec alone, so a limit is checked before any
     memory is allocated for it."""
+    from gradfleet.nn.mlp import parameter_count
+
     try:
         sizes = [int(s) for s in model_spec["sizes"]]
         itemsize = np.dtype(model_spec.get("dtype", "float32")).itemsize
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise BadRequest(f"model spec is invalid: {exc}", "bad_config") from None
-    return itemsize * sum(a * b + b for a, b in itertools.pairwise(sizes))
+    return itemsize * parameter_count(sizes)
 
 
 def build_initial_weights(model_spec: dict) -> tuple[FlatLayout, np.ndarray]:
