@@ -216,6 +216,11 @@ class Counters:
         self.received += 1
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
+    def unaccept(self, reason: str) -> None:
+        """Count an accepted push as `rejected[reason]` instead (it was received once)."""
+        self.accepted -= 1
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
     def to_proto(self) -> pb.JobCounters:
         return pb.JobCounters(
             received=self.received,
@@ -320,14 +325,9 @@ class Job:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._slots.acquire(timeout=0.25):
-            if give_up():
-                raise ShuttingDown("the push was cancelled or the server is stopping.", "shutdown")
-            if deadline is not None and time.monotonic() > deadline:
-                raise OverLimit(
-                    f"job {self.job_id} is receiving {self.receive_slots} gradients already "
-                    "and the deadline passed while waiting; retry later.",
-                    "receive_busy",
-                )
+            self._stop_waiting(
+                give_up, deadline, f"receiving {self.receive_slots} gradients already"
+            )
         with self.cond:
             if self._free_buffers:
                 return self._free_buffers.pop()
@@ -499,15 +499,21 @@ class Job:
                 step.ordered = False
                 self._flush_held(step)
                 continue
-            if give_up():
-                raise ShuttingDown("the push was cancelled or the server is stopping.", "shutdown")
-            if deadline is not None and now > deadline:
-                raise OverLimit(
-                    f"job {self.job_id} is summing other gradients and the deadline passed "
-                    "while waiting; retry later.",
-                    "receive_busy",
-                )
+            self._stop_waiting(give_up, deadline, "summing other gradients")
             self.cond.wait(0.05)
+
+    def _stop_waiting(
+        self, give_up: Callable[[], bool] | None, deadline: float | None, busy: str
+    ) -> None:
+        """One check of a push's wait: ShuttingDown once `give_up()` (the client left or the
+        server is stopping), OverLimit once `deadline` passed while the job was `busy`."""
+        if give_up is not None and give_up():
+            raise ShuttingDown("the push was cancelled or the server is stopping.", "shutdown")
+        if deadline is not None and time.monotonic() > deadline:
+            raise OverLimit(
+                f"job {self.job_id} is {busy} and the deadline passed while waiting; retry later.",
+                "receive_busy",
+            )
 
     def fold_target(self) -> tuple[np.ndarray, bool]:
         """(sum, first): the push holding the fold adds its chunks to `sum` in place, or
@@ -534,9 +540,7 @@ class Job:
             step.needs_repush.discard(header.worker)
             if step.ordered and step.next_worker == header.worker:
                 step.next_worker += 1
-                self._drain_held(step)
-            elif not step.ordered:
-                self._flush_held(step)  # single messages that arrived during the fold
+            self._release_held(step)
             if len(step.contributors) >= self.settings.quorum:
                 self._flush_held(step)
                 self._close_sync_step(step)
@@ -555,8 +559,7 @@ class Job:
             self.cond.notify_all()
             if touched and self.state == pb.JOB_STATE_RUNNING:
                 self._void_sum()
-            if not self._open.ordered:  # what arrived during the fold is summed now
-                self._flush_held(self._open)
+            self._release_held(self._open)
 
     def _count_early(self, outcome: int) -> None:
         self.counters.received += 1
@@ -579,14 +582,13 @@ class Job:
         )
         for worker in voided:  # received once, now counted as voided instead of accepted
             del step.contributors[worker]
-            self.counters.accepted -= 1
-            self.counters.rejected["voided"] = self.counters.rejected.get("voided", 0) + 1
+            self.counters.unaccept("voided")
         step.needs_repush.update(voided)
         step.summed.clear()
         step.next_worker, step.ordered = 0, True
         step.first_arrival = time.monotonic()
         self._sum_empty = True
-        self._drain_held(step)  # held gradients of the first workers go in at once
+        self._release_held(step)  # held gradients of the first workers go in at once
         self.metrics.steps_reset.inc()
         self.metrics.pushes.labels(outcome="VOIDED").inc(len(voided))
         self.cond.notify_all()
@@ -621,16 +623,7 @@ class Job:
                     or len(self._open.held) + 1 >= self.receive_slots  # the budget is full
                 )
             ):
-                if give_up is not None and give_up():
-                    raise ShuttingDown(
-                        "the push was cancelled or the server is stopping.", "shutdown"
-                    )
-                if deadline is not None and time.monotonic() > deadline:
-                    raise OverLimit(
-                        f"job {self.job_id} is still summing another worker's gradient and "
-                        "the deadline passed while waiting; retry later.",
-                        "receive_busy",
-                    )
+                self._stop_waiting(give_up, deadline, "still summing another worker's gradient")
                 self.cond.wait(0.05)
             outcome = self._classify_counted(header)
             if outcome is not None:
@@ -684,7 +677,7 @@ class Job:
             if step.ordered:
                 log.debug("job %s: receive slots full, summing in arrival order", self.job_id)
                 step.ordered = False
-            self._flush_held(step)  # also what was held during a fold that failed
+                self._flush_held(step)
             if closing:  # arrival order: this gradient is the last one
                 self._close_sync_step(step, last=grad)
                 return False
@@ -693,6 +686,15 @@ class Job:
             self._flush_held(step)
             self._close_sync_step(step)
         return kept
+
+    def _release_held(self, step: _OpenStep) -> None:
+        """Add the held gradients that may go in now: those whose turn has come in worker
+        order, all of them in arrival order. Called whenever a fold ends or a step starts
+        again, so nothing held during a fold is left behind."""
+        if step.ordered:
+            self._drain_held(step)
+        else:
+            self._flush_held(step)
 
     def _drain_held(self, step: _OpenStep) -> None:
         while step.next_worker in step.held:
@@ -759,8 +761,7 @@ class Job:
             self.layout.dtype.name,
             self.version,
         )
-        self.counters.rejected["overflow"] = self.counters.rejected.get("overflow", 0) + 1
-        self.counters.accepted -= 1
+        self.counters.unaccept("overflow")
         self.state = pb.JOB_STATE_STOPPED
         self._sum_empty = True
         self.cond.notify_all()
