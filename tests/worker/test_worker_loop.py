@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -161,8 +162,9 @@ def test_a_server_that_moved_gets_the_full_patience_again(monkeypatch) -> None: 
         server_patience=60.0,
     )
     addresses = iter(["127.0.0.1:9", "127.0.0.1:10"])
-    monkeypatch.setattr(ray, "get_actor", lambda name, namespace: object())
-    monkeypatch.setattr(GradientWorker, "_actor_address", lambda self, actor: next(addresses))
+    actor = SimpleNamespace(get_address=SimpleNamespace(remote=lambda: None))
+    monkeypatch.setattr(ray, "get_actor", lambda name, namespace: actor)
+    monkeypatch.setattr(ray, "get", lambda ref, timeout: next(addresses))
     unavailable = ParameterServerError("UNAVAILABLE", "no server")
     # execute: the same address keeps the clock running; a new one restarts it
     worker._recover(unavailable)

@@ -173,12 +173,6 @@ class GradientWorker:
         time.sleep(0.5)
         return 0
 
-    @staticmethod
-    def _actor_address(server: Any) -> str:
-        import ray
-
-        return str(ray.get(server.get_address.remote(), timeout=300))
-
     def _reconnect(self) -> None:
         """Ask the named server actor for its address (Ray may be restarting it)."""
         import ray
@@ -186,7 +180,7 @@ class GradientWorker:
         assert self.server_actor_name is not None
         try:
             server = ray.get_actor(self.server_actor_name, namespace=SERVER_ACTOR_NAMESPACE)
-            address = self._actor_address(server)
+            address = str(ray.get(server.get_address.remote(), timeout=300))
         except (ValueError, ray.exceptions.RayActorError) as exc:
             raise ParameterServerError(
                 "UNAVAILABLE",

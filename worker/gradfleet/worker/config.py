@@ -86,11 +86,11 @@ class JobConfig:
             raise ValueError(f"unknown loss {self.loss!r}: choose one of {LOSSES}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be 'sync' or 'async', got {self.mode!r}")
-        for name in ("batch_size", "workers", "seed"):
+        for name in ("batch_size", "workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in ("backup_workers", "staleness_bound", "eval_every", "checkpoint_every"):
+        for name in ("seed", "backup_workers", "staleness_bound", "eval_every", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -100,8 +100,6 @@ class JobConfig:
         for name, limit in limits.items():
             if getattr(self, name) > limit:
                 raise ValueError(f"{name} must be at most {limit}, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
         if self.batch_size < 1:
