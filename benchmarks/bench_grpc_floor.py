@@ -25,8 +25,8 @@ layout or header, no chunking, no limits, no checkpoints, no metrics, no idempot
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -121,31 +121,20 @@ def round_trips(calls: int) -> dict[str, np.ndarray]:
     params = parameter_count(SIZES)
     nbytes = params * 4
     procs: list[subprocess.Popen] = []
-    try:
-        echo_tcp = subprocess.Popen(
-            [sys.executable, "-c", bench_transport.ECHO], stdout=subprocess.PIPE, text=True
-        )
+    with contextlib.ExitStack() as stack:
+        tcp = stack.enter_context(bench_transport.tcp_echo(nbytes))
+        stack.callback(_stop_all, procs)
         minimal = subprocess.Popen(
             [sys.executable, __file__, "--serve-minimal"], stdout=subprocess.PIPE, text=True
         )
-        procs += [echo_tcp, minimal]
+        procs.append(minimal)
         gradfleet, address = bench_transport.start_server()
         procs.append(gradfleet)
-        assert echo_tcp.stdout is not None and minimal.stdout is not None
-        sock = socket.create_connection(("127.0.0.1", int(echo_tcp.stdout.readline())))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert minimal.stdout is not None
         port = int(minimal.stdout.readline())
         echo, exchange = minimal_stub(port, "Echo"), minimal_stub(port, "Exchange")
         grad = np.zeros(params, np.float32)
         weights = np.empty_like(grad)
-        back = bytearray(nbytes)
-
-        def tcp() -> None:
-            sock.sendall(nbytes.to_bytes(8, "little"))
-            sock.sendall(memoryview(grad).cast("B"))
-            view, got = memoryview(back), 0
-            while got < nbytes:
-                got += sock.recv_into(view[got:], nbytes - got)
 
         def minimal_sgd() -> None:
             np.copyto(weights, np.frombuffer(exchange(grad.tobytes()), np.float32))
@@ -172,12 +161,13 @@ def round_trips(calls: int) -> dict[str, np.ndarray]:
                     fn()
                     if call >= 20:  # warm-up
                         times[name].append(time.perf_counter() - start)
-        sock.close()
         return {name: np.array(t) for name, t in times.items()}
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=30)
+
+
+def _stop_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def echo_cpu(calls: int) -> dict[str, float]:

@@ -21,6 +21,7 @@ server's peak RSS while 8 workers push a 10M-parameter gradient at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import socket
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -74,28 +75,33 @@ while True:
 """
 
 
-def bench_tcp(nbytes: int, repeats: int) -> float:
+@contextlib.contextmanager
+def tcp_echo(nbytes: int) -> Iterator[Callable[[], None]]:
+    """One round trip of `nbytes` each way to an echo subprocess over loopback TCP."""
     proc = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        out = np.ones(nbytes // 4, dtype=np.float32)
-        back = bytearray(nbytes)
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            out = np.ones(nbytes // 4, dtype=np.float32)
+            back = bytearray(nbytes)
 
-        def round_trip() -> None:
-            sock.sendall(nbytes.to_bytes(8, "little"))
-            sock.sendall(memoryview(out).cast("B"))
-            view, got = memoryview(back), 0
-            while got < nbytes:
-                got += sock.recv_into(view[got:], nbytes - got)
+            def round_trip() -> None:
+                sock.sendall(nbytes.to_bytes(8, "little"))
+                sock.sendall(memoryview(out).cast("B"))
+                view, got = memoryview(back), 0
+                while got < nbytes:
+                    got += sock.recv_into(view[got:], nbytes - got)
 
-        seconds = best_of(repeats, round_trip)
-        sock.close()
-        return seconds
+            yield round_trip
     finally:
         proc.wait(timeout=10)
+
+
+def bench_tcp(nbytes: int, repeats: int) -> float:
+    with tcp_echo(nbytes) as round_trip:
+        return best_of(repeats, round_trip)
 
 
 # ---- gradfleet server -------------------------------------------------------------

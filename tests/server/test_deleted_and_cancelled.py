@@ -13,13 +13,27 @@ import numpy as np
 import pytest
 
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
-from gradfleet.proto.wire import encode_chunk_message
+from gradfleet.proto.wire import FlatLayout, encode_chunk_message
 from gradfleet.server import ParameterServer, serve
 from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
 
 SPEC64 = {"type": "MLP", "sizes": [6, 8, 3], "activation": "relu", "dtype": "float64", "seed": 0}
 SGD = {"name": "sgd", "lr": 0.1}
 SERVICE = "/gradfleet.v1.ParameterService/"
+
+
+def _worker_0_header(job: str, layout: FlatLayout) -> bytes:
+    """The serialised header of worker 0's push of step 0's float64 gradient."""
+    return pb.PushHeader(
+        job_id=job,
+        worker=0,
+        step=0,
+        rows=1,
+        loss=0.5,
+        dtype=pb.DTYPE_FLOAT64,
+        total_bytes=layout.nbytes,
+        layout=layout.to_proto(),
+    ).SerializeToString()
 
 
 def _delete_between_lookup_and_work(server: ParameterServer, job_id: str) -> None:
@@ -73,16 +87,7 @@ def test_an_async_push_in_flight_when_its_job_is_deleted_changes_nothing(tmp_pat
         )
         layout = ps.layout(job)
         held = server.service.jobs[job]
-        header = pb.PushHeader(
-            job_id=job,
-            worker=0,
-            step=0,
-            rows=1,
-            loss=0.5,
-            dtype=pb.DTYPE_FLOAT64,
-            total_bytes=layout.nbytes,
-            layout=layout.to_proto(),
-        ).SerializeToString()
+        header = _worker_0_header(job, layout)
         data = np.ones(layout.total_elements).tobytes()
         first_sent, deleted = threading.Event(), threading.Event()
 
@@ -124,15 +129,7 @@ def test_pulls_whose_clients_left_give_their_stream_slots_back() -> None:
     ):
         job = ps.create_job(SPEC64, SGD, num_workers=2, total_steps=5)
         layout = ps.layout(job)
-        header = pb.PushHeader(
-            job_id=job,
-            worker=0,
-            step=0,
-            rows=1,
-            loss=0.1,
-            dtype=pb.DTYPE_FLOAT64,
-            total_bytes=layout.nbytes,
-        ).SerializeToString()
+        header = _worker_0_header(job, layout)
         exchange_message = encode_chunk_message(
             0, np.zeros(layout.total_elements).tobytes(), header
         )

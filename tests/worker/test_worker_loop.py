@@ -114,10 +114,10 @@ def test_async_ray_workers_walk_their_batches_in_order_without_skipping() -> Non
     assert applied >= job.total_steps
 
 
-def test_a_worker_gives_up_after_its_patience_even_when_it_can_ask_a_server_actor() -> None:
-    # prepare: a worker whose server (a named Ray actor) keeps answering with an address
-    # nobody serves on; asking the actor is replaced by counting the questions
-    worker = GradientWorker(
+def _worker_of_a_server_actor(server_patience: float) -> GradientWorker:
+    """A worker told that its server runs as the named Ray actor "server"; nothing listens
+    at the address it starts with."""
+    return GradientWorker(
         "127.0.0.1:9",
         "job",
         0,
@@ -129,8 +129,14 @@ def test_a_worker_gives_up_after_its_patience_even_when_it_can_ask_a_server_acto
         0,
         10,
         server_actor_name="server",
-        server_patience=0.3,
+        server_patience=server_patience,
     )
+
+
+def test_a_worker_gives_up_after_its_patience_even_when_it_can_ask_a_server_actor() -> None:
+    # prepare: a worker whose server (a named Ray actor) keeps answering with an address
+    # nobody serves on; asking the actor is replaced by counting the questions
+    worker = _worker_of_a_server_actor(server_patience=0.3)
     asked: list[int] = []
     worker._reconnect = lambda: asked.append(1)  # type: ignore[method-assign]
     unavailable = ParameterServerError("UNAVAILABLE", "no server")
@@ -147,20 +153,7 @@ def test_a_server_that_moved_gets_the_full_patience_again(monkeypatch) -> None: 
     # prepare: the server actor answers with a new address (Ray restarted it elsewhere)
     import ray
 
-    worker = GradientWorker(
-        "127.0.0.1:9",
-        "job",
-        0,
-        np.zeros((8, 4)),
-        np.zeros(8, dtype=np.int64),
-        {"type": "MLP", "sizes": [4, 3]},
-        "cross_entropy",
-        4,
-        0,
-        10,
-        server_actor_name="server",
-        server_patience=60.0,
-    )
+    worker = _worker_of_a_server_actor(server_patience=60.0)
     addresses = iter(["127.0.0.1:9", "127.0.0.1:10"])
     actor = SimpleNamespace(get_address=SimpleNamespace(remote=lambda: None))
     monkeypatch.setattr(ray, "get_actor", lambda name, namespace: actor)
