@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.proto.wire import (
+    DATA_ALIGNMENT,
     MAX_UNKNOWN_FIELDS,
     ChunkAssembler,
     FlatLayout,
@@ -109,6 +110,40 @@ def test_decoding_random_bytes_raises_only_wire_errors(raw: bytes) -> None:
     except WireError:
         return
     assert isinstance(offset, int) and data.nbytes <= len(raw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    header=st.binary(max_size=300),
+    offset=st.integers(min_value=0, max_value=1 << 62),
+    data=st.binary(min_size=1, max_size=600),
+)
+def test_chunk_data_starts_16_byte_aligned_and_parses_as_protobuf(
+    header: bytes, offset: int, data: bytes
+) -> None:
+    # execute
+    message = encode_chunk_message(offset, data, header)
+    _, got_offset, got_data = decode_chunk_message(message)
+    parsed = pb.PullWeightsResponse.FromString(message) if not header else None
+    # assert: the data ends the message and begins on a 16-byte boundary of it
+    assert (len(message) - got_data.nbytes) % DATA_ALIGNMENT == 0
+    assert bytes(got_data) == data and got_offset == offset
+    if parsed is not None:  # any header bytes would have to be a valid WeightsHeader
+        assert parsed.data == data and parsed.offset == offset
+
+
+def test_received_gradient_floats_are_aligned() -> None:
+    # prepare: a header whose length leaves the data unaligned without padding
+    grad = np.arange(1000, dtype=np.float32)
+    header = pb.PushHeader(job_id="j", worker=1, step=3, total_bytes=grad.nbytes)
+    # execute: a received message is a fresh bytes object, as grpcio hands it over
+    message = bytes(
+        bytearray(encode_chunk_message(0, as_bytes_view(grad), header.SerializeToString()))
+    )
+    _, _, data = decode_chunk_message(message)
+    # assert
+    floats = np.frombuffer(data, dtype=np.float32)
+    assert floats.flags.aligned and np.array_equal(floats, grad)
 
 
 def test_small_payloads_go_as_one_message() -> None:
