@@ -164,7 +164,9 @@ class Optimizer:
     def _update(self, name: str, p: np.ndarray, g: np.ndarray, lr: float) -> None:
         raise NotImplementedError
 
-    _BLOCK = 1 << 17  # elements per pass of `_subtract_scaled`: its scratch stays in cache
+    # elements per pass of `_subtract_scaled`: at 10M parameters blocks save a quarter of
+    # the time, below 1M one pass is as fast (benchmarks/bench_server_step.py)
+    _BLOCK = 1 << 19
 
     def _subtract_scaled(self, name: str, p: np.ndarray, g: np.ndarray, factor: float) -> None:
         """``p -= factor * g`` through a kept scratch, block by block for big parameters:

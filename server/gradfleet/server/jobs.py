@@ -3,7 +3,8 @@
 Sync arithmetic (the trainer's local mode does exactly the same, so both agree bit for
 bit): the gradients of a step are summed in the model's dtype in increasing worker order
 (the first copied in, the others added with `np.add(..., out=...)`), then
-`mean = sum / count` in place and `optimizer.step(params, mean_views)`; the last
+`mean = sum / count` in place and the optimiser's step (one pass over the flat buffer,
+the same numbers as per parameter: `WholeBufferOptimizer`); the last
 gradient's add and the division share one blocked pass, and a step of one gradient uses
 it as the mean directly. The step's loss is the rows-weighted mean of the contributing
 workers' losses.
@@ -56,6 +57,7 @@ from gradfleet.server.errors import (
     WrongState,
 )
 from gradfleet.server.metrics import ServerMetrics
+from gradfleet.server.whole_buffer import WholeBufferOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -276,12 +278,13 @@ class Job:
         self.settings = JobSettings.from_proto(spec)
         self.layout = layout
         self.weights = weights  # (total_elements,) in layout.dtype, updated in place
-        self.params = layout.views(weights)
         self._layout_proto = layout.to_proto()
-        self.optimizer = build_optimizer(self.settings.optimizer)
+        self.optimizer = WholeBufferOptimizer(
+            build_optimizer(self.settings.optimizer), layout, weights
+        )
         if optimizer_state is not None:
             try:
-                self.optimizer.load_state_dict(optimizer_state, self.params)
+                self.optimizer.load_state_dict(optimizer_state)
             except ValueError as exc:
                 raise BadRequest(f"optimizer state is invalid: {exc}", "bad_config") from None
         self.version = version
@@ -737,7 +740,7 @@ class Job:
             self._stop_on_overflow(step)
             return
         self._keep_for_readers()
-        self.optimizer.step(self.params, self.layout.views(mean))
+        self.optimizer.step(mean)
         rows = sum(r for r, _ in step.contributors.values())
         if rows > 0:
             loss = sum(r * lo for r, lo in step.contributors.values()) / rows
@@ -796,7 +799,7 @@ class Job:
     def _commit_async(self, header: pb.PushHeader, grad: np.ndarray) -> None:
         self.metrics.staleness.observe(self.version - header.step)
         self._keep_for_readers()
-        self.optimizer.step(self.params, self.layout.views(grad))
+        self.optimizer.step(grad)
         seen = self._seen.setdefault(header.worker, set())
         seen.add(header.step)
         if len(seen) > self.settings.staleness_bound + _KEEP_CONTRIBUTORS:
