@@ -56,6 +56,17 @@ def _check_finite(values: np.ndarray) -> None:
         raise BadRequest("the gradient contains NaN or Inf values.", "non_finite")
 
 
+def _first_push_message(message: bytes) -> tuple[pb.PushHeader, int, memoryview]:
+    """(header, offset, data) of a push's first message, which must carry the header."""
+    try:
+        raw_header, offset, data = decode_chunk_message(message)
+        if raw_header is None:
+            raise BadRequest("the first push message has no header.", "bad_header")
+        return pb.PushHeader.FromString(bytes(raw_header)), offset, data
+    except (WireError, DecodeError):
+        raise BadRequest("the push header is not a valid message.", "bad_header") from None
+
+
 def _status_edge(method: F) -> F:
     """Turn ServerError into `context.abort(code, sentence)` with its reason in the trailing
     metadata (`REASON_KEY`, e.g. "stale"); count it in the metrics."""
@@ -407,13 +418,7 @@ class ParameterService:
         Refused (FAILED_PRECONDITION) before the push is looked at when the job's weights
         do not fit one message, so a client can fall back to the separate calls.
         """
-        try:
-            raw_header = decode_chunk_message(request)[0]
-            if raw_header is None:
-                raise BadRequest("the first push message has no header.", "bad_header")
-            header = pb.PushHeader.FromString(bytes(raw_header))
-        except (WireError, DecodeError):
-            raise BadRequest("the push header is not a valid message.", "bad_header") from None
+        header, offset, data = _first_push_message(request)
         job = self._job(header.job_id)
         if not job.weights_fit_one_message:
             raise WrongState(
@@ -421,8 +426,8 @@ class ParameterService:
                 "the PullWeights stream.",
                 "too_large_for_unary",
             )
-        self.PushGradient.__wrapped__(self, iter([request]), context)  # type: ignore[attr-defined]
         with self.streams:
+            self._push(job, header, offset, data, iter(()), context)
             self._wait(job, min(header.step + 1, job.settings.total_steps), context, header.worker)
         snap = job.snapshot()
         self.metrics.weight_bytes_out.inc(snap.nbytes)
@@ -436,37 +441,43 @@ class ParameterService:
             first = next(request_iterator, None)
             if first is None:
                 raise BadRequest("the push stream is empty; send a header first.", "bad_header")
-            try:
-                raw_header, offset, data = decode_chunk_message(first)
-                if raw_header is None:
-                    raise BadRequest("the first push message has no header.", "bad_header")
-                header = pb.PushHeader.FromString(bytes(raw_header))
-            except (WireError, DecodeError):
-                raise BadRequest("the push header is not a valid message.", "bad_header") from None
+            header, offset, data = _first_push_message(first)
             job = self._job(header.job_id)
-            try:
-                job.check_header(header)
-                early = job.precheck(header)
-            except ServerError as exc:
-                job.count_rejected(exc.reason)
-                raise
-            if early is None:
-                try:
-                    early, nbytes = self._take_gradient(
-                        job, header, offset, data, request_iterator, context
-                    )
-                except ServerError as exc:
-                    if not isinstance(exc, WrongState):  # the job counts its own rejections
-                        job.count_rejected(exc.reason)
-                    raise
-            else:
-                job.count_outcome(early)
-                nbytes = 0
-            self.metrics.gradient_bytes_in.inc(nbytes)
-            self.metrics.pushes.labels(outcome=pb.PushOutcome.Name(early)).inc()
+            outcome = self._push(job, header, offset, data, request_iterator, context)
             return pb.PushAck(
-                outcome=cast(pb.PushOutcome, early), version=job.version, step=header.step
+                outcome=cast(pb.PushOutcome, outcome), version=job.version, step=header.step
             )
+
+    def _push(
+        self,
+        job: Job,
+        header: pb.PushHeader,
+        offset: int,
+        data: memoryview,
+        rest: Iterator[bytes],
+        context: grpc.ServicerContext,
+    ) -> int:
+        """Check the header, then receive and commit the gradient unless its outcome is
+        known without the data (duplicate, late); returns the PushOutcome, counted."""
+        try:
+            job.check_header(header)
+            early = job.precheck(header)
+        except ServerError as exc:
+            job.count_rejected(exc.reason)
+            raise
+        if early is None:
+            try:
+                early, nbytes = self._take_gradient(job, header, offset, data, rest, context)
+            except ServerError as exc:
+                if not isinstance(exc, WrongState):  # the job counts its own rejections
+                    job.count_rejected(exc.reason)
+                raise
+        else:
+            job.count_outcome(early)
+            nbytes = 0
+        self.metrics.gradient_bytes_in.inc(nbytes)
+        self.metrics.pushes.labels(outcome=pb.PushOutcome.Name(early)).inc()
+        return early
 
     def _gives_up(self, context: grpc.ServicerContext) -> Callable[[], bool]:
         """For waits inside a call: true once the client left or the server is stopping."""
