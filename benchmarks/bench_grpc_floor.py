@@ -4,11 +4,12 @@ The transport targets compare gradfleet with raw TCP and with PyTorch DDP. This 
 measures what a *minimal* grpcio parameter server reaches on the same machine, in the
 same run, so that the gap to the targets splits into "ours" and "grpcio's":
 
-* round trip, 269k float32 parameters (784-256-256-10), one worker, interleaved call by
-  call: raw TCP echo (the ceiling); a bare grpcio echo of the same bytes; the minimal
-  server (one unary call: finiteness check, SGD step, weights back); gradfleet's
-  ``push_and_pull`` against a real ``gradfleet server``. Then the CPU time a bare grpcio
-  echo of those bytes costs the client and the server process per call;
+* round trip, 269k float32 parameters (784-256-256-10), one worker, interleaved in
+  blocks of calls as in bench_transport.py: raw TCP echo (the ceiling); a bare grpcio
+  echo of the same bytes; the minimal server (one unary call: finiteness check, SGD
+  step, weights back); gradfleet's ``push_and_pull`` against a real ``gradfleet
+  server``. Then the CPU time a bare grpcio echo of those bytes costs the client and
+  the server process per call;
 * a sync step with 2 Ray workers on MNIST, 64 rows each (issue 4's set-up), rounds
   interleaved: the minimal server with no compute (the exchange alone), the minimal
   server with the real forward/backward pass, and gradfleet's ``GradientWorker`` actors
@@ -115,7 +116,8 @@ def serve_minimal_subprocess() -> None:
 
 
 def round_trips(calls: int) -> dict[str, np.ndarray]:
-    """Seconds per round trip of each transport, interleaved call by call."""
+    """Seconds per round trip of each transport, interleaved in blocks of calls (a call
+    by call rotation would time every server after it sat idle for three others)."""
     from gradfleet.worker.ps_client import ParameterServerClient
 
     params = parameter_count(SIZES)
@@ -154,14 +156,8 @@ def round_trips(calls: int) -> dict[str, np.ndarray]:
                 "minimal grpcio server": minimal_sgd,
                 "gradfleet push_and_pull": ours,
             }
-            times: dict[str, list[float]] = {name: [] for name in variants}
-            for call in range(calls + 20):
-                for name, fn in variants.items():
-                    start = time.perf_counter()
-                    fn()
-                    if call >= 20:  # warm-up
-                        times[name].append(time.perf_counter() - start)
-        return {name: np.array(t) for name, t in times.items()}
+            block = bench_transport.BLOCK["269k"]
+            return bench_transport.interleaved(variants, max(1, calls // block), block)
 
 
 def _stop_all(procs: list[subprocess.Popen]) -> None:

@@ -7,15 +7,18 @@ loopback, one round trip = push one gradient + pull the weights:
   (sync job, one worker, so every push closes a step: the time includes the server's
   optimiser step). The round trip is `push_and_pull`, a worker's exchange of one step:
   one call when gradient and weights each fit one message, else a push stream then a
-  pull stream. Push alone and pull alone are timed separately as well;
+  pull stream. Push alone and pull alone are timed as well;
 * raw TCP: the same bytes to an echo subprocess (the ceiling);
 * Ray: `ray.put` of the array to an actor that returns an array of the same size
   (object store, same node), when Ray is installed and `--no-ray` is not given.
 
-Then the server-side CPU of one sync step with 8 workers at 10M parameters, and the
-server's peak RSS while 8 workers push a 10M-parameter gradient at once.
+The variants run interleaved, a block of consecutive calls each in turn for `--rounds`
+rounds, so drifting machine load hits all alike and each variant runs warm, as a
+worker's exchanges do. It reports the best and the median call, and ratios to raw TCP
+of both. Then the server-side CPU of one sync step with 8 workers at 10M parameters,
+and the server's peak RSS while 8 workers push a 10M-parameter gradient at once.
 
-    python benchmarks/bench_transport.py [--repeats 5] [--no-ray] [--sizes 269k,1M,10M]
+    python benchmarks/bench_transport.py [--rounds 10] [--no-ray] [--sizes 269k,1M,10M]
 """
 
 from __future__ import annotations
@@ -43,14 +46,24 @@ MODELS = {
 OPTIMIZER = {"name": "sgd", "lr": 1e-6}
 
 
-def best_of(repeats: int, fn: Callable[[], None]) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+# calls per variant in a row: enough to run warm, few enough to interleave finely
+BLOCK = {"269k": 20, "1M": 10, "10M": 2}
+
+
+def interleaved(
+    variants: dict[str, Callable[[], None]], rounds: int, block: int
+) -> dict[str, np.ndarray]:
+    """Seconds of each call of each variant: `block` calls of one variant, then the
+    next, for `rounds` rounds after one warm-up round."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(rounds + 1):
+        for name, fn in variants.items():
+            for _ in range(block):
+                start = time.perf_counter()
+                fn()
+                if round_:
+                    times[name].append(time.perf_counter() - start)
+    return {name: np.array(t) for name, t in times.items()}
 
 
 # ---- raw TCP ----------------------------------------------------------------------
@@ -99,11 +112,6 @@ def tcp_echo(nbytes: int) -> Iterator[Callable[[], None]]:
         proc.wait(timeout=10)
 
 
-def bench_tcp(nbytes: int, repeats: int) -> float:
-    with tcp_echo(nbytes) as round_trip:
-        return best_of(repeats, round_trip)
-
-
 # ---- gradfleet server -------------------------------------------------------------
 ADDRESS = re.compile(r"parameter server on (\S+:\d+)")
 
@@ -137,7 +145,9 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def bench_gradfleet(address: str, sizes: list[int], repeats: int) -> dict[str, float]:
+@contextlib.contextmanager
+def gradfleet_calls(address: str, sizes: list[int]) -> Iterator[dict[str, Callable[[], None]]]:
+    """Round trip, push alone and pull alone of a one-worker sync job on the server."""
     from gradfleet.worker.ps_client import ParameterServerClient
 
     spec = {"type": "MLP", "sizes": sizes, "activation": "relu", "dtype": "float32", "seed": 0}
@@ -147,6 +157,10 @@ def bench_gradfleet(address: str, sizes: list[int], repeats: int) -> dict[str, f
         grad = np.zeros_like(weights)
         state = {"version": version}
 
+        def round_trip() -> None:  # a worker's exchange of one step
+            ps.push_and_pull(job, 0, state["version"], 1, 0.0, grad, out=weights)
+            state["version"] += 1
+
         def push() -> None:
             ps.push_gradient(job, 0, state["version"], 1, 0.0, grad)
             state["version"] += 1
@@ -154,25 +168,18 @@ def bench_gradfleet(address: str, sizes: list[int], repeats: int) -> dict[str, f
         def pull() -> None:
             ps.pull_weights(job, state["version"], out=weights)
 
-        def round_trip() -> None:  # a worker's exchange of one step
-            ps.push_and_pull(job, 0, state["version"], 1, 0.0, grad, out=weights)
-            state["version"] += 1
-
-        result = {
-            "round_trip": best_of(repeats, round_trip),
-            "push": best_of(repeats, push),
-            "pull": best_of(repeats, pull),
-        }
+        yield {"gradfleet": round_trip, "push": push, "pull": pull}
         ps.delete_job(job)
-    return result
 
 
-# ---- Ray --------------------------------------------------------------------------
-def bench_ray(nbytes: int, repeats: int) -> float | None:
+@contextlib.contextmanager
+def ray_round_trip(nbytes: int) -> Iterator[Callable[[], None] | None]:
+    """`ray.put` to an actor that returns an array of the same size; None without Ray."""
     try:
         import ray
     except ImportError:
-        return None
+        yield None
+        return
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 
@@ -195,9 +202,22 @@ def bench_ray(nbytes: int, repeats: int) -> float | None:
     def round_trip() -> None:
         out[...] = ray.get(actor.swap.remote(ray.put(data)))
 
-    seconds = best_of(repeats, round_trip)
-    ray.kill(actor)
-    return seconds
+    try:
+        yield round_trip
+    finally:
+        ray.kill(actor)
+
+
+def round_trips(address: str, name: str, rounds: int, with_ray: bool) -> dict[str, np.ndarray]:
+    """Per-call seconds of every transport for one model, interleaved."""
+    nbytes = parameter_count(MODELS[name]) * 4
+    with contextlib.ExitStack() as stack:
+        variants = {"raw TCP": stack.enter_context(tcp_echo(nbytes))}
+        variants |= stack.enter_context(gradfleet_calls(address, MODELS[name]))
+        ray_call = stack.enter_context(ray_round_trip(nbytes)) if with_ray else None
+        if ray_call is not None:
+            variants["Ray"] = ray_call
+        return interleaved(variants, rounds, BLOCK[name])
 
 
 # ---- server-side aggregation and memory -------------------------------------------
@@ -264,49 +284,44 @@ def bench_memory(address: str, pid: int, workers: int = 8) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of interleaved blocks")
     parser.add_argument("--sizes", default="269k,1M,10M")
     parser.add_argument("--no-ray", action="store_true")
     args = parser.parse_args()
-    names = args.sizes.split(",")
 
     proc, address = start_server()
-    rows = []
     try:
-        for name in names:
-            sizes = MODELS[name]
-            params = parameter_count(sizes)
-            nbytes = params * 4
-            tcp = bench_tcp(nbytes, args.repeats)
-            grpc_times = bench_gradfleet(address, sizes, args.repeats)
-            ray_time = None if args.no_ray else bench_ray(nbytes, args.repeats)
-            rows.append((name, params, nbytes, tcp, grpc_times, ray_time))
+        results = {
+            name: round_trips(address, name, args.rounds, not args.no_ray)
+            for name in args.sizes.split(",")
+        }
     finally:
         stop_server(proc)
 
-    def gbps(nbytes: int, seconds: float) -> float:
-        return 2 * nbytes / seconds / 1e9
-
-    print(f"loopback, one round trip = push + pull, best of {args.repeats}; GB/s counts both ways")
+    print(
+        f"loopback, one round trip = push + pull; {args.rounds} rounds of interleaved blocks "
+        f"({', '.join(f'{n}: {BLOCK[n]} calls' for n in results)}); GB/s counts both ways"
+    )
     header = (
-        f"{'model':>6} {'params':>11} {'MB':>7} | {'raw TCP':>16} | {'gradfleet':>16} "
-        f"{'x TCP':>6} {'push ms':>8} {'pull ms':>8} | {'Ray':>16} {'x TCP':>6}"
+        f"{'model':>6} {'MB':>6} {'variant':>9} | {'best ms':>8} {'GB/s':>5} {'x TCP':>6} | "
+        f"{'median ms':>9} {'GB/s':>5} {'x TCP':>6}"
     )
     print(header)
     print("-" * len(header))
-    for name, params, nbytes, tcp, g, ray_time in rows:
-        ray_cell = (
-            f"{ray_time * 1e3:7.2f} ms {gbps(nbytes, ray_time):4.2f}GB/s {tcp / ray_time:6.2f}"
-            if ray_time
-            else f"{'n/a':>16} {'':>6}"
-        )
-        print(
-            f"{name:>6} {params:>11,} {nbytes / 1e6:7.2f} | "
-            f"{tcp * 1e3:7.2f} ms {gbps(nbytes, tcp):4.2f}GB/s | "
-            f"{g['round_trip'] * 1e3:7.2f} ms {gbps(nbytes, g['round_trip']):4.2f}GB/s "
-            f"{tcp / g['round_trip']:6.2f} {g['push'] * 1e3:8.2f} {g['pull'] * 1e3:8.2f} | "
-            f"{ray_cell}"
-        )
+    for name, times in results.items():
+        nbytes = parameter_count(MODELS[name]) * 4
+        tcp_best, tcp_median = times["raw TCP"].min(), np.median(times["raw TCP"])
+        for variant, t in times.items():
+            best, median = t.min(), float(np.median(t))
+            one_way = variant in ("push", "pull")  # moves the bytes once
+            moved = nbytes * (1 if one_way else 2)
+            ratio = "" if one_way else f"{tcp_best / best:6.2f}"
+            ratio_median = "" if one_way else f"{tcp_median / median:6.2f}"
+            print(
+                f"{name:>6} {nbytes / 1e6:6.2f} {variant:>9} | {best * 1e3:8.2f} "
+                f"{moved / best / 1e9:5.2f} {ratio:>6} | {median * 1e3:9.2f} "
+                f"{moved / median / 1e9:5.2f} {ratio_median:>6}"
+            )
 
     steps = bench_aggregation()
     cpu = sorted(c for c, _ in steps)
