@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -153,6 +155,37 @@ def test_metrics_are_exposed_in_prometheus_format(kit) -> None:
     assert "gradfleet_gradient_bytes_in_total" in text
     assert "gradfleet_weight_bytes_out_total" in text
     assert "gradfleet_step_latency_seconds_bucket" in text
+    assert 'gradfleet_pushes_total{outcome="PUSH_OUTCOME_ACCEPTED"} 1.0' in text
+    assert "gradfleet_active_streams 0.0" in text
+
+
+def test_metrics_count_streams_in_flight(kit) -> None:
+    # prepare: a pull that waits for a version nobody pushes
+    with serve(port=0, metrics_port=0) as server, ParameterServerClient(server.address) as c:
+        job = c.create_job(kit.SPEC64, kit.SGD, total_steps=2)
+        codes = []
+
+        def pull() -> None:
+            try:
+                c.pull_weights(job, min_version=1, timeout=3)
+            except ParameterServerError as exc:
+                codes.append(exc.code)
+
+        waiting = threading.Thread(target=pull)
+        waiting.start()
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        # execute
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                text = response.read().decode()
+            if "gradfleet_active_streams 1.0" in text:
+                break
+            time.sleep(0.05)
+        waiting.join()
+    # assert
+    assert "gradfleet_active_streams 1.0" in text
+    assert codes == ["DEADLINE_EXCEEDED"]
 
 
 @pytest.mark.parametrize(

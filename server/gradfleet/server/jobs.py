@@ -297,6 +297,7 @@ class Job:
         self.last_checkpoint_version = -1
         self.cond = threading.Condition()
         self.metrics = metrics
+        self._steps_applied = metrics.steps_applied.labels(job=job_id)
         self.chunk_bytes = plan_chunk_bytes(layout.nbytes, chunk_bytes, layout.dtype.itemsize)
         self.weights_fit_one_message = layout.nbytes <= self.chunk_bytes
         self.receive_slots = max(1, receive_budget_bytes // max(1, layout.nbytes))
@@ -593,7 +594,7 @@ class Job:
         self._sum_empty = True
         self._release_held(step)  # held gradients of the first workers go in at once
         self.metrics.steps_reset.inc()
-        self.metrics.pushes.labels(outcome="VOIDED").inc(len(voided))
+        self.metrics.pushed("VOIDED", len(voided))
         self.cond.notify_all()
 
     def commit(
@@ -823,7 +824,7 @@ class Job:
         self.version += 1
         if self.version >= self.settings.total_steps:
             self.state = pb.JOB_STATE_COMPLETED
-        self.metrics.steps_applied.labels(job=self.job_id).inc()
+        self._steps_applied.inc()
         self.cond.notify_all()
         if self.on_step is not None:
             self.on_step(self)

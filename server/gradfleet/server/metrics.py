@@ -57,9 +57,18 @@ class ServerMetrics:
         )
         self._http: Any = None
         self._lock = threading.Lock()
+        self._by_outcome: dict[str, Any] = {}
 
     def reject(self, reason: str) -> None:
         self.pushes_rejected.labels(reason=reason).inc()
+
+    def pushed(self, outcome: str, count: int = 1) -> None:
+        """Count pushes by outcome name; the labelled child is looked up once per outcome
+        (labels() costs several times an increment, on every step's path)."""
+        child = self._by_outcome.get(outcome)
+        if child is None:
+            child = self._by_outcome.setdefault(outcome, self.pushes.labels(outcome=outcome))
+        child.inc(count)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Expose /metrics on `port` (0 picks a free one); returns the bound port."""

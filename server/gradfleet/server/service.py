@@ -100,7 +100,7 @@ class StreamLimiter:
         self.limit = limit
         self.active = 0
         self._lock = threading.Lock()
-        self._metrics = metrics
+        metrics.active_streams.set_function(lambda: self.active)  # read when scraped
 
     def __enter__(self) -> StreamLimiter:
         with self._lock:
@@ -110,13 +110,11 @@ class StreamLimiter:
                     "too_many_streams",
                 )
             self.active += 1
-        self._metrics.active_streams.inc()
         return self
 
     def __exit__(self, *exc: object) -> None:
         with self._lock:
             self.active -= 1
-        self._metrics.active_streams.dec()
 
 
 class ParameterService:
@@ -476,7 +474,7 @@ class ParameterService:
             job.count_outcome(early)
             nbytes = 0
         self.metrics.gradient_bytes_in.inc(nbytes)
-        self.metrics.pushes.labels(outcome=pb.PushOutcome.Name(early)).inc()
+        self.metrics.pushed(pb.PushOutcome.Name(early))
         return early
 
     def _gives_up(self, context: grpc.ServicerContext) -> Callable[[], bool]:
