@@ -1,7 +1,8 @@
 """Atomic checkpoints: `<dir>/<job_id>/ckpt-<version>.npz` plus `ckpt-<version>.json`.
 
-The `.npz` (weights and optimiser state, loaded with `allow_pickle=False`) is written
-first, then the JSON metadata (spec, layout, version, counters, history); each goes to
+The `.npz` (weights, optimiser state and the step history as two arrays, loaded with
+`allow_pickle=False`) is written first, then the JSON metadata (spec, layout, version,
+counters); each goes to
 a temporary file that is fsynced and renamed. The JSON is the commit marker: a
 checkpoint counts only when both files load and agree, so a torn write is skipped in
 favour of the previous good checkpoint, which is kept until a newer one is complete.
@@ -27,13 +28,16 @@ from google.protobuf import json_format
 
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.proto.wire import FlatLayout
-from gradfleet.server.jobs import Counters, Job, StepResult
+from gradfleet.server.history import StepHistory
+from gradfleet.server.jobs import Counters, Job
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: history in the .npz; 2 (history as JSON records) still loads
+_READABLE_FORMATS = (2, 3)
 _KEEP = 2  # good checkpoints kept per job
 _OPT_PREFIX = "optimizer::"
+_HISTORY_INTS, _HISTORY_FLOATS = "history::ints", "history::floats"
 _STEM = re.compile(r"^ckpt-\d{12}$")
 _HASH_BLOCK = 1 << 20
 
@@ -83,7 +87,7 @@ class LoadedCheckpoint:
     version: int
     state: pb.JobState
     counters: Counters
-    history: list[StepResult]
+    history: StepHistory
     created_at: float
 
 
@@ -119,6 +123,7 @@ def write_checkpoint(root: Path, job: Job) -> Path:
     arrays: dict[str, Any] = {"weights": job.weights}
     for key, value in job.optimizer.state_dict().items():
         arrays[_OPT_PREFIX + key] = np.asarray(value)
+    arrays[_HISTORY_INTS], arrays[_HISTORY_FLOATS] = job.history.arrays()
     npz_path = job_dir / f"{stem}.npz"
     _atomic_write(npz_path, lambda f: np.savez(f, **arrays))
     meta = {
@@ -133,7 +138,6 @@ def write_checkpoint(root: Path, job: Job) -> Path:
         "npz_sha256": _sha256_file(npz_path),
         "created_at": job.created_at,
         "counters": _saved_counters(job),
-        "history": [vars(r) for r in job.history],
     }
     meta["checksum"] = _meta_checksum(meta)
     json_path = job_dir / f"{stem}.json"
@@ -194,8 +198,11 @@ def _parse(json_path: Path) -> LoadedCheckpoint:
         raise bad("its metadata is not valid JSON (a torn or corrupted write)") from None
     if not isinstance(meta, dict):
         raise bad("its metadata is not a JSON object")
-    if meta.get("format") != FORMAT_VERSION:
-        raise bad(f"unknown checkpoint format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+    if meta.get("format") not in _READABLE_FORMATS:
+        raise bad(
+            f"unknown checkpoint format {meta.get('format')!r}, expected one of "
+            f"{list(_READABLE_FORMATS)}"
+        )
     # the checksum covers the values; the byte comparison also catches a change that
     # parses to the same values (e.g. a 17th digit of a float), as written files round-trip
     if meta.get("checksum") != _meta_checksum(meta) or json.dumps(meta).encode() != raw:
@@ -219,6 +226,10 @@ def _parse(json_path: Path) -> LoadedCheckpoint:
     if weights.shape != (layout.total_elements,):
         raise bad("the weights do not match the layout")
     opt_state = {k[len(_OPT_PREFIX) :]: v for k, v in arrays.items() if k.startswith(_OPT_PREFIX)}
+    if meta["format"] == 2:
+        history = StepHistory.from_records(meta["history"])
+    else:
+        history = StepHistory(arrays[_HISTORY_INTS], arrays[_HISTORY_FLOATS])
     spec = json_format.ParseDict(meta["spec"], pb.JobSpec())
     c = meta["counters"]
     counters = Counters(
@@ -237,7 +248,7 @@ def _parse(json_path: Path) -> LoadedCheckpoint:
         version=int(meta["version"]),
         state=pb.JobState.Value(meta["state"]),
         counters=counters,
-        history=[StepResult(**r) for r in meta["history"]],
+        history=history,
         created_at=float(meta["created_at"]),
     )
 

@@ -56,6 +56,7 @@ from gradfleet.server.errors import (
     StepReset,
     WrongState,
 )
+from gradfleet.server.history import StepHistory
 from gradfleet.server.metrics import ServerMetrics
 from gradfleet.server.whole_buffer import WholeBufferOptimizer
 
@@ -187,26 +188,6 @@ def build_initial_weights(model_spec: dict) -> tuple[FlatLayout, np.ndarray]:
 
 
 @dataclass
-class StepResult:
-    step: int
-    loss: float
-    rows: int
-    samples_per_sec: float
-    wall_time: float
-    contributors: int
-
-    def to_proto(self) -> pb.StepRecord:
-        return pb.StepRecord(
-            step=self.step,
-            loss=self.loss,
-            rows=self.rows,
-            samples_per_sec=self.samples_per_sec,
-            wall_time=self.wall_time,
-            contributors=self.contributors,
-        )
-
-
-@dataclass
 class Counters:
     received: int = 0
     accepted: int = 0
@@ -291,7 +272,7 @@ class Job:
         self.state = pb.JOB_STATE_RUNNING
         if version >= self.settings.total_steps:
             self.state = pb.JOB_STATE_COMPLETED
-        self.history: list[StepResult] = []
+        self.history = StepHistory()
         self.counters = Counters()
         self.created_at = time.time()
         self.last_checkpoint_version = -1
@@ -445,6 +426,10 @@ class Job:
     def count_rejected(self, reason: str) -> None:
         with self.cond:
             self.counters.reject(reason)
+
+    # Step records per GetJob answer or WatchJob read: 10k records are about 0.5 MB, far
+    # below any message limit; a client asks again from the next step for more.
+    HISTORY_PAGE = 10_000
 
     # ---- streamed sync pushes: folded chunk by chunk --------------------------------
     # Seconds without progress before a blocked step sums in arrival order. Without
@@ -812,14 +797,12 @@ class Job:
         elapsed = now - self._step_started
         self._step_started = now
         self.history.append(
-            StepResult(
-                step=self.version,
-                loss=float(loss),
-                rows=int(rows),
-                samples_per_sec=rows / elapsed if elapsed > 0 else 0.0,
-                wall_time=time.time(),
-                contributors=contributors,
-            )
+            step=self.version,
+            loss=float(loss),
+            rows=int(rows),
+            samples_per_sec=rows / elapsed if elapsed > 0 else 0.0,
+            wall_time=time.time(),
+            contributors=contributors,
         )
         self.version += 1
         if self.version >= self.settings.total_steps:
@@ -943,7 +926,7 @@ class Job:
                 last_checkpoint_version=self.last_checkpoint_version,
             )
             if with_history:
-                msg.history.extend(r.to_proto() for r in self.history if r.step >= history_since)
+                msg.history.extend(self.history.records(history_since, self.HISTORY_PAGE))
             return msg
 
     def stop(self) -> None:

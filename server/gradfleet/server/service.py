@@ -607,16 +607,18 @@ class ParameterService:
         terminal = (pb.JOB_STATE_COMPLETED, pb.JOB_STATE_STOPPED, pb.JOB_STATE_DELETED)
         while context.is_active() and not self._stopping.is_set():
             with job.cond:
-                records = job.history[max(next_step, 0) : job.version]  # history[k].step == k
+                records = job.history.records(max(next_step, 0), job.HISTORY_PAGE)
                 state, version = job.state, job.version
                 if not records and state == last_state:
                     job.cond.wait(0.5)
                     continue
             for record in records:
                 yield pb.JobEvent(
-                    job_id=job.job_id, version=record.step + 1, state=state, step=record.to_proto()
+                    job_id=job.job_id, version=record.step + 1, state=state, step=record
                 )
                 next_step = record.step + 1
+            if records and next_step < version:
+                continue  # more pages of records before the state they led to
             if state != last_state:
                 yield pb.JobEvent(job_id=job.job_id, version=version, state=state)
                 last_state = state
