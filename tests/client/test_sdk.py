@@ -22,6 +22,7 @@ from gradfleet.client import (
 )
 from gradfleet.client.data import load_dataset
 from gradfleet.server import serve
+from gradfleet.server.jobs import Job
 from gradfleet.worker.ray_runner import init_ray
 
 pytestmark = [pytest.mark.integration]
@@ -109,7 +110,10 @@ def test_token_is_required_when_configured() -> None:
 
 
 @pytest.mark.ray
-def test_train_on_a_separate_server_then_follow_it_with_the_sdk(server: str) -> None:
+def test_train_on_a_separate_server_then_follow_it_with_the_sdk(
+    server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Job, "HISTORY_PAGE", 7)  # 30 steps come in 5 pages
     job = iris_job(steps=30)
     init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -126,6 +130,8 @@ def test_train_on_a_separate_server_then_follow_it_with_the_sdk(server: str) -> 
     assert final.state == "completed"
     assert final.version == job.total_steps
     assert [e.step for e in events if e.step is not None] == list(range(job.total_steps))
+    assert [h["step"] for h in result.history] == list(range(1, job.total_steps + 1))
+    assert final.last_loss == result.history[-1]["loss"]
     np.testing.assert_array_equal(served.flat, result.model.flat)
 
 

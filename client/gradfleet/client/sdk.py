@@ -131,17 +131,23 @@ class JobHandle:
     def __repr__(self) -> str:
         return f"JobHandle({self.job_id!r} on {self.client.address})"
 
-    def _info(self, history: bool = False) -> pb.JobInfo:
-        return _translated(lambda: self.client._ps.get_job(self.job_id, history=history))
+    def _info(self, history_since: int | None = None) -> pb.JobInfo:
+        """The job's info, with its step records from `history_since` (a page of them)."""
+        return _translated(
+            lambda: self.client._ps.get_job(
+                self.job_id, history_since=history_since or 0, history=history_since is not None
+            )
+        )
 
     def status(self) -> JobStatus:
-        info = self._info(history=True)
+        info = self._info()
+        latest = self._info(history_since=info.version - 1).history if info.version else []
         return JobStatus(
             job_id=info.job_id,
             state=STATES.get(info.state, "unknown"),
             version=info.version,
             total_steps=info.spec.total_steps,
-            last_loss=info.history[-1].loss if info.history else None,
+            last_loss=latest[-1].loss if latest else None,
             counters=counters_dict(info.counters),
         )
 

@@ -16,7 +16,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from gradfleet.nn import MLP
 from gradfleet.proto.runtime import long_lived_objects_frozen
+from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.local import train_local
 from gradfleet.worker.ps_client import (
@@ -247,18 +248,7 @@ class _Monitor:
             )
             stale.close()
             return
-        for record in info.history:
-            if record.step < len(self.history):
-                continue
-            self.history.append(
-                {
-                    "step": record.step + 1,
-                    "loss": record.loss,
-                    "rows": record.rows,
-                    "samples_per_s": record.samples_per_sec,
-                    "wall_time": record.wall_time - self.started,  # applied, server clock
-                }
-            )
+        self._record(info.history)
         if self.next_eval and info.version >= self.next_eval:
             version, weights = self.client.pull_weights(self.job_id, min_version=0)
             applied = (
@@ -275,6 +265,28 @@ class _Monitor:
             latest = self._evaluator.latest() if self._evaluator is not None else {}
             self.progress(self.history[-1] | held_out_metrics([latest]))
 
+    def _record(self, records: Iterable[pb.StepRecord]) -> int:
+        """Append the records not yet seen; returns how many were new."""
+        before = len(self.history)
+        for record in records:
+            if record.step < len(self.history):
+                continue
+            self.history.append(
+                {
+                    "step": record.step + 1,
+                    "loss": record.loss,
+                    "rows": record.rows,
+                    "samples_per_s": record.samples_per_sec,
+                    "wall_time": record.wall_time - self.started,  # applied, server clock
+                }
+            )
+        return len(self.history) - before
+
+    def catch_up(self) -> None:
+        """Fetch the records polls have not seen yet (each answer holds one page)."""
+        while self._record(self.client.get_job(self.job_id, len(self.history)).history):
+            pass
+
     def _evaluate(self, model: MLP | None = None) -> dict[str, float]:
         data = self.job.dataset
         assert not isinstance(data, str)
@@ -288,6 +300,7 @@ class _Monitor:
 
     def result(self, timings: list[dict[str, float]]) -> TrainResult:
         self.stop()
+        self.catch_up()
         version, _ = self.client.pull_weights(self.job_id, min_version=0, out=self.model.flat)
         counters = self.client.get_job(self.job_id, history=False).counters
         metrics: dict[str, Any] = {"steps": version, **self._evaluate()}

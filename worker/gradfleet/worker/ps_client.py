@@ -246,7 +246,9 @@ class ParameterServerClient:
         return str(response.job_id)
 
     def get_job(self, job_id: str, history_since: int = 0, history: bool = True) -> pb.JobInfo:
-        """State, version, layout, per-step history and counters of a job."""
+        """State, version, layout, counters and the step records of a job from step
+        `history_since`: at most a page of them (10,000), oldest first; ask again from the
+        step after the last one received for more."""
         request = pb.GetJobRequest(
             job_id=job_id, history_since_step=history_since, omit_history=not history
         )
