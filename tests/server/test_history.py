@@ -90,11 +90,12 @@ def test_get_job_and_watch_answer_page_by_page(kit, monkeypatch) -> None:
         job = client.create_job(kit.SPEC64, kit.SGD, num_workers=1, total_steps=10)
         run_steps(client, job, 10)
         # execute
-        pages = [client.get_job(job, history_since=since).history for since in (0, 4, 8)]
+        infos = [client.get_job(job, history_since=since) for since in (0, 4, 8)]
         events = [(e.step.step if e.HasField("step") else e.state) for e in client.watch(job)]
     # assert
-    assert [[r.step for r in page] for page in pages] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert pages[1][0].loss == 5.0 and pages[1][0].rows == 4
+    assert [[r.step for r in i.history] for i in infos] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [i.history_more for i in infos] == [True, True, False]
+    assert infos[1].history[0].loss == 5.0 and infos[1].history[0].rows == 4
     assert events == [*range(10), pb.JOB_STATE_COMPLETED]  # the state after its steps
 
 

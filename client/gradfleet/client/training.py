@@ -284,8 +284,10 @@ class _Monitor:
 
     def catch_up(self) -> None:
         """Fetch the records polls have not seen yet (each answer holds one page)."""
-        while self._record(self.client.get_job(self.job_id, len(self.history)).history):
-            pass
+        while True:
+            info = self.client.get_job(self.job_id, len(self.history))
+            if not self._record(info.history) or not info.history_more:
+                return
 
     def _evaluate(self, model: MLP | None = None) -> dict[str, float]:
         data = self.job.dataset

@@ -10,6 +10,7 @@ as two arrays, and answer "records from step s" by bisection, a page at a time.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -75,19 +76,36 @@ class StepHistory:
         """(ints, floats): views of the filled rows, columns as INT_FIELDS, FLOAT_FIELDS."""
         return self._ints[: self._n], self._floats[: self._n]
 
-    def records(self, since: int, limit: int) -> list[pb.StepRecord]:
-        """At most `limit` records of steps >= `since`, oldest first."""
+    def page(self, since: int, limit: int) -> StepPage:
+        """A copy of at most `limit` records of steps >= `since`, oldest first, and whether
+        more follow. Cheap enough to take under the job's lock; build protos after."""
         ints, floats = self.arrays()
         start = int(np.searchsorted(ints[:, 0], since, side="left"))
         stop = min(self._n, start + max(0, limit))
+        return StepPage(ints[start:stop].copy(), floats[start:stop].copy(), stop < self._n)
+
+    def records(self, since: int, limit: int) -> list[pb.StepRecord]:
+        """At most `limit` records of steps >= `since`, oldest first."""
+        return self.page(since, limit).records()
+
+
+@dataclass(frozen=True)
+class StepPage:
+    """Some rows of a StepHistory, copied out, and whether the history goes on."""
+
+    ints: np.ndarray
+    floats: np.ndarray
+    more: bool
+
+    def records(self) -> list[pb.StepRecord]:
         return [
             pb.StepRecord(
-                step=int(i[0]),
-                rows=int(i[1]),
-                contributors=int(i[2]),
-                loss=float(f[0]),
-                samples_per_sec=float(f[1]),
-                wall_time=float(f[2]),
+                step=i[0],
+                rows=i[1],
+                contributors=i[2],
+                loss=f[0],
+                samples_per_sec=f[1],
+                wall_time=f[2],
             )
-            for i, f in zip(ints[start:stop].tolist(), floats[start:stop].tolist(), strict=True)
+            for i, f in zip(self.ints.tolist(), self.floats.tolist(), strict=True)
         ]

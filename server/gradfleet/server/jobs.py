@@ -925,9 +925,11 @@ class Job:
                 created_at=self.created_at,
                 last_checkpoint_version=self.last_checkpoint_version,
             )
-            if with_history:
-                msg.history.extend(self.history.records(history_since, self.HISTORY_PAGE))
-            return msg
+            page = self.history.page(history_since, self.HISTORY_PAGE) if with_history else None
+        if page is not None:  # the records are built outside the lock
+            msg.history.extend(page.records())
+            msg.history_more = page.more
+        return msg
 
     def stop(self) -> None:
         with self.cond:

@@ -607,11 +607,12 @@ class ParameterService:
         terminal = (pb.JOB_STATE_COMPLETED, pb.JOB_STATE_STOPPED, pb.JOB_STATE_DELETED)
         while context.is_active() and not self._stopping.is_set():
             with job.cond:
-                records = job.history.records(max(next_step, 0), job.HISTORY_PAGE)
+                page = job.history.page(max(next_step, 0), job.HISTORY_PAGE)
                 state, version = job.state, job.version
-                if not records and state == last_state:
+                if not len(page.ints) and state == last_state:
                     job.cond.wait(0.5)
                     continue
+            records = page.records()  # built outside the lock
             for record in records:
                 yield pb.JobEvent(
                     job_id=job.job_id, version=record.step + 1, state=state, step=record
