@@ -57,6 +57,23 @@ def wait_for_accepted(ps: ParameterServerClient, job: str, count: int) -> None:
         time.sleep(0.01)
 
 
+def test_one_streamed_gradient_is_the_mean_as_it_is() -> None:
+    # prepare: one worker, so the step's sum holds just its streamed gradient
+    with (
+        serve(port=0, chunk_bytes=CHUNK) as server,
+        ParameterServerClient(server.address, chunk_bytes=CHUNK) as ps,
+    ):
+        job = ps.create_job(SPEC32, SGD, num_workers=1, total_steps=2)
+        layout = ps.layout(job)
+        _, weights = ps.pull_weights(job)
+        grad = scaled_gradient(layout, 3)
+        # execute
+        ps.push_gradient(job, 0, 0, 1, 0.0, grad)
+        _, after = ps.pull_weights(job, 1)
+    # assert
+    np.testing.assert_array_equal(after, sgd_step(weights, grad, 1))
+
+
 def test_streamed_pushes_arriving_in_reverse_are_summed_in_worker_order(monkeypatch) -> None:
     # prepare: 6 workers push streams in reverse order; each waits for its turn
     monkeypatch.setattr(Job, "ORDER_PATIENCE", 60.0)

@@ -720,8 +720,13 @@ class Job:
         """Average the step's gradients (`last`, if given, is added last) and apply them."""
         assert self._sum is not None
         count = len(step.contributors)
-        # one gradient: (0 + g) / 1 rounded to the model dtype is g itself, bit for bit
-        mean = last if last is not None and self._sum_empty else self._mean_of_sum(count, last)
+        # one gradient: (0 + g) / 1 rounded to the model dtype is g itself, bit for bit,
+        # whether it is `last` or already in the sum (copied in, checked finite)
+        mean: np.ndarray | None
+        if count == 1 and (last is None) != self._sum_empty:
+            mean = self._sum if last is None else last
+        else:
+            mean = self._mean_of_sum(count, last)
         if mean is None:
             self._stop_on_overflow(step)
             return
