@@ -720,13 +720,7 @@ class Job:
         """Average the step's gradients (`last`, if given, is added last) and apply them."""
         assert self._sum is not None
         count = len(step.contributors)
-        # one gradient: (0 + g) / 1 rounded to the model dtype is g itself, bit for bit,
-        # whether it is `last` or already in the sum (copied in, checked finite)
-        mean: np.ndarray | None
-        if count == 1 and (last is None) != self._sum_empty:
-            mean = self._sum if last is None else last
-        else:
-            mean = self._mean_of_sum(count, last)
+        mean = self._mean_of_sum(count, last)
         if mean is None:
             self._stop_on_overflow(step)
             return
@@ -769,8 +763,12 @@ class Job:
         Each element sees exactly the operations of `np.add` then `np.divide` over the
         whole buffer, so the numbers are the same; blocking only saves a second trip of
         the sum through memory. Dividing by a power of two is multiplying by its exact
-        reciprocal: the same correctly rounded result, several times cheaper.
+        reciprocal: the same correctly rounded result, several times cheaper. One gradient
+        (`last`, or the one already in the sum) is its own mean, bit for bit: (0 + g) / 1
+        rounded to the model's dtype is g, and g was checked finite as it came.
         """
+        if count == 1:
+            return self._sum if last is None else last
         total = self.layout.total_elements
         block = self._BLOCK if total > 2 * self._BLOCK else total
         exact_reciprocal = count & (count - 1) == 0
