@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.server import checkpoint, serve
-from gradfleet.server.history import StepHistory
+from gradfleet.server.history import FLOAT_FIELDS, INT_FIELDS, StepHistory
 from gradfleet.server.jobs import Job
 from gradfleet.worker.ps_client import ParameterServerClient
 
@@ -23,42 +24,36 @@ def filled(steps: int, first: int = 0) -> StepHistory:
     return history
 
 
+def as_dicts(records: Iterable[pb.StepRecord]) -> list[dict]:
+    return [{f: getattr(r, f) for f in INT_FIELDS + FLOAT_FIELDS} for r in records]
+
+
 def test_records_are_sliced_by_step_and_limited() -> None:
     # prepare: enough appends to grow the columns several times
     history = filled(1000, first=5)
     # execute
-    page = history.records(since=700, limit=50)
-    tail = history.records(since=990, limit=50)
+    page = history.page(700, 50).records()
+    tail = history.page(990, 50).records()
     # assert
     assert len(history) == 1000
     assert [r.step for r in page] == list(range(700, 750))
     assert page[0].loss == 70.0 and page[0].rows == 0 and page[0].contributors == 2
     assert page[0].samples_per_sec == 1400.0 and page[0].wall_time == 1700.0
     assert [r.step for r in tail] == list(range(990, 1005))
-    assert history.records(since=0, limit=3)[0].step == 5
-    assert history.records(since=2000, limit=10) == []
+    assert history.page(0, 3).records()[0].step == 5
+    assert history.page(2000, 10).records() == []
 
 
 def test_arrays_and_old_records_round_trip() -> None:
     # prepare
     history = filled(30)
-    records = [
-        {
-            "step": r.step,
-            "loss": r.loss,
-            "rows": r.rows,
-            "samples_per_sec": r.samples_per_sec,
-            "wall_time": r.wall_time,
-            "contributors": r.contributors,
-        }
-        for r in history.records(0, 100)
-    ]
+    records = as_dicts(history.page(0, 100).records())
     # execute
     from_arrays = StepHistory(*history.arrays())
     from_records = StepHistory.from_records(records)
     # assert
-    assert from_arrays.records(0, 100) == history.records(0, 100)
-    assert from_records.records(0, 100) == history.records(0, 100)
+    assert from_arrays.page(0, 100).records() == history.page(0, 100).records()
+    assert from_records.page(0, 100).records() == history.page(0, 100).records()
     assert len(StepHistory.from_records([])) == 0
 
 
@@ -112,17 +107,7 @@ def test_checkpoints_keep_the_history_and_format_2_still_loads(kit, tmp_path: Pa
     new_format = checkpoint.load_latest(tmp_path / job)
     meta = json.loads(meta_path.read_bytes())
     meta["format"] = 2
-    meta["history"] = [
-        {
-            "step": r.step,
-            "loss": r.loss,
-            "rows": r.rows,
-            "samples_per_sec": r.samples_per_sec,
-            "wall_time": r.wall_time,
-            "contributors": r.contributors,
-        }
-        for r in expected
-    ]
+    meta["history"] = as_dicts(expected)  # as format 2 stored it
     del meta["checksum"]
     meta["checksum"] = checkpoint._meta_checksum(meta)
     meta_path.write_bytes(json.dumps(meta).encode())
@@ -136,6 +121,6 @@ def test_checkpoints_keep_the_history_and_format_2_still_loads(kit, tmp_path: Pa
     # assert
     assert new_format is not None and old_format is not None
     assert len(expected) == 6
-    assert new_format.history.records(0, 100) == list(expected)
-    assert old_format.history.records(0, 100) == list(expected)
+    assert new_format.history.page(0, 100).records() == list(expected)
+    assert old_format.history.page(0, 100).records() == list(expected)
     assert list(resumed) == list(expected)

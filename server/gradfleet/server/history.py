@@ -84,10 +84,6 @@ class StepHistory:
         stop = min(self._n, start + max(0, limit))
         return StepPage(ints[start:stop].copy(), floats[start:stop].copy(), stop < self._n)
 
-    def records(self, since: int, limit: int) -> list[pb.StepRecord]:
-        """At most `limit` records of steps >= `since`, oldest first."""
-        return self.page(since, limit).records()
-
 
 @dataclass(frozen=True)
 class StepPage:
