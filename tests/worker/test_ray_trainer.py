@@ -127,14 +127,14 @@ def test_killed_worker_is_restarted_and_costs_nothing() -> None:
 
 def test_async_converges_on_mnist_and_rejects_only_stale_gradients(mnist_dir: Path) -> None:
     # Async order varies from run to run, and on a busy machine one worker may do up to
-    # 84 % of the steps. Plain SGD at a constant rate ended at 0.929-0.943 (12 runs, quiet;
-    # CI once saw 0.9285). A cosine decay averages the order out: 0.937-0.941 quiet (10
-    # runs), 0.929-0.943 beside one or two CPU hogs (30 runs), 0.9385 without staleness.
-    # Momentum amplifies stale updates, so it stays off.
+    # 84 % of the steps. With 784-256-10 at a constant lr 0.1 the result spread over
+    # 0.929-0.943 (CI once saw 0.9285). This deeper model with a cosine decay, which
+    # averages the order out, ended at 0.9495-0.9605 over 28 runs, quiet and beside one or
+    # two CPU hogs (0.9615 without staleness). Momentum amplifies stale updates: it is off.
     job = JobConfig(
-        model=nn.MLP([784, 256, 10], seed=0),
+        model=nn.MLP([784, 256, 256, 10], seed=0),
         dataset=load_mnist(mnist_dir),
-        optimizer={"name": "sgd", "lr": 0.1, "schedule": {"name": "cosine", "total_steps": 750}},
+        optimizer={"name": "sgd", "lr": 0.2, "schedule": {"name": "cosine", "total_steps": 750}},
         batch_size=64,
         epochs=3,
         workers=2,
@@ -146,7 +146,7 @@ def test_async_converges_on_mnist_and_rejects_only_stale_gradients(mnist_dir: Pa
 
     counters = result.final_metrics["server_counters"]
     assert job.total_steps == 750
-    assert result.final_metrics["val_accuracy"] >= 0.92
+    assert result.final_metrics["val_accuracy"] >= 0.93
     assert counters["accepted"] == job.total_steps
     assert set(counters["rejected"]) <= {"stale"}
     assert counters["received"] == (
