@@ -121,7 +121,9 @@ class Killer:
     ],
 )
 def test_killed_workers_cost_nothing(plan: list[tuple[int, str]], chaos: Any) -> None:
-    job = digits_job(steps=300)  # long enough to see every planned kill (~100 steps/s)
+    # The run must outlast every planned kill and the poll that sees each restart: the
+    # job runs at up to ~400 steps/s here, and the monitor polls every 0.5 s.
+    job = digits_job(steps=1500)
     killer = Killer(plan)
 
     undisturbed = train(job, backend="local")
@@ -140,7 +142,7 @@ def test_killed_workers_cost_nothing(plan: list[tuple[int, str]], chaos: Any) ->
 
 def test_worker_killed_every_few_steps_within_max_restarts(chaos: Any) -> None:
     kills = max(3, chaos.ROUNDS // 2)
-    job = digits_job(steps=150 + 200 * kills)
+    job = digits_job(steps=150 + 600 * kills)  # a kill cycle lasts a few polls at ~400 steps/s
     # alternate: kill a worker, and as soon as it is back and 3 steps later, the next
     plan = [(5, "one")] + [(0, "same") if i % 2 else (0, "one") for i in range(kills - 1)]
     killer = Killer(plan)

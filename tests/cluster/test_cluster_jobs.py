@@ -148,7 +148,7 @@ def test_server_node_loss_resumes_from_shared_checkpoint(
 
 
 def test_server_node_loss_without_checkpoint_dir_fails_clearly(two_worker_nodes: Any) -> None:
-    job = digits_job(steps=300)
+    job = digits_job(steps=20_000)  # the node goes at step 5; the job must not end first
     server_node = two_worker_nodes.worker_nodes()[0]
 
     def remove_the_server_node(entry: dict[str, float]) -> None:
