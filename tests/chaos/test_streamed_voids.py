@@ -20,6 +20,7 @@ from gradfleet.nn.optim import make_optimizer
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.proto.wire import FlatLayout, encode_chunk_message
 from gradfleet.server import serve
+from gradfleet.server.jobs import Job
 from gradfleet.worker.ps_client import ParameterServerClient
 
 pytestmark = pytest.mark.integration
@@ -54,7 +55,10 @@ def bad_stream(job: str, layout: FlatLayout, worker: int, step: int) -> list[byt
     ]
 
 
-def test_bad_streams_racing_good_ones_leave_the_weights_exact(chaos: Any) -> None:
+def test_bad_streams_racing_good_ones_leave_the_weights_exact(
+    chaos: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Job, "ORDER_PATIENCE", 60.0)  # worker order, however slow a thread
     steps = 5 * chaos.ROUNDS
     with serve(port=0) as server, ParameterServerClient(server.address) as ps:
         job = ps.create_job(SPEC, SGD, num_workers=WORKERS, total_steps=steps)

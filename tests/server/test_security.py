@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -159,33 +160,39 @@ def test_metrics_are_exposed_in_prometheus_format(kit) -> None:
     assert "gradfleet_active_streams 0.0" in text
 
 
+def scrape_until(url: str, line: str, limit: float = 30.0) -> str:
+    """The metrics page once it shows ``line``, or the last one read within ``limit`` s."""
+    deadline = time.monotonic() + limit
+    while True:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        if line in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
+
+
 def test_metrics_count_streams_in_flight(kit) -> None:
-    # prepare: a pull that waits for a version nobody pushes
+    # prepare: a pull that waits for a version only the test's push will make
     with serve(port=0, metrics_port=0) as server, ParameterServerClient(server.address) as c:
         job = c.create_job(kit.SPEC64, kit.SGD, total_steps=2)
-        codes = []
+        layout = c.layout(job)
+        versions = []
 
         def pull() -> None:
-            try:
-                c.pull_weights(job, min_version=1, timeout=3)
-            except ParameterServerError as exc:
-                codes.append(exc.code)
+            versions.append(c.pull_weights(job, min_version=1, timeout=60)[0])
 
         waiting = threading.Thread(target=pull)
         waiting.start()
         url = f"http://127.0.0.1:{server.metrics_port}/metrics"
         # execute
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                text = response.read().decode()
-            if "gradfleet_active_streams 1.0" in text:
-                break
-            time.sleep(0.05)
-        waiting.join()
+        during = scrape_until(url, "gradfleet_active_streams 1.0")
+        c.push_gradient(job, 0, 0, 1, 0.5, np.zeros(layout.total_elements, layout.dtype))
+        waiting.join(60)
+        after = scrape_until(url, "gradfleet_active_streams 0.0")
     # assert
-    assert "gradfleet_active_streams 1.0" in text
-    assert codes == ["DEADLINE_EXCEEDED"]
+    assert "gradfleet_active_streams 1.0" in during
+    assert versions == [1]
+    assert "gradfleet_active_streams 0.0" in after
 
 
 @pytest.mark.parametrize(
