@@ -28,6 +28,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gradfleet.worker.actor import SERVER_ACTOR_NAMESPACE
+from gradfleet.worker.ray_runner import kill_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,8 @@ def _is_alive(actor: Any) -> bool:
 
 
 def _stop(actor: Any) -> None:
+    """Stop the server gracefully (30 s at most), then kill the actor and wait for Ray to
+    report it dead."""
     with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
         ray.get(actor.stop.remote(), timeout=30)
-    with contextlib.suppress(Exception):  # already gone
-        ray.kill(actor, no_restart=True)
+    kill_and_wait([actor], probe="get_node_id")

@@ -164,18 +164,28 @@ def _result_or_raise(ref: Any, worker: int) -> dict:
 
 
 def stop_workers(group: WorkerGroup) -> None:
-    actors = group.actors
+    kill_and_wait(group.actors, probe="pid")
+
+
+def kill_and_wait(actors: list[Any], probe: str, limit: float = 60.0) -> None:
+    """Kill ``actors`` and wait until Ray reports each one dead, so nothing of ours
+    outlives the call. ``probe`` names a cheap method: a call to it that merely times out
+    (a busy machine) is asked again, up to ``limit`` seconds in all."""
     for actor in actors:
         try:
             ray.kill(actor, no_restart=True)
         except Exception:  # already gone
             logger.debug("actor already stopped", exc_info=True)
-    # Wait until Ray reports each actor dead, so nothing of ours outlives train().
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + limit
     for actor in actors:
-        while time.monotonic() < deadline:
+        while True:
             try:
-                ray.get(actor.pid.options(max_task_retries=0).remote(), timeout=1)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                ray.get(getattr(actor, probe).options(max_task_retries=0).remote(), timeout=1)
+            except ray.exceptions.RayActorError:
+                break
+            except ray.exceptions.GetTimeoutError:
+                pass
+            if time.monotonic() > deadline:
+                logger.warning("actor %s not reported dead %.0f s after ray.kill", actor, limit)
                 break
             time.sleep(0.05)
