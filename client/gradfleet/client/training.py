@@ -25,6 +25,7 @@ from threadpoolctl import threadpool_limits
 from gradfleet.nn import MLP
 from gradfleet.proto.runtime import long_lived_objects_frozen
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
+from gradfleet.worker.actor import RETRIES_WITH_SERVER_ACTOR
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.local import train_local
 from gradfleet.worker.ps_client import (
@@ -116,7 +117,9 @@ def _train_ray(
                 job.total_steps,
                 job.workers,
             )
-            monitor = _Monitor(client, job_id, job, progress, started_unix, server_actor, token)
+            monitor = _Monitor(
+                server_address, job_id, job, progress, started_unix, server_actor, token
+            )
             group = ray_runner.start_workers(
                 job,
                 server_address,
@@ -218,7 +221,7 @@ class _Monitor:
 
     def __init__(
         self,
-        client: ParameterServerClient,
+        address: str,
         job_id: str,
         job: JobConfig,
         progress: ProgressFn | None,
@@ -226,14 +229,21 @@ class _Monitor:
         server_actor: Any = None,
         token: str | None = None,
     ) -> None:
-        self.client, self.job_id, self.job = client, job_id, job
+        self.job_id, self.job = job_id, job
         self.server_actor, self.token = server_actor, token
+        self.connect(address)
         self.progress, self.started = progress, started
         self.model = MLP.from_spec(job.model_spec)
         self.history: list[dict[str, float]] = []
         self.evaluations: list[dict[str, float]] = []
         self.next_eval = job.eval_every or 0
         self._evaluator: _Evaluator | None = None
+
+    def connect(self, address: str) -> None:
+        """Follow the job on the server at ``address``. With a server actor to ask where
+        the server went, an unreachable server is retried briefly, not for a minute."""
+        retries = RETRIES_WITH_SERVER_ACTOR if self.server_actor is not None else None
+        self.client = ParameterServerClient(address, token=self.token, retries=retries)
 
     def poll(self) -> None:
         try:
@@ -242,11 +252,8 @@ class _Monitor:
             if exc.code != "UNAVAILABLE" or self.server_actor is None:
                 raise
             # The server's node died; Ray restarts the actor elsewhere from its checkpoint.
-            stale, self.client = (
-                self.client,
-                ParameterServerClient(self.server_actor.current_address(), self.token),
-            )
-            stale.close()
+            self.client.close()
+            self.connect(self.server_actor.current_address())
             return
         self._record(info.history)
         if self.next_eval and info.version >= self.next_eval:

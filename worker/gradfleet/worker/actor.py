@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 SERVER_ACTOR_NAMESPACE = "gradfleet"
 # Longest wait for a new version before re-syncing with the server's current one.
 PULL_WAIT = 10.0
+# With a server actor to ask, a client retries an unreachable server this often (about
+# 1.5-5 s of backoff) and then asks the actor where the server is now, instead of
+# retrying a dead node's address for the client's whole timeout.
+RETRIES_WITH_SERVER_ACTOR = 5
 
 
 class GradientWorker:
@@ -69,7 +73,7 @@ class GradientWorker:
         # async: this worker's own step count picks its batches (see `_batch_step`)
         self._own_steps = 0
         self.token, self.server_actor_name = token, server_actor_name
-        self.client = ParameterServerClient(address, token=token)
+        self.client = self._client(address)
         # pull: plain pulls (first step, re-syncs); exchange: push + wait for the step + pull
         self.timings = {"pull": 0.0, "compute": 0.0, "exchange": 0.0, "steps": 0, "stale": 0}
         self.server_patience = server_patience
@@ -173,6 +177,10 @@ class GradientWorker:
         time.sleep(0.5)
         return 0
 
+    def _client(self, address: str) -> ParameterServerClient:
+        retries = RETRIES_WITH_SERVER_ACTOR if self.server_actor_name else None
+        return ParameterServerClient(address, token=self.token, retries=retries)
+
     def _reconnect(self) -> None:
         """Ask the named server actor for its address (Ray may be restarting it)."""
         import ray
@@ -192,5 +200,5 @@ class GradientWorker:
             return  # the same server, still unreachable: patience keeps running
         logger.warning("worker %d: parameter server moved to %s", self.worker, address)
         self.client.close()
-        self.client = ParameterServerClient(address, token=self.token)
+        self.client = self._client(address)
         self._unavailable_since = None  # a restarted server gets the full patience
