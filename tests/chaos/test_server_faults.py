@@ -241,17 +241,20 @@ def test_sigterm_drains_in_flight_calls_checkpoints_and_exits_zero(
 
     with grpc.insecure_channel(server.address) as channel:
         statuses: list[int] = []
+        watching = threading.Event()
 
         def watch_health() -> None:
             stub = health_pb2_grpc.HealthStub(channel)
             try:
                 for reply in stub.Watch(health_pb2.HealthCheckRequest(), timeout=60):
                     statuses.append(reply.status)
+                    watching.set()
             except grpc.RpcError:
                 pass  # the stream ends when the server goes away
 
         watcher = threading.Thread(target=watch_health)
         watcher.start()
+        assert watching.wait(30), "the health watch never answered"
         push = channel.stream_unary(
             "/gradfleet.v1.ParameterService/PushGradient",
             request_serializer=None,

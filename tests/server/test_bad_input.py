@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -332,7 +333,8 @@ def test_too_many_concurrent_streams_is_resource_exhausted(kit) -> None:
         layout = c.layout(job)
         waiter = threading.Thread(target=lambda: c.pull_weights(job, 1, timeout=30))
         waiter.start()
-        while small.service.streams.active == 0:
+        held = time.monotonic() + 30
+        while small.service.streams.active == 0 and time.monotonic() < held:
             threading.Event().wait(0.01)
         # execute
         with pytest.raises(ParameterServerError) as err:
