@@ -234,6 +234,16 @@ def test_cli_names_the_address_or_files_when_it_cannot_listen(tmp_path: Path, ca
     assert all(line.startswith("gradfleet server: could not listen on ") for line in lines)
 
 
+def test_a_port_held_by_another_gradfleet_server_is_refused() -> None:
+    # grpcio's default SO_REUSEPORT would let both bind and split the clients between them
+    with serve(port=0) as first:
+        port = int(first.address.rsplit(":", 1)[1])
+        with pytest.raises(OSError, match=f"could not listen on 127.0.0.1:{port}"):
+            ParameterServer(port=port).start()
+        with ParameterServerClient(first.address) as client:
+            assert client.list_jobs() == []
+
+
 def test_a_metrics_port_already_taken_leaves_no_grpc_server_running() -> None:
     # prepare
     with socket.create_server(("127.0.0.1", 0)) as taken:

@@ -160,7 +160,9 @@ class ParameterServer:
         server = grpc.server(
             pool,
             interceptors=interceptors,
-            options=channel_options(c.max_message_bytes),
+            # grpcio sets SO_REUSEPORT by default: a second server on a taken port would
+            # bind without error and the kernel would split the clients between the two
+            options=[*channel_options(c.max_message_bytes), ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=threads,
         )
         server.add_generic_rpc_handlers((self.service.generic_handler(),))
