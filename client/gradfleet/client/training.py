@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 from gradfleet.nn import MLP
 from gradfleet.proto.runtime import long_lived_objects_frozen
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
-from gradfleet.worker.actor import RETRIES_WITH_SERVER_ACTOR
+from gradfleet.worker.actor import RETRIES_WITH_SERVER_ACTOR, SERVER_PATIENCE
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.local import train_local
 from gradfleet.worker.ps_client import (
@@ -36,6 +36,7 @@ from gradfleet.worker.ps_client import (
 from gradfleet.worker.result import TrainResult, evaluate, held_out_metrics
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 ProgressFn = Callable[[dict[str, float]], None]
 BACKENDS = ("local", "ray")
 
@@ -133,16 +134,18 @@ def _train_ray(
             result = monitor.result(timings)
             finished = True
         finally:
-            if group is not None:
-                ray_runner.stop_workers(group)
-            if server and job_id is not None and not finished:
-                _stop_abandoned_job(server_address, token, job_id)
-            client.close()
-            if monitor is not None:
-                try:
-                    monitor.stop()
-                finally:
-                    monitor.client.close()
+            try:
+                if group is not None:
+                    ray_runner.stop_workers(group)
+                if server and job_id is not None and not finished:
+                    _stop_abandoned_job(server_address, token, job_id)
+            finally:
+                client.close()
+                if monitor is not None:
+                    try:
+                        monitor.stop()
+                    finally:
+                        monitor.client.close()
     result.wall_time = time.perf_counter() - started
     return result
 
@@ -231,13 +234,13 @@ class _Monitor:
     ) -> None:
         self.job_id, self.job = job_id, job
         self.server_actor, self.token = server_actor, token
-        self.connect(address)
         self.progress, self.started = progress, started
         self.model = MLP.from_spec(job.model_spec)
         self.history: list[dict[str, float]] = []
         self.evaluations: list[dict[str, float]] = []
         self.next_eval = job.eval_every or 0
         self._evaluator: _Evaluator | None = None
+        self.connect(address)
 
     def connect(self, address: str) -> None:
         """Follow the job on the server at ``address``. With a server actor to ask where
@@ -245,19 +248,27 @@ class _Monitor:
         retries = RETRIES_WITH_SERVER_ACTOR if self.server_actor is not None else None
         self.client = ParameterServerClient(address, token=self.token, retries=retries)
 
-    def poll(self) -> None:
-        try:
-            info = self.client.get_job(self.job_id, history_since=len(self.history))
-        except ParameterServerError as exc:
-            if exc.code != "UNAVAILABLE" or self.server_actor is None:
-                raise
-            # The server's node died; Ray restarts the actor elsewhere from its checkpoint.
+    def _call(self, call: Callable[[ParameterServerClient], _T]) -> _T:
+        """``call(client)``. With a server actor, a server that cannot be reached is looked
+        up again (its node may have died and Ray restarted it elsewhere from a checkpoint)
+        and the call tried again, for up to SERVER_PATIENCE seconds."""
+        deadline = time.monotonic() + SERVER_PATIENCE
+        while True:
+            try:
+                return call(self.client)
+            except ParameterServerError as exc:
+                if exc.code != "UNAVAILABLE" or self.server_actor is None:
+                    raise
+                if time.monotonic() > deadline:
+                    raise
             self.client.close()
             self.connect(self.server_actor.current_address())
-            return
+
+    def poll(self) -> None:
+        info = self._call(lambda c: c.get_job(self.job_id, history_since=len(self.history)))
         self._record(info.history)
         if self.next_eval and info.version >= self.next_eval:
-            version, weights = self.client.pull_weights(self.job_id, min_version=0)
+            version, weights = self._call(lambda c: c.pull_weights(self.job_id, min_version=0))
             applied = (
                 self.history[version - 1]["wall_time"]
                 if version <= len(self.history)
@@ -292,7 +303,7 @@ class _Monitor:
     def catch_up(self) -> None:
         """Fetch the records polls have not seen yet (each answer holds one page)."""
         while True:
-            info = self.client.get_job(self.job_id, len(self.history))
+            info = self._call(lambda c: c.get_job(self.job_id, len(self.history)))
             if not self._record(info.history) or not info.history_more:
                 return
 
@@ -310,8 +321,10 @@ class _Monitor:
     def result(self, timings: list[dict[str, float]]) -> TrainResult:
         self.stop()
         self.catch_up()
-        version, _ = self.client.pull_weights(self.job_id, min_version=0, out=self.model.flat)
-        counters = self.client.get_job(self.job_id, history=False).counters
+        version, _ = self._call(
+            lambda c: c.pull_weights(self.job_id, min_version=0, out=self.model.flat)
+        )
+        counters = self._call(lambda c: c.get_job(self.job_id, history=False)).counters
         metrics: dict[str, Any] = {"steps": version, **self._evaluate()}
         metrics["worker_timings"] = timings
         metrics["server_counters"] = counters_dict(counters)

@@ -35,6 +35,8 @@ PULL_WAIT = 10.0
 # 1.5-5 s of backoff) and then asks the actor where the server is now, instead of
 # retrying a dead node's address for the client's whole timeout.
 RETRIES_WITH_SERVER_ACTOR = 5
+# How long a worker (and the trainer) keeps trying to reach an unreachable server.
+SERVER_PATIENCE = 120.0
 
 
 class GradientWorker:
@@ -56,7 +58,7 @@ class GradientWorker:
         token: str | None = None,
         blas_threads: int = 1,
         server_actor_name: str | None = None,
-        server_patience: float = 120.0,
+        server_patience: float = SERVER_PATIENCE,
         num_workers: int = 1,
     ) -> None:
         # One BLAS thread per worker: workers share the node's cores with each other.

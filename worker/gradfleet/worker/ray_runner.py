@@ -168,9 +168,9 @@ def stop_workers(group: WorkerGroup) -> None:
 
 
 def kill_and_wait(actors: list[Any], probe: str, limit: float = 60.0) -> None:
-    """Kill ``actors`` and wait until Ray reports each one dead, so nothing of ours
-    outlives the call. ``probe`` names a cheap method: a call to it that merely times out
-    (a busy machine) is asked again, up to ``limit`` seconds in all."""
+    """Kill ``actors`` and wait until Ray reports each one dead (its process may take a
+    few more milliseconds to exit). ``probe`` names a cheap method: a call to it that
+    merely times out (a busy machine) is asked again, up to ``limit`` seconds in all."""
     for actor in actors:
         try:
             ray.kill(actor, no_restart=True)
