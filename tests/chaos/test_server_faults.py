@@ -27,9 +27,9 @@ from gradfleet import nn
 from gradfleet.client import Client, JobConfig, train
 from gradfleet.client.data import load_dataset
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
-from gradfleet.proto.wire import encode_chunk_message
+from gradfleet.proto.wire import KEEPALIVE_MS, encode_chunk_message
 from gradfleet.server import checkpoint
-from gradfleet.worker.ps_client import ParameterServerClient
+from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -207,6 +207,28 @@ def test_sdk_call_during_a_short_outage_retries_until_the_server_is_back(
 
     assert errors == []
     assert statuses[0].job_id == job_id and statuses[0].version == 0
+
+
+def test_a_server_gone_silent_ends_a_waiting_pull_unavailable_not_at_its_deadline(
+    chaos: Any,
+) -> None:
+    # A stopped process answers like a vanished host: the kernel keeps the connection,
+    # nothing replies. Keepalive must turn that into UNAVAILABLE, which callers act on
+    # (look the server up again); a deadline would just be tried again on the same
+    # dead connection.
+    server = chaos.server_process().start()
+    spec = {"type": "MLP", "sizes": [4, 3], "dtype": "float32", "seed": 0}
+    with ParameterServerClient(server.address, retries=0) as ps:
+        job_id = ps.create_job(spec, {"name": "sgd", "lr": 0.1}, total_steps=5)
+        ps.pull_weights(job_id)  # the connection is up
+        server.signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(ParameterServerError) as waited:
+                ps.pull_weights(job_id, min_version=1, timeout=20 * KEEPALIVE_MS / 1000)
+        finally:
+            server.signal(signal.SIGCONT)
+
+    assert waited.value.code == "UNAVAILABLE"
 
 
 def test_sigterm_drains_in_flight_calls_checkpoints_and_exits_zero(

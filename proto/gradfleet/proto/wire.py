@@ -314,6 +314,39 @@ def channel_options(
     ]
 
 
+# A client pings a server that has sent nothing for KEEPALIVE_MS during a call, and
+# drops the connection (UNAVAILABLE) when the ping goes unanswered for as long again.
+KEEPALIVE_MS = 10_000
+
+
+def client_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Channel options of a client. Keepalive makes a server whose host vanished (no
+    connection refused, no reset: silence) an UNAVAILABLE within 2 x KEEPALIVE_MS, so
+    callers look for the server elsewhere; without it a long-poll simply times out and
+    is tried again on the dead connection until TCP gives up, many minutes later."""
+    return [
+        *channel_options(max_message_bytes),
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_MS),  # grpcio enforces this one
+        ("grpc.http2.max_pings_without_data", 0),  # a long-poll receives no data
+        ("grpc.http2.min_time_between_pings_ms", KEEPALIVE_MS),
+    ]
+
+
+def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Options of the gRPC server: the shared ones, and room for the clients' keepalive."""
+    return [
+        *channel_options(max_message_bytes),
+        # accept a client's pings during a silent long-poll (by default one per 5 min;
+        # the third early one gets a GOAWAY "too_many_pings" that ends every call)
+        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+        # grpcio sets SO_REUSEPORT by default: a second server on a taken port would bind
+        # without error and the kernel would split the clients between the two
+        ("grpc.so_reuseport", 0),
+    ]
+
+
 # ---- hand-written framing of the chunk messages -------------------------------------
 # PullWeightsResponse and PushGradientRequest share one shape: field 1 = header
 # (a message), field 2 = int64 byte offset, field 3 = bytes data, field 4 = padding.

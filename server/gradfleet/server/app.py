@@ -23,7 +23,7 @@ from gradfleet.proto.wire import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     SINGLE_MESSAGE_FACTOR,
-    channel_options,
+    server_options,
 )
 from gradfleet.server.auth import TokenAuthInterceptor
 from gradfleet.server.metrics import ServerMetrics
@@ -160,9 +160,7 @@ class ParameterServer:
         server = grpc.server(
             pool,
             interceptors=interceptors,
-            # grpcio sets SO_REUSEPORT by default: a second server on a taken port would
-            # bind without error and the kernel would split the clients between the two
-            options=[*channel_options(c.max_message_bytes), ("grpc.so_reuseport", 0)],
+            options=server_options(c.max_message_bytes),
             maximum_concurrent_rpcs=threads,
         )
         server.add_generic_rpc_handlers((self.service.generic_handler(),))

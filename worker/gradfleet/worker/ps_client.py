@@ -37,7 +37,7 @@ from gradfleet.proto.wire import (
     FlatLayout,
     WireError,
     as_bytes_view,
-    channel_options,
+    client_options,
     decode_chunk_message,
     dtype_to_proto,
     encode_chunk_message,
@@ -115,7 +115,7 @@ class ParameterServerClient:
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
-        options: list[tuple[str, Any]] = list(channel_options(max_message_bytes))
+        options: list[tuple[str, Any]] = client_options(max_message_bytes)
         if tls_root_cert is not None or tls_client_cert is not None:
             if tls_server_name:
                 options.append(("grpc.ssl_target_name_override", tls_server_name))
