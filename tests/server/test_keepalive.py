@@ -37,9 +37,7 @@ def test_the_server_allows_the_pings_its_clients_send() -> None:
 def test_a_pull_and_a_watch_silent_for_several_pings_get_their_step(kit) -> None:
     # prepare: a pull and a watch wait on one connection that pings at the edge of what
     # the server allows, while nothing happens
-    options = dict(client_options())
-    for name in ("grpc.keepalive_time_ms", "grpc.http2.min_time_between_pings_ms"):
-        options[name] = EDGE_MS
+    options = dict(client_options()) | {"grpc.keepalive_time_ms": EDGE_MS}
     with (
         serve(port=0) as server,
         grpc.insecure_channel(server.address, options=list(options.items())) as channel,

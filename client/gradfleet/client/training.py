@@ -251,7 +251,7 @@ class _Monitor:
     def _call(self, call: Callable[[ParameterServerClient], _T]) -> _T:
         """``call(client)``. With a server actor, a server that cannot be reached is looked
         up again (its node may have died and Ray restarted it elsewhere from a checkpoint)
-        and the call tried again, for up to SERVER_PATIENCE seconds."""
+        and the call tried again; no new attempt starts after SERVER_PATIENCE seconds."""
         deadline = time.monotonic() + SERVER_PATIENCE
         while True:
             try:

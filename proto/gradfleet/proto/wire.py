@@ -330,7 +330,6 @@ def client_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[t
         ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
         ("grpc.http2.ping_timeout_ms", KEEPALIVE_MS),  # grpcio enforces this one
         ("grpc.http2.max_pings_without_data", 0),  # a long-poll receives no data
-        ("grpc.http2.min_time_between_pings_ms", KEEPALIVE_MS),
     ]
 
 
