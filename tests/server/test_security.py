@@ -147,9 +147,9 @@ def test_metrics_are_exposed_in_prometheus_format(kit) -> None:
             c.push_gradient(job, 3, 1, 1, 1.0, kit.gradient(layout, 0, 0))
         c.pull_weights(job, 1)
         # execute
-        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
+        text = scrape_until(
+            f"http://127.0.0.1:{server.metrics_port}/metrics", "gradfleet_active_streams 0.0"
+        )
     # assert
     assert f'gradfleet_steps_applied_total{{job="{job}"}} 1.0' in text
     assert 'gradfleet_pushes_rejected_total{reason="bad_worker"} 1.0' in text

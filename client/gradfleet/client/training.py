@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 from gradfleet.nn import MLP
 from gradfleet.proto.runtime import long_lived_objects_frozen
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
-from gradfleet.worker.actor import RETRIES_WITH_SERVER_ACTOR, SERVER_PATIENCE
+from gradfleet.worker.actor import SERVER_PATIENCE, server_client
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.local import train_local
 from gradfleet.worker.ps_client import (
@@ -243,10 +243,8 @@ class _Monitor:
         self.connect(address)
 
     def connect(self, address: str) -> None:
-        """Follow the job on the server at ``address``. With a server actor to ask where
-        the server went, an unreachable server is retried briefly, not for a minute."""
-        retries = RETRIES_WITH_SERVER_ACTOR if self.server_actor is not None else None
-        self.client = ParameterServerClient(address, token=self.token, retries=retries)
+        """Follow the job on the server at ``address``."""
+        self.client = server_client(address, self.token, via_actor=self.server_actor is not None)
 
     def _call(self, call: Callable[[ParameterServerClient], _T]) -> _T:
         """``call(client)``. With a server actor, a server that cannot be reached is looked

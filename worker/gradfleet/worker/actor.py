@@ -39,6 +39,13 @@ RETRIES_WITH_SERVER_ACTOR = 5
 SERVER_PATIENCE = 120.0
 
 
+def server_client(address: str, token: str | None, via_actor: bool) -> ParameterServerClient:
+    """A client of the server at ``address``; when a server actor can say where the server
+    went (``via_actor``), it gives up on an unreachable address after a few retries."""
+    retries = RETRIES_WITH_SERVER_ACTOR if via_actor else None
+    return ParameterServerClient(address, token=token, retries=retries)
+
+
 class GradientWorker:
     """One data-parallel worker owning one shard of the training data."""
 
@@ -75,7 +82,7 @@ class GradientWorker:
         # async: this worker's own step count picks its batches (see `_batch_step`)
         self._own_steps = 0
         self.token, self.server_actor_name = token, server_actor_name
-        self.client = self._client(address)
+        self.client = server_client(address, token, via_actor=bool(server_actor_name))
         # pull: plain pulls (first step, re-syncs); exchange: push + wait for the step + pull
         self.timings = {"pull": 0.0, "compute": 0.0, "exchange": 0.0, "steps": 0, "stale": 0}
         self.server_patience = server_patience
@@ -179,10 +186,6 @@ class GradientWorker:
         time.sleep(0.5)
         return 0
 
-    def _client(self, address: str) -> ParameterServerClient:
-        retries = RETRIES_WITH_SERVER_ACTOR if self.server_actor_name else None
-        return ParameterServerClient(address, token=self.token, retries=retries)
-
     def _reconnect(self) -> None:
         """Ask the named server actor for its address (Ray may be restarting it)."""
         import ray
@@ -202,5 +205,5 @@ class GradientWorker:
             return  # the same server, still unreachable: patience keeps running
         logger.warning("worker %d: parameter server moved to %s", self.worker, address)
         self.client.close()
-        self.client = self._client(address)
+        self.client = server_client(address, self.token, via_actor=True)
         self._unavailable_since = None  # a restarted server gets the full patience
