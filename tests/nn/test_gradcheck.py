@@ -1,4 +1,4 @@
-"""Every derivative rule, layer and loss against central finite differences in float64.
+"""Every derivative rule, layer, loss and the fused step against central finite differences.
 
 Evaluation points stay away from kinks (relu and leaky_relu at 0, ties of max and
 maximum, the edges of clip), where a finite difference is not a derivative.
@@ -17,6 +17,7 @@ from hypothesis.extra.numpy import BroadcastableShapes, mutually_broadcastable_s
 
 from gradfleet import nn
 from gradfleet.nn import GradcheckError, Tensor, gradcheck, ops
+from gradfleet.nn.losses import LOSS_RULES
 
 Case = tuple[Callable[..., Tensor], list[np.ndarray]]
 
@@ -328,31 +329,35 @@ def test_layer_matches_finite_differences(name: str) -> None:
     assert gradcheck_module(module, x)
 
 
-def test_mse_loss_matches_finite_differences() -> None:
-    # prepare
+def loss_cases() -> dict[str, Case]:
+    """Each rule of ``LOSS_RULES`` through its graph loss; the targets are inputs too where
+    the loss is differentiable in them."""
     rng = np.random.default_rng(9)
-    inputs = [rng.standard_normal((4, 3)), rng.standard_normal((4, 3))]
-
-    # execute / assert
-    assert gradcheck(nn.mse_loss, inputs)
-
-
-def test_cross_entropy_matches_finite_differences() -> None:
-    # prepare
-    rng = np.random.default_rng(10)
     labels = np.array([2, 0, 2, 1, 3])  # label 2 twice: picked entries accumulate
+    return {
+        "mse": (nn.mse_loss, [rng.standard_normal((4, 3)), rng.standard_normal((4, 3))]),
+        "cross_entropy": (
+            lambda logits: nn.cross_entropy(logits, labels),
+            [rng.normal(0, 3, (5, 4))],
+        ),
+        # logits away from 0 and large ones, targets soft and hard
+        "binary_cross_entropy": (
+            nn.binary_cross_entropy_with_logits,
+            [
+                np.array([[-30.0, -2.5, -0.3], [0.4, 1.7, 40.0]]),
+                np.array([[0.0, 1.0, 0.25], [0.5, 0.9, 1.0]]),
+            ],
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(LOSS_RULES))
+def test_loss_matches_finite_differences(name: str) -> None:
+    # prepare
+    fn, inputs = loss_cases()[name]
 
     # execute / assert
-    assert gradcheck(lambda logits: nn.cross_entropy(logits, labels), [rng.normal(0, 3, (5, 4))])
-
-
-def test_binary_cross_entropy_with_logits_matches_finite_differences() -> None:
-    # prepare: logits away from 0 and large ones, targets soft and hard
-    logits = np.array([[-30.0, -2.5, -0.3], [0.4, 1.7, 40.0]])
-    targets = np.array([[0.0, 1.0, 0.25], [0.5, 0.9, 1.0]])
-
-    # execute / assert
-    assert gradcheck(nn.binary_cross_entropy_with_logits, [logits, targets])
+    assert gradcheck(fn, inputs)
 
 
 def test_binary_cross_entropy_with_logits_gradient_at_logit_zero() -> None:
@@ -363,6 +368,38 @@ def test_binary_cross_entropy_with_logits_gradient_at_logit_zero() -> None:
 
     # execute / assert
     assert gradcheck(lambda z: nn.binary_cross_entropy_with_logits(z, targets), [logits])
+
+
+def test_every_rule_in_the_tables_has_a_gradcheck() -> None:
+    # The tables hold what training runs; a rule added there must be checked here too.
+    assert set(ops.ACTIVATION_RULES) <= set(UNARY)
+    assert set(loss_cases()) == set(LOSS_RULES)
+
+
+def fused_loss(
+    model: nn.MLP, x: np.ndarray, y: np.ndarray, loss: str
+) -> Callable[[Tensor], Tensor]:
+    """The fused step as a function of the flat parameters, for gradcheck."""
+
+    def fn(flat: Tensor) -> Tensor:
+        model.flat[:] = flat.data
+        value, grads = model.loss_and_grads(x, y, loss)
+        return Tensor._from_op("fused", np.asarray(value), (flat,), lambda g: (g * grads,))
+
+    return fn
+
+
+@pytest.mark.parametrize("loss", list(LOSS_RULES))
+@pytest.mark.parametrize("activation", list(ops.ACTIVATION_RULES))
+def test_fused_step_matches_finite_differences(activation: str, loss: str) -> None:
+    # prepare: the path training runs, every activation with every loss
+    model = nn.MLP([3, 4, 2], activation=activation, seed=1, dtype="float64")
+    rng = np.random.default_rng(11)
+    x = grid(rng, (5, 3))
+    y = rng.integers(0, 2, 5) if loss == "cross_entropy" else rng.uniform(0, 1, (5, 2))
+
+    # execute / assert
+    assert gradcheck(fused_loss(model, x, y, loss), [model.flat.copy()])
 
 
 # gradcheck itself must catch a wrong rule.

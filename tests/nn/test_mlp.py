@@ -96,6 +96,25 @@ def test_fused_step_with_leaky_relu_alpha_equals_graph() -> None:
     assert max_relative_difference(grads, expected) <= 1e-12
 
 
+@pytest.mark.parametrize(("activation", "slope_at_zero"), [("relu", 0.0), ("leaky_relu", 0.3)])
+def test_both_paths_take_the_slope_at_zero_from_below(
+    activation: str, slope_at_zero: float
+) -> None:
+    # prepare: every weight and bias 1 and the input −1 put both hidden units at exactly 0
+    model = MLP([1, 2, 1], activation=activation, alpha=0.3, dtype="float64")
+    model.flat[:] = 1.0
+    x, y = np.array([[-1.0]]), np.array([[0.0]])
+
+    # execute
+    _, fused = model.loss_and_grads(x, y, loss="mse")
+    _, graph = graph_loss_and_grads(model, x, y, "mse")
+
+    # assert: d loss/d output is 2·(1 − 0) and reaches each unit through a weight of 1
+    expected = 2.0 * slope_at_zero
+    np.testing.assert_array_equal(model.unflatten(fused)["layers.0.bias"], [expected] * 2)
+    np.testing.assert_array_equal(model.unflatten(graph)["layers.0.bias"], [expected] * 2)
+
+
 def test_fused_mse_accepts_one_dimensional_targets_for_one_output() -> None:
     # prepare
     model = MLP([3, 4, 1], activation="tanh", dtype="float64")

@@ -171,6 +171,13 @@ class GELU(Module):
         return ops.gelu(x)
 
 
+def activation_module(name: str, alpha: float = 0.01) -> Module:
+    """The layer of an activation named as in ``ops.ACTIVATION_RULES``."""
+    if name == "leaky_relu":
+        return LeakyReLU(alpha)
+    return {"relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh, "gelu": GELU}[name]()
+
+
 class Sequential(Module):
     """Applies its modules in order; parameters are named ``<index>.<name>``."""
 

@@ -1,11 +1,11 @@
-"""The multi-layer perceptron: z_i = σ(W_i z_{i-1} + b_i), with a fused training step.
+"""The multi-layer perceptron: z_i = σ(W_i z_{i-1} + b_i), on two paths to one gradient.
 
-``MLP`` is an ordinary ``Sequential`` on the graph (``model(x)`` builds a graph you can
-``backward()``), and it also keeps every parameter in one contiguous buffer so the
-parameter server and the wire can move it without copies. ``loss_and_grads`` is the
-fused fast path: the same forward and backward written as the minimal NumPy matrix
-products and elementwise work, with no graph, writing the gradient into one flat buffer.
-tests/nn/test_mlp.py checks it against the graph.
+``MLP`` keeps every parameter in one contiguous buffer, which the parameter server and
+the wire move without copies. ``loss_and_grads`` is the path training runs: the minimal
+NumPy matrix products, no graph, the gradient written into one flat buffer. ``model(x)``
+is an ordinary ``Sequential`` on the graph (``Tensor``, ``ops``), for teaching,
+``explain()`` and checking (tests/nn/test_mlp.py compares the two). Both paths take each
+activation and loss from its one rule in ``ops.ACTIVATION_RULES`` or ``losses.LOSS_RULES``.
 """
 
 from __future__ import annotations
@@ -18,21 +18,11 @@ from typing import Any
 import numpy as np
 
 from gradfleet.nn import ops
-from gradfleet.nn.layers import (
-    GELU,
-    LeakyReLU,
-    Linear,
-    Module,
-    ReLU,
-    Sequential,
-    Sigmoid,
-    Tanh,
-    check_dtype,
-)
-from gradfleet.nn.losses import LOSSES, check_labels, check_targets
+from gradfleet.nn.layers import Linear, Module, Sequential, activation_module, check_dtype
+from gradfleet.nn.losses import LOSS_RULES, LOSSES
 from gradfleet.nn.tensor import Tensor
 
-ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu")
+ACTIVATIONS = tuple(ops.ACTIVATION_RULES)
 _INIT_FOR = {"relu": "he", "leaky_relu": "he", "gelu": "he", "sigmoid": "xavier", "tanh": "xavier"}
 
 Layout = list[tuple[str, tuple[int, ...], int]]
@@ -80,7 +70,7 @@ class MLP(Module):
                 self.layout.append((f"layers.{len(modules) - 1}.{kind}", param.shape, offset))
                 offset += param.size
             if i < len(sizes) - 2:
-                modules.append(_activation_module(activation, alpha))
+                modules.append(activation_module(activation, alpha))
         self.layers = Sequential(*modules)
         self._children = {"layers": self.layers}
         self.linears = [m for m in modules if isinstance(m, Linear)]
@@ -137,12 +127,13 @@ class MLP(Module):
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Outputs (logits) for a batch, without building a graph."""
         h = self._check_inputs(x)
+        activation = self._activation_rule()
         last = len(self.linears) - 1
         for i, layer in enumerate(self.linears):
             h = h @ layer.weight.data.T
             h += layer.bias.data
             if i < last:
-                h = self._activate(h)[0]
+                h = activation.forward(h, h)[0]
         return h
 
     def loss_and_grads(
@@ -155,12 +146,11 @@ class MLP(Module):
         """Mean loss on (x, y) and its gradient as one flat array laid out like ``flat``.
 
         The fused fast path: one matrix product per layer forward and two backward (none
-        for the input's gradient), activations' derivatives from stored outputs.
+        for the input's gradient), each activation's derivative from what its forward kept.
         """
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}: choose one of {LOSSES}")
         h = self._check_inputs(x)
-        rows = h.shape[0]
         grads = np.empty_like(self.flat) if out is None else out
         if grads.shape != self.flat.shape or grads.dtype != self.dtype:
             raise ValueError(
@@ -168,18 +158,22 @@ class MLP(Module):
                 f"got {grads.dtype} {grads.shape}"
             )
 
+        activation = self._activation_rule()
         inputs: list[np.ndarray] = []  # the input of each linear layer, (B, in)
-        saved: list[np.ndarray | None] = []  # what each activation's derivative needs
+        saved: list[Any] = []  # what each activation's derivative needs
         last = len(self.linears) - 1
         for i, layer in enumerate(self.linears):
             inputs.append(h)
             h = h @ layer.weight.data.T  # (B, out)
             h += layer.bias.data
             if i < last:
-                h, extra = self._activate(h)
-                saved.append(extra)
+                h, kept = activation.forward(h, h)  # h is ours to overwrite
+                saved.append(kept)
 
-        value, g = _loss_forward_backward(h, y, loss, rows)
+        if loss != "cross_entropy":  # float targets in the model's dtype; (B,) for one output
+            y = np.asarray(y, dtype=self.dtype)
+            y = y[:, None] if y.ndim == 1 and h.shape[1] == 1 else y
+        value, g = LOSS_RULES[loss](h, y)
         views = self._grad_views(grads)
         for i in range(last, -1, -1):
             layer = self.linears[i]
@@ -187,7 +181,7 @@ class MLP(Module):
             np.sum(g, axis=0, out=views[2 * i + 1])
             if i > 0:
                 g = g @ layer.weight.data  # (B, in)
-                self._activation_backward(g, inputs[i], saved[i - 1])
+                g *= activation.derivative(inputs[i], saved[i - 1])
         return value, grads
 
     def __getstate__(self) -> dict:
@@ -203,74 +197,13 @@ class MLP(Module):
             cached = self._views_of = (grads, list(self.unflatten(grads).values()))
         return cached[1]
 
+    def _activation_rule(self) -> ops.Activation:
+        if self.activation == "leaky_relu":
+            return ops.leaky_relu_rule(self.alpha)
+        return ops.ACTIVATION_RULES[self.activation]
+
     def _check_inputs(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.sizes[0]:
             raise ValueError(f"inputs must have shape (batch, {self.sizes[0]}), got {x.shape}")
         return x.astype(self.dtype, copy=False)
-
-    def _activate(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Apply the activation in place where possible; return (output, saved for backward)."""
-        act = self.activation
-        if act == "relu":
-            return np.maximum(z, 0, out=z), None
-        if act == "leaky_relu":
-            return np.where(z > 0, z, z * self.dtype.type(self.alpha)), None
-        if act == "sigmoid":
-            return ops.stable_sigmoid(z), None
-        if act == "tanh":
-            return np.tanh(z, out=z), None
-        out, t = ops.gelu_forward(z)
-        return out, ops.gelu_derivative(z, t)
-
-    def _activation_backward(
-        self, g: np.ndarray, output: np.ndarray, saved: np.ndarray | None
-    ) -> None:
-        """g *= σ'(z), computed from the activation's output (or saved values), in place."""
-        act = self.activation
-        if act == "relu":
-            g *= output > 0
-        elif act == "leaky_relu":
-            g *= np.where(output > 0, 1, self.alpha).astype(self.dtype)
-        elif act == "sigmoid":
-            g *= output * (1 - output)
-        elif act == "tanh":
-            g *= 1 - output * output
-        else:
-            g *= saved
-
-
-def _loss_forward_backward(
-    outputs: np.ndarray, y: np.ndarray, loss: str, rows: int
-) -> tuple[float, np.ndarray]:
-    """The mean loss and d(loss)/d(outputs), in the outputs' dtype."""
-    dtype = outputs.dtype
-    if loss == "cross_entropy":
-        labels = check_labels(y, rows, outputs.shape[1])
-        picks = (np.arange(rows), labels)
-        shifted = outputs - outputs.max(axis=1, keepdims=True)
-        picked = shifted[picks]
-        grad = np.exp(shifted, out=shifted)
-        sums = grad.sum(axis=1, keepdims=True)
-        value = float(np.log(sums).sum() - picked.sum()) / rows if rows else float("nan")
-        grad /= sums
-        grad[picks] -= 1
-        grad /= dtype.type(rows)
-        return value, grad
-    targets = np.asarray(y, dtype=dtype)
-    if targets.ndim == 1 and outputs.shape[1] == 1:
-        targets = targets[:, None]
-    check_targets(targets, outputs.shape)
-    if loss == "mse":
-        diff = outputs - targets
-        return float(np.mean(diff * diff)), diff * dtype.type(2.0 / diff.size)
-    value = np.maximum(outputs, 0) - outputs * targets + np.log1p(np.exp(-np.abs(outputs)))
-    grad = ops.stable_sigmoid(outputs) - targets
-    grad /= dtype.type(grad.size)
-    return float(value.mean()), grad
-
-
-def _activation_module(name: str, alpha: float) -> Module:
-    if name == "leaky_relu":
-        return LeakyReLU(alpha)
-    return {"relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh, "gelu": GELU}[name]()

@@ -3,13 +3,17 @@
 Each op computes its forward value with NumPy and records a closure ``g -> grads`` that
 maps the upstream gradient to one gradient per input (the vector-Jacobian product).
 Elementwise ops broadcast; ``_unbroadcast`` sums gradients back to each input's shape.
-All rules are checked against finite differences in tests/nn/test_gradcheck.py.
+The graph these ops build is for teaching, ``explain()`` and checking; training runs the
+fused ``MLP.loss_and_grads``, which takes each activation from ``ACTIVATION_RULES`` below,
+the same rules the graph's activations are built from. All rules are checked against
+finite differences in tests/nn/test_gradcheck.py.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -193,9 +197,16 @@ def sqrt(a: Tensor) -> Tensor:
     return Tensor._from_op("sqrt", out, (a,), lambda g: (g / (2 * out),))
 
 
-def tanh(a: Tensor) -> Tensor:
-    out = np.tanh(a.data)
-    return Tensor._from_op("tanh", out, (a,), lambda g: (g * (1 - out * out),))
+class Activation(NamedTuple):
+    """An activation on arrays, the one definition its graph op and the fused step share.
+
+    ``forward(z, out)`` gives σ(z) and what σ' needs besides it, writing σ(z) into ``out``
+    where it can (the fused step passes z, which it owns; a graph op passes None).
+    ``derivative(y, saved)`` gives σ'(z) from y = σ(z), to multiply into the gradient.
+    """
+
+    forward: Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, Any]]
+    derivative: Callable[[np.ndarray, Any], np.ndarray]
 
 
 def stable_sigmoid(x: np.ndarray) -> np.ndarray:
@@ -204,39 +215,66 @@ def stable_sigmoid(x: np.ndarray) -> np.ndarray:
     return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
 
 
-def sigmoid(a: Tensor) -> Tensor:
-    out = stable_sigmoid(a.data)
-    return Tensor._from_op("sigmoid", out, (a,), lambda g: (g * out * (1 - out),))
-
-
-def relu(a: Tensor) -> Tensor:
-    # The derivative at exactly 0 is taken as 0, as in every mainstream framework;
-    # maximum(a, 0) would instead split the gradient at the tie.
-    mask = a.data > 0
-    return Tensor._from_op("relu", a.data * mask, (a,), lambda g: (g * mask,))
-
-
-def leaky_relu(a: Tensor, alpha: float = 0.01) -> Tensor:
-    slope = np.where(a.data > 0, 1, alpha).astype(a.dtype)
-    return Tensor._from_op("leaky_relu", a.data * slope, (a,), lambda g: (g * slope,))
-
-
 _GELU_C = math.sqrt(2 / math.pi)
 
 
-def gelu_forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """GELU, tanh approximation (NumPy has no erf); returns (value, tanh term) for backward."""
-    t = np.tanh(_GELU_C * (x + 0.044715 * x**3))
-    return 0.5 * x * (1 + t), t
+def _gelu(z: np.ndarray, out: np.ndarray | None) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """GELU, tanh approximation (NumPy has no erf); keeps z and the tanh term for σ'."""
+    t = np.tanh(_GELU_C * (z + 0.044715 * z**3))
+    return 0.5 * z * (1 + t), (z, t)
 
 
-def gelu_derivative(x: np.ndarray, t: np.ndarray) -> np.ndarray:
-    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * x * x)
+def _gelu_derivative(y: np.ndarray, saved: tuple[np.ndarray, ...]) -> np.ndarray:
+    z, t = saved
+    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * z * z)
+
+
+def leaky_relu_rule(alpha: float) -> Activation:
+    """z where z > 0, else alpha·z: the slope it multiplies by is its derivative."""
+
+    def forward(z: np.ndarray, out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        slope = np.where(z > 0, z.dtype.type(1), z.dtype.type(alpha))
+        return np.multiply(z, slope, out=out), slope
+
+    return Activation(forward, lambda y, slope: slope)
+
+
+# relu'(0) is taken as 0 (leaky_relu's as alpha), as in every mainstream framework;
+# the graph's maximum(a, 0) would instead split the gradient at the tie.
+ACTIVATION_RULES = {
+    "relu": Activation(lambda z, out: (np.maximum(z, 0, out=out), None), lambda y, _: y > 0),
+    "leaky_relu": leaky_relu_rule(0.01),
+    "sigmoid": Activation(lambda z, out: (stable_sigmoid(z), None), lambda y, _: y * (1 - y)),
+    "tanh": Activation(lambda z, out: (np.tanh(z, out=out), None), lambda y, _: 1 - y * y),
+    "gelu": Activation(_gelu, _gelu_derivative),
+}
+
+
+def _activation(name: str, a: Tensor, rule: Activation | None = None) -> Tensor:
+    """The graph node of an activation, built from its rule."""
+    rule = rule or ACTIVATION_RULES[name]
+    out, saved = rule.forward(a.data, None)
+    return Tensor._from_op(name, out, (a,), lambda g: (g * rule.derivative(out, saved),))
+
+
+def tanh(a: Tensor) -> Tensor:
+    return _activation("tanh", a)
+
+
+def sigmoid(a: Tensor) -> Tensor:
+    return _activation("sigmoid", a)
+
+
+def relu(a: Tensor) -> Tensor:
+    return _activation("relu", a)
+
+
+def leaky_relu(a: Tensor, alpha: float = 0.01) -> Tensor:
+    return _activation("leaky_relu", a, leaky_relu_rule(alpha))
 
 
 def gelu(a: Tensor) -> Tensor:
-    out, t = gelu_forward(a.data)
-    return Tensor._from_op("gelu", out, (a,), lambda g: (g * gelu_derivative(a.data, t),))
+    return _activation("gelu", a)
 
 
 def reshape(a: Tensor, *shape: Any) -> Tensor:

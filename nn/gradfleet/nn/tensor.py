@@ -3,7 +3,8 @@
 Each op (see ``ops.py``) builds its output node with a local backward closure that
 captures exactly the forward values it needs; ``backward()`` walks one topological order
 in reverse and accumulates with ``+=``, so a node used on several paths gets every
-contribution (the chain rule for several arguments).
+contribution (the chain rule for several arguments). The graph is for teaching,
+``explain()`` and checking; training runs the fused ``MLP.loss_and_grads`` instead.
 """
 
 from __future__ import annotations
