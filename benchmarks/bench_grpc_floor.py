@@ -118,7 +118,7 @@ def serve_minimal_subprocess() -> None:
 def round_trips(calls: int) -> dict[str, np.ndarray]:
     """Seconds per round trip of each transport, interleaved in blocks of calls (a call
     by call rotation would time every server after it sat idle for three others)."""
-    from gradfleet.worker.ps_client import ParameterServerClient
+    from gradfleet.proto.client import ParameterServerClient
 
     params = parameter_count(SIZES)
     nbytes = params * 4
@@ -284,10 +284,10 @@ def grpc_variants(data: Any, steps: int, rows: int) -> dict[str, dict[str, float
     import ray
 
     from gradfleet.nn import MLP
+    from gradfleet.proto.client import ParameterServerClient
     from gradfleet.server import serve
     from gradfleet.worker.actor import GradientWorker
     from gradfleet.worker.batches import shard_rows
-    from gradfleet.worker.ps_client import ParameterServerClient
     from gradfleet.worker.ray_runner import init_ray
 
     init_ray(num_cpus=2, include_dashboard=False)

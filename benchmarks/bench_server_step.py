@@ -32,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_grpc_floor
 
 from gradfleet.nn.mlp import parameter_count
+from gradfleet.proto.client import ParameterServerClient
 from gradfleet.proto.runtime import keep_message_buffers_mapped
+from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.proto.wire import as_bytes_view, encode_chunk_message
 from gradfleet.server import serve
-from gradfleet.worker.ps_client import ParameterServerClient
 
 SIZES = bench_grpc_floor.SIZES
 
@@ -47,6 +48,9 @@ class Context:
         return 600.0
 
     def is_active(self) -> bool:
+        return True
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
         return True
 
 
@@ -75,10 +79,13 @@ def exchange_handlers(calls: int, rounds: int) -> dict[str, float]:
     with serve(port=0) as server, ParameterServerClient(server.address, timeout=60) as client:
         job = client.create_job(spec, {"name": "sgd", "lr": 1e-6}, num_workers=1, total_steps=10**9)
         service, version = server.service, 0
+        layout = client.layout(job).to_proto()
 
         def gradfleet() -> float:
             nonlocal version
-            header = client._push_header(job, 0, version, 1, 0.0, grad)[1]  # as a client would
+            header = pb.PushHeader(job_id=job, worker=0, step=version, rows=1, loss=0.0,
+                                   dtype=pb.DTYPE_FLOAT32, total_bytes=grad.nbytes,
+                                   layout=layout).SerializeToString()  # fmt: skip
             message = encode_chunk_message(0, as_bytes_view(grad), header)
             version += 1
             return timed(lambda: service.PushAndPullUnary(message, Context()))  # type: ignore[arg-type]

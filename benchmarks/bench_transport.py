@@ -148,7 +148,7 @@ def peak_rss_mb(pid: int) -> float:
 @contextlib.contextmanager
 def gradfleet_calls(address: str, sizes: list[int]) -> Iterator[dict[str, Callable[[], None]]]:
     """Round trip, push alone and pull alone of a one-worker sync job on the server."""
-    from gradfleet.worker.ps_client import ParameterServerClient
+    from gradfleet.proto.client import ParameterServerClient
 
     spec = {"type": "MLP", "sizes": sizes, "activation": "relu", "dtype": "float32", "seed": 0}
     with ParameterServerClient(address, timeout=600) as ps:
@@ -234,35 +234,32 @@ def bench_aggregation(
 ) -> list[tuple[float, float]]:
     """(CPU, wall) seconds to accumulate `workers` gradients and close one sync step, for
     each of `steps` steps after the first (which also allocates the sum buffer)."""
-    from gradfleet.proto.v1 import parameter_server_pb2 as pb
     from gradfleet.proto.wire import FlatLayout
-    from gradfleet.server.jobs import Job
+    from gradfleet.server.domain import PushHeader
+    from gradfleet.server.job import Job, JobResources
     from gradfleet.server.metrics import ServerMetrics
+    from gradfleet.server.receive import Gradient
+    from gradfleet.server.settings import JobSettings, JobSpec
 
     weights = np.zeros(params, dtype=np.float32)
     layout = FlatLayout.from_arrays({"w": weights})
-    spec = pb.JobSpec(
-        model_spec_json="{}",
-        optimizer_json='{"name": "sgd", "lr": 0.1}',
-        mode=pb.MODE_SYNC,
-        num_workers=workers,
-        total_steps=steps + 1,
-    )
-    job = Job("bench", spec, layout, weights, metrics=ServerMetrics())
+    spec = JobSpec("{}", '{"name": "sgd", "lr": 0.1}', num_workers=workers, total_steps=steps + 1)
+    snapshot = Job.new_snapshot("bench", JobSettings.validate(spec), layout, weights)
+    job = Job(snapshot, JobResources(ServerMetrics(), 1 << 20, 512 << 20, history_page=10_000))
     grads = [np.full(params, w + 1, dtype=np.float32) for w in range(workers)]
     results = []
     for step in range(steps + 1):
         cpu = time.process_time()
         wall = time.perf_counter()
         for w in range(workers):
-            header = pb.PushHeader(job_id="bench", worker=w, step=step, rows=1, loss=0.0)
-            job.commit(header, grads[w])
+            header = PushHeader("bench", w, step, 1, 0.0, layout.dtype, layout.nbytes, None)
+            job.commit(header, Gradient(grads[w]))
         results.append((time.process_time() - cpu, time.perf_counter() - wall))
     return results[1:]
 
 
 def bench_memory(address: str, pid: int, workers: int = 8) -> dict[str, float]:
-    from gradfleet.worker.ps_client import ParameterServerClient
+    from gradfleet.proto.client import ParameterServerClient
 
     sizes = MODELS["10M"]
     spec = {"type": "MLP", "sizes": sizes, "activation": "relu", "dtype": "float32", "seed": 0}

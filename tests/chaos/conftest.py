@@ -6,6 +6,7 @@ loops break something (server SIGKILLs, repeated worker kills scale with it too)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -24,12 +25,12 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gradfleet.proto.client import ParameterServerClient
+from gradfleet.proto.errors import GradfleetError
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
-from gradfleet.worker import actor
-from gradfleet.worker.actor import GradientWorker
+from gradfleet.worker.actor import GradientWorker, WorkerSpec
 from gradfleet.worker.batches import shard_rows
 from gradfleet.worker.config import JobConfig
-from gradfleet.worker.ps_client import ParameterServerClient
 
 CHAOS_ROUNDS = int(os.environ.get("GRADFLEET_CHAOS_ROUNDS", "6"))
 
@@ -184,28 +185,31 @@ class ThreadWorkers:
     them cheap. Errors are collected in `errors`.
     """
 
-    def __init__(self, job: JobConfig, address: str, job_id: str) -> None:
+    def __init__(self, job: JobConfig, address: str, job_id: str, pull_wait: float = 10.0) -> None:
+        """`pull_wait`: after a server restart from an older checkpoint, a worker waiting
+        for a version the server no longer reaches on its own re-syncs only when its long
+        poll times out; a short wait keeps such tests quick."""
         data = job.dataset
+        self.address, self.job_id = address, job_id
         self.workers = []
         for worker in range(job.workers):
             start, stop = shard_rows(len(data.x), worker, job.workers)  # type: ignore[union-attr]
-            self.workers.append(
-                GradientWorker(
-                    address,
-                    job_id,
-                    worker,
-                    data.x[start:stop],  # type: ignore[union-attr]
-                    data.y[start:stop],  # type: ignore[union-attr]
-                    job.model_spec,
-                    job.loss,
-                    job.rows_per_worker,
-                    job.seed,
-                    job.total_steps,
-                    job.mode,
-                    server_patience=120.0,
-                    num_workers=job.workers,
-                )
+            spec = WorkerSpec(
+                address=address,
+                job_id=job_id,
+                worker=worker,
+                num_workers=job.workers,
+                model_spec=job.model_spec,
+                loss=job.loss,
+                rows_per_worker=job.rows_per_worker,
+                seed=job.seed,
+                total_steps=job.total_steps,
+                mode=job.mode,
+                server_patience=120.0,
+                pull_wait=pull_wait,
             )
+            x, y = data.x[start:stop], data.y[start:stop]  # type: ignore[union-attr]
+            self.workers.append(GradientWorker(spec, x, y))
         self.errors: list[BaseException] = []
         self.threads = [
             threading.Thread(target=self._run, args=(w,), daemon=True) for w in self.workers
@@ -236,21 +240,14 @@ class ThreadWorkers:
         assert not self.alive(), "the workers did not finish"
 
     def abandon(self, timeout: float = 30.0) -> None:
-        """Make the workers leave their loop at their next successful pull."""
-        for worker in self.workers:
-            worker.total_steps = 0
+        """Stop the job, so the workers leave their loop (with JobStopped)."""
+        with (
+            contextlib.suppress(GradfleetError),
+            ParameterServerClient(self.address, timeout=5, patience=0) as client,
+        ):
+            client.stop_job(self.job_id)
         for thread in self.threads:
             thread.join(timeout)
-
-
-@pytest.fixture
-def short_pull_wait(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Thread workers re-sync after 2 s without a new version instead of 10 s.
-
-    After a server restart from an older checkpoint, a worker waiting for a version the
-    server no longer reaches on its own re-syncs only when its long poll times out.
-    """
-    monkeypatch.setattr(actor, "PULL_WAIT", 2.0)
 
 
 def relative_difference(a: np.ndarray, b: np.ndarray) -> float:

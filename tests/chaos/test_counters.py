@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from gradfleet.nn.optim import make_optimizer
+from gradfleet.proto.client import ParameterServerClient
+from gradfleet.proto.errors import GradfleetError
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.server import serve
-from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
 
 SPEC = {"type": "MLP", "sizes": [6, 8, 3], "activation": "relu", "dtype": "float64", "seed": 0}
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
@@ -55,8 +56,8 @@ def test_retries_duplicates_and_rejections_reconcile_exactly(chaos: Any) -> None
             try:
                 ack = ps.push_gradient(job_id, worker, step, 4, 0.5, grad)
                 outcome = pb.PushOutcome.Name(ack.outcome)
-            except ParameterServerError as exc:
-                outcome = exc.code
+            except GradfleetError as exc:
+                outcome = exc.code.name
             with lock:
                 sent[outcome] += 1
 

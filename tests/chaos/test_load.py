@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from gradfleet.nn.optim import make_optimizer
+from gradfleet.proto.client import ParameterServerClient
+from gradfleet.proto.errors import GradfleetError
 from gradfleet.proto.wire import FlatLayout
 from gradfleet.server import serve
-from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -113,15 +114,15 @@ def test_calls_over_the_stream_limit_get_resource_exhausted_and_traffic_continue
     limit, excess = 4, 12
     spec = {"type": "MLP", "sizes": [6, 3], "dtype": "float32", "seed": 0}
     with serve(port=0, max_concurrent_streams=limit) as server:
-        with ParameterServerClient(server.address, retries=0) as ps:
+        with ParameterServerClient(server.address, patience=0) as ps:
             job_id = ps.create_job(spec, SGD, num_workers=1, total_steps=3)
             layout = ps.layout(job_id)
         grad = worker_gradient(layout, 0)
 
         # Every client connects and reads the layout first, so that the calls over the
         # limit reach the server while the waiting pulls still hold every slot.
-        waiters = [ParameterServerClient(server.address, retries=0) for _ in range(limit)]
-        others = [ParameterServerClient(server.address, retries=0) for _ in range(excess)]
+        waiters = [ParameterServerClient(server.address, patience=0) for _ in range(limit)]
+        others = [ParameterServerClient(server.address, patience=0) for _ in range(excess)]
         for client in waiters + others:
             client.layout(job_id)
 
@@ -133,8 +134,8 @@ def test_calls_over_the_stream_limit_get_resource_exhausted_and_traffic_continue
                     client.pull_weights(job_id, 0, timeout=15.0)
                 else:
                     client.push_gradient(job_id, 0, 0, 1, 0.5, grad, timeout=15.0)
-            except ParameterServerError as exc:
-                return exc.code
+            except GradfleetError as exc:
+                return exc.code.name
             return "OK"
 
         with ThreadPoolExecutor(limit + excess) as pool:
@@ -145,7 +146,7 @@ def test_calls_over_the_stream_limit_get_resource_exhausted_and_traffic_continue
             kinds = ["pull", "push"] * (excess // 2)
             over = [pool.submit(call, c, k) for c, k in zip(others, kinds, strict=True)]
             over_codes = [f.result() for f in over]
-            with ParameterServerClient(server.address, retries=0) as ps:
+            with ParameterServerClient(server.address, patience=0) as ps:
                 during = ps.get_job(job_id, history=False).version  # unary: not limited
             waiting_codes = [f.result() for f in waiting]
         for client in waiters + others:
@@ -154,7 +155,7 @@ def test_calls_over_the_stream_limit_get_resource_exhausted_and_traffic_continue
         while server.service.streams.active and time.monotonic() < deadline:
             time.sleep(0.01)  # the server notices the deadlines a moment after the clients
         active_after = server.service.streams.active
-        with ParameterServerClient(server.address, retries=0) as ps:
+        with ParameterServerClient(server.address, patience=0) as ps:
             ack = ps.push_gradient(job_id, 0, 0, 1, 0.5, grad)
             version, _ = ps.pull_weights(job_id, 1)
             counters = ps.get_job(job_id, history=False).counters

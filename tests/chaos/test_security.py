@@ -11,10 +11,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gradfleet.proto.client import ParameterServerClient
+from gradfleet.proto.errors import GradfleetError
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.server import ServerConfig, serve
 from gradfleet.server.cli import build_parser
-from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
 
 pytestmark = pytest.mark.integration
 
@@ -89,10 +90,10 @@ def test_tokens_never_appear_in_the_server_log(chaos: Any) -> None:
         job_id = good.create_job(SPEC, {"name": "sgd", "lr": 0.1}, total_steps=2)
         good.pull_weights(job_id, 0)
     for token in (WRONG, None):
-        with ParameterServerClient(server.address, token=token, retries=0) as bad:
-            with pytest.raises(ParameterServerError) as err:
+        with ParameterServerClient(server.address, token=token, patience=0) as bad:
+            with pytest.raises(GradfleetError) as err:
                 bad.get_job(job_id)
-            assert err.value.code == "UNAUTHENTICATED"
+            assert err.value.code.name == "UNAUTHENTICATED"
             assert WRONG not in str(err.value) and TOKEN not in str(err.value)
     server.signal(signal.SIGTERM)
     exit_code = server.wait()
@@ -116,10 +117,10 @@ def test_tls_through_the_cli_and_a_plaintext_client_fails_cleanly(
         version, _ = good.pull_weights(job_id, 0)
     failures = []
     for kwargs in ({}, {"tls_root_cert": tls_dir / "other-ca.pem"}):
-        with ParameterServerClient(server.address, timeout=5, retries=0, **kwargs) as bad:
-            with pytest.raises(ParameterServerError) as err:
+        with ParameterServerClient(server.address, timeout=5, patience=0, **kwargs) as bad:
+            with pytest.raises(GradfleetError) as err:
                 bad.list_jobs()
-            failures.append(err.value.code)
+            failures.append(err.value.code.name)
 
     assert version == 0
     assert failures == ["UNAVAILABLE", "UNAVAILABLE"]
@@ -148,8 +149,8 @@ def test_mutual_tls_through_the_cli_requires_a_client_certificate_from_the_ca(
         good.wait_ready(timeout=60)
         jobs = good.list_jobs()
     with (
-        ParameterServerClient(server.address, tls_root_cert=ca, timeout=5, retries=0) as bad,
-        pytest.raises(ParameterServerError) as err,
+        ParameterServerClient(server.address, tls_root_cert=ca, timeout=5, patience=0) as bad,
+        pytest.raises(GradfleetError) as err,
     ):
         bad.list_jobs()
     # a certificate signed by another CA is refused too
@@ -160,14 +161,14 @@ def test_mutual_tls_through_the_cli_requires_a_client_certificate_from_the_ca(
             tls_client_cert=tls_dir / "other-ca.pem",
             tls_client_key=tls_dir / "other-ca.key",
             timeout=5,
-            retries=0,
+            patience=0,
         ) as foreign,
-        pytest.raises(ParameterServerError) as foreign_err,
+        pytest.raises(GradfleetError) as foreign_err,
     ):
         foreign.list_jobs()
 
     assert jobs == []
-    assert err.value.code == foreign_err.value.code == "UNAVAILABLE"
+    assert err.value.code.name == foreign_err.value.code.name == "UNAVAILABLE"
 
 
 def test_default_bind_is_loopback_and_other_binds_warn_without_a_token(chaos: Any) -> None:

@@ -22,8 +22,8 @@ from ray.util.state import list_actors
 from gradfleet import nn
 from gradfleet.client import JobConfig, train
 from gradfleet.client.data import load_dataset
+from gradfleet.proto.client import ParameterServerClient
 from gradfleet.server import serve
-from gradfleet.worker.ps_client import ParameterServerClient
 from gradfleet.worker.ray_runner import WorkerOptions, WorkersFailed, init_ray
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow]

@@ -22,7 +22,6 @@ from gradfleet.client import (
 )
 from gradfleet.client.data import load_dataset
 from gradfleet.server import serve
-from gradfleet.server.jobs import Job
 from gradfleet.worker.ray_runner import init_ray
 
 pytestmark = [pytest.mark.integration]
@@ -110,22 +109,21 @@ def test_token_is_required_when_configured() -> None:
 
 
 @pytest.mark.ray
-def test_train_on_a_separate_server_then_follow_it_with_the_sdk(
-    server: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(Job, "HISTORY_PAGE", 7)  # 30 steps come in 5 pages
+def test_train_on_a_separate_server_then_follow_it_with_the_sdk() -> None:
     job = iris_job(steps=30)
     init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        result = train(job, backend="ray", server=server)
-    finally:
-        ray.shutdown()
+    with serve(host="127.0.0.1", port=0, history_page=7) as running:  # 30 steps in 5 pages
+        server = running.address
+        try:
+            result = train(job, backend="ray", server=server)
+        finally:
+            ray.shutdown()
 
-    with Client(server) as client:
-        handle = client.job(result.job_id)
-        final = handle.wait(timeout=10)
-        events = list(handle.watch())
-        served = handle.model()
+        with Client(server) as client:
+            handle = client.job(result.job_id)
+            final = handle.wait(timeout=10)
+            events = list(handle.watch())
+            served = handle.model()
 
     assert final.state == "completed"
     assert final.version == job.total_steps

@@ -14,10 +14,10 @@ import grpc
 import numpy as np
 import pytest
 
+from gradfleet.proto.client import ParameterServerClient
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.proto.wire import FlatLayout
 from gradfleet.server import ParameterServer, serve
-from gradfleet.worker.ps_client import ParameterServerClient
 
 FUZZ_EXAMPLES = int(os.environ.get("GRADFLEET_FUZZ_EXAMPLES", "300"))
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
@@ -60,7 +60,7 @@ class FuzzServer:
 def fuzz_server() -> Iterator[FuzzServer]:
     with (
         serve(host="127.0.0.1", port=0, max_job_bytes=1 << 20) as server,
-        ParameterServerClient(server.address, timeout=30.0, retries=0) as client,
+        ParameterServerClient(server.address, timeout=30.0, patience=0) as client,
         grpc.insecure_channel(server.address) as channel,
     ):
         fuzz = FuzzServer(server, client, channel)

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gradfleet.proto.client import ParameterServerClient
 from gradfleet.server import checkpoint, serve
-from gradfleet.worker.ps_client import ParameterServerClient
 
 pytestmark = pytest.mark.integration
 

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from gradfleet.nn.optim import make_optimizer
+from gradfleet.nn.reduce import GradientSum
+from gradfleet.proto.client import ParameterServerClient
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.proto.wire import FlatLayout
 from gradfleet.server import ParameterServer, serve
-from gradfleet.worker.ps_client import ParameterServerClient
 
 SPEC64 = {"type": "MLP", "sizes": [6, 8, 3], "activation": "relu", "dtype": "float64", "seed": 0}
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
@@ -43,7 +44,7 @@ def gradient(layout: FlatLayout, worker: int, step: int) -> np.ndarray:
 
 @dataclass
 class Reference:
-    """The local-mode arithmetic: sum in the model's dtype in worker order, mean, same optimiser."""
+    """What every backend computes: the shared ordered-sum kernel, then the same optimiser."""
 
     layout: FlatLayout
     weights: np.ndarray
@@ -54,10 +55,11 @@ class Reference:
         self.optimizer = make_optimizer(self.optimizer_config)
 
     def sync_step(self, grads: list[np.ndarray]) -> np.ndarray:
-        total = grads[0].copy()
-        for g in grads[1:]:
-            np.add(total, g, out=total)
-        mean = total / len(grads)
+        total = GradientSum(self.layout.total_elements, self.layout.dtype)
+        for g in grads[:-1]:
+            total.add(g)
+        mean = total.mean(last=grads[-1].copy())
+        assert mean is not None
         self.optimizer.step(self.layout.views(self.weights), self.layout.views(mean))
         return self.weights
 

@@ -6,8 +6,9 @@ import pickle
 
 import pytest
 
+from gradfleet.proto.client import ParameterServerClient
+from gradfleet.proto.errors import Reason, StaleGradient
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
-from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
 
 
 def test_each_gradient_is_applied_on_arrival(client: ParameterServerClient, make_job, kit) -> None:
@@ -34,12 +35,12 @@ def test_too_stale_gradient_fails_precondition_and_changes_nothing(
     client.push_gradient(job, 0, 1, 1, 1.0, kit.gradient(layout, 0, 1))
     before = state_of(job)
     # execute
-    with pytest.raises(ParameterServerError) as err:
+    with pytest.raises(StaleGradient) as err:
         client.push_gradient(job, 1, 0, 1, 1.0, kit.gradient(layout, 1, 0))
     after = state_of(job)
     within_bound = client.push_gradient(job, 1, 1, 1, 1.0, kit.gradient(layout, 1, 1))
     # assert
-    assert err.value.code == "FAILED_PRECONDITION"
+    assert err.value.code.name == "FAILED_PRECONDITION"
     assert "too stale" in err.value.message
     assert after[:2] == before[:2] and after[0] == 2
     assert after[2].accepted == before[2].accepted == 2
@@ -55,13 +56,14 @@ def test_a_stale_exchange_is_refused_once_with_its_reason(
     client.push_gradient(job, 0, 0, 1, 1.0, kit.gradient(layout, 0, 0))
     client.push_gradient(job, 0, 1, 1, 1.0, kit.gradient(layout, 0, 1))
     # execute: a worker's whole exchange (one call) with a gradient of version 0
-    with pytest.raises(ParameterServerError) as err:
+    with pytest.raises(StaleGradient) as err:
         client.push_and_pull(job, 1, 0, 1, 1.0, kit.gradient(layout, 1, 0))
     counters = client.get_job(job).counters
-    # assert: the reason travels with the error (and through pickling, as from a Ray
-    # actor), and the refused gradient was sent and counted once
-    assert err.value.code == "FAILED_PRECONDITION" and err.value.reason == "stale"
-    assert pickle.loads(pickle.dumps(err.value)).reason == "stale"
+    # assert: the type and reason travel with the error (and through pickling, as from a
+    # Ray actor), and the refused gradient was sent and counted once
+    assert err.value.code.name == "FAILED_PRECONDITION" and err.value.reason is Reason.STALE
+    unpickled = pickle.loads(pickle.dumps(err.value))
+    assert isinstance(unpickled, StaleGradient) and unpickled.reason is Reason.STALE
     assert counters.received == 3 and counters.rejected["stale"] == 1
 
 

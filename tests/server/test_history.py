@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gradfleet.proto.client import ParameterServerClient
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.server import checkpoint, serve
 from gradfleet.server.history import FLOAT_FIELDS, INT_FIELDS, StepHistory
-from gradfleet.server.jobs import Job
-from gradfleet.worker.ps_client import ParameterServerClient
+from gradfleet.server.translate import step_records
 
 
 def filled(steps: int, first: int = 0) -> StepHistory:
@@ -32,28 +32,28 @@ def test_records_are_sliced_by_step_and_limited() -> None:
     # prepare: enough appends to grow the columns several times
     history = filled(1000, first=5)
     # execute
-    page = history.page(700, 50).records()
-    tail = history.page(990, 50).records()
+    page = step_records(history.page(700, 50))
+    tail = step_records(history.page(990, 50))
     # assert
     assert len(history) == 1000
     assert [r.step for r in page] == list(range(700, 750))
     assert page[0].loss == 70.0 and page[0].rows == 0 and page[0].contributors == 2
     assert page[0].samples_per_sec == 1400.0 and page[0].wall_time == 1700.0
     assert [r.step for r in tail] == list(range(990, 1005))
-    assert history.page(0, 3).records()[0].step == 5
-    assert history.page(2000, 10).records() == []
+    assert step_records(history.page(0, 3))[0].step == 5
+    assert step_records(history.page(2000, 10)) == []
 
 
 def test_arrays_and_old_records_round_trip() -> None:
     # prepare
     history = filled(30)
-    records = as_dicts(history.page(0, 100).records())
+    records = as_dicts(step_records(history.page(0, 100)))
     # execute
     from_arrays = StepHistory(*history.arrays())
     from_records = StepHistory.from_records(records)
     # assert
-    assert from_arrays.page(0, 100).records() == history.page(0, 100).records()
-    assert from_records.page(0, 100).records() == history.page(0, 100).records()
+    assert step_records(from_arrays.page(0, 100)) == step_records(history.page(0, 100))
+    assert step_records(from_records.page(0, 100)) == step_records(history.page(0, 100))
     assert len(StepHistory.from_records([])) == 0
 
 
@@ -78,10 +78,9 @@ def run_steps(client: ParameterServerClient, job: str, steps: int) -> None:
         client.push_and_pull(job, 0, step, 4, 1.0 + step, grad, out=weights)
 
 
-def test_get_job_and_watch_answer_page_by_page(kit, monkeypatch) -> None:
+def test_get_job_and_watch_answer_page_by_page(kit) -> None:
     # prepare: pages of 4 records, a job of 10 steps
-    monkeypatch.setattr(Job, "HISTORY_PAGE", 4)
-    with serve(port=0) as server, ParameterServerClient(server.address) as client:
+    with serve(port=0, history_page=4) as server, ParameterServerClient(server.address) as client:
         job = client.create_job(kit.SPEC64, kit.SGD, num_workers=1, total_steps=10)
         run_steps(client, job, 10)
         # execute
@@ -121,6 +120,6 @@ def test_checkpoints_keep_the_history_and_format_2_still_loads(kit, tmp_path: Pa
     # assert
     assert new_format is not None and old_format is not None
     assert len(expected) == 6
-    assert new_format.history.page(0, 100).records() == list(expected)
-    assert old_format.history.page(0, 100).records() == list(expected)
+    assert step_records(StepHistory(*new_format.history).page(0, 100)) == list(expected)
+    assert step_records(StepHistory(*old_format.history).page(0, 100)) == list(expected)
     assert list(resumed) == list(expected)

@@ -15,11 +15,11 @@ import grpc
 import numpy as np
 import pytest
 
+from gradfleet.proto.client import ParameterServerClient
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.proto.v1 import parameter_server_pb2_grpc as pb_grpc
 from gradfleet.proto.wire import KEEPALIVE_MS, client_options, server_options
 from gradfleet.server import serve
-from gradfleet.worker.ps_client import ParameterServerClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

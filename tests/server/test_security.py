@@ -14,8 +14,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from gradfleet.proto.client import ParameterServerClient
+from gradfleet.proto.errors import GradfleetError
 from gradfleet.server import ParameterServer, main, serve
-from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
 
 TOKEN = "correct-horse-battery-staple"
 
@@ -35,10 +36,10 @@ def test_token_auth_accepts_the_right_token_and_rejects_others(kit) -> None:
                     lambda c=bad: c.pull_weights(job),
                     lambda c=bad: c.push_gradient(job, 0, 0, 1, 1.0, layout_grad),
                 ):
-                    with pytest.raises(ParameterServerError) as err:
+                    with pytest.raises(GradfleetError) as err:
                         call()
                     # assert
-                    assert err.value.code == "UNAUTHENTICATED"
+                    assert err.value.code.name == "UNAUTHENTICATED"
                     assert "token" in err.value.message
         with ParameterServerClient(server.address, token=TOKEN) as good:
             version, after = good.pull_weights(job)
@@ -100,10 +101,10 @@ def test_tls_accepts_the_right_ca_and_rejects_others(tls_files, kit) -> None:
             version, _ = good.pull_weights(job)
         outcomes = []
         for kwargs in ({"tls_root_cert": tls_files.other_ca_cert}, {}):
-            with ParameterServerClient(server.address, timeout=3, retries=0, **kwargs) as bad:
-                with pytest.raises(ParameterServerError) as err:
+            with ParameterServerClient(server.address, timeout=3, patience=0, **kwargs) as bad:
+                with pytest.raises(GradfleetError) as err:
                     bad.list_jobs()
-                outcomes.append(err.value.code)
+                outcomes.append(err.value.code.name)
     # assert
     assert version == 0
     assert outcomes == ["UNAVAILABLE", "UNAVAILABLE"]
@@ -127,14 +128,14 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(tls_files, kit) ->
             jobs = good.list_jobs()
         with (
             ParameterServerClient(
-                server.address, tls_root_cert=tls_files.ca_cert, timeout=3, retries=0
+                server.address, tls_root_cert=tls_files.ca_cert, timeout=3, patience=0
             ) as anonymous,
-            pytest.raises(ParameterServerError) as err,
+            pytest.raises(GradfleetError) as err,
         ):
             anonymous.list_jobs()
     # assert
     assert jobs == []
-    assert err.value.code == "UNAVAILABLE"
+    assert err.value.code.name == "UNAVAILABLE"
 
 
 def test_metrics_are_exposed_in_prometheus_format(kit) -> None:
@@ -143,7 +144,7 @@ def test_metrics_are_exposed_in_prometheus_format(kit) -> None:
         job = c.create_job(kit.SPEC64, kit.SGD, total_steps=2)
         layout = c.layout(job)
         c.push_gradient(job, 0, 0, 1, 1.0, kit.gradient(layout, 0, 0))
-        with pytest.raises(ParameterServerError):
+        with pytest.raises(GradfleetError):
             c.push_gradient(job, 3, 1, 1, 1.0, kit.gradient(layout, 0, 0))
         c.pull_weights(job, 1)
         # execute

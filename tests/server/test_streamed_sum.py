@@ -1,4 +1,8 @@
-"""Streamed sync pushes: folded chunk by chunk into one sum, in worker order, undoable."""
+"""Streamed sync pushes: received whole into bounded buffers, then summed in worker order.
+
+Nothing of a push reaches the sum before all of it has arrived and been checked, so a
+push that fails half-way changes nothing and no acknowledged gradient is ever revoked.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 import pytest
 
+from gradfleet.proto.client import ParameterServerClient
+from gradfleet.proto.errors import Reason, ResourceExhausted
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.proto.wire import (
     FlatLayout,
@@ -18,10 +25,6 @@ from gradfleet.proto.wire import (
     plan_chunk_bytes,
 )
 from gradfleet.server import serve
-from gradfleet.server.errors import OverLimit, ShuttingDown
-from gradfleet.server.jobs import Job
-from gradfleet.server.metrics import ServerMetrics
-from gradfleet.worker.ps_client import ParameterServerClient
 
 SPEC32 = {"type": "MLP", "sizes": [64, 96, 10], "activation": "relu", "dtype": "float32"}
 SGD = {"name": "sgd", "lr": 0.5}
@@ -74,9 +77,8 @@ def test_one_streamed_gradient_is_the_mean_as_it_is() -> None:
     np.testing.assert_array_equal(after, sgd_step(weights, grad, 1))
 
 
-def test_streamed_pushes_arriving_in_reverse_are_summed_in_worker_order(monkeypatch) -> None:
-    # prepare: 6 workers push streams in reverse order; each waits for its turn
-    monkeypatch.setattr(Job, "ORDER_PATIENCE", 60.0)
+def test_streamed_pushes_arriving_in_reverse_are_summed_in_worker_order() -> None:
+    # prepare: 6 workers push streams in reverse order; early ones are held for their turn
     workers = 6
     with serve(port=0) as server, ParameterServerClient(server.address) as ps:
         job = ps.create_job(SPEC32, SGD, num_workers=workers, total_steps=3)
@@ -106,9 +108,8 @@ def test_streamed_pushes_arriving_in_reverse_are_summed_in_worker_order(monkeypa
     assert weights1.tobytes() == sgd_step(weights0, in_order, workers).tobytes()
 
 
-def test_a_missing_lower_worker_switches_the_step_to_arrival_order(monkeypatch) -> None:
+def test_a_missing_worker_with_backups_leaves_the_others_in_worker_order() -> None:
     # prepare: 4 workers, 1 backup; worker 0 never pushes; 3, 2, 1 push one after another
-    monkeypatch.setattr(Job, "ORDER_PATIENCE", 0.2)
     with serve(port=0) as server, ParameterServerClient(server.address) as ps:
         job = ps.create_job(SPEC32, SGD, num_workers=4, total_steps=2, backup_workers=1)
         _, weights0 = ps.pull_weights(job)
@@ -121,17 +122,14 @@ def test_a_missing_lower_worker_switches_the_step_to_arrival_order(monkeypatch) 
             outcomes = [own.push_gradient(job, w, 0, 1, 0.5, grads[w]).outcome for w in (3, 2, 1)]
         version, weights1 = ps.pull_weights(job, 1, timeout=10)
         info = ps.get_job(job)
-    # assert: worker 3 waited for worker 0 until nothing moved, then the step went on
+    # assert: the step closed on the quorum, summed in worker order whatever the arrival
     assert outcomes == [pb.PUSH_OUTCOME_ACCEPTED] * 3
     assert version == 1 and info.history[0].contributors == 3
-    assert weights1.tobytes() == sgd_step(weights0, arrival, 3).tobytes()
+    assert weights1.tobytes() == sgd_step(weights0, by_worker, 3).tobytes()
 
 
-def test_pushes_that_make_the_quorum_without_a_missing_worker_do_not_wait_for_it(
-    monkeypatch,
-) -> None:
+def test_pushes_that_make_the_quorum_without_a_missing_worker_do_not_wait_for_it() -> None:
     # prepare: 3 workers, 1 backup; worker 0 is missing but 1 and 2 make the quorum
-    monkeypatch.setattr(Job, "ORDER_PATIENCE", 600.0)
     with serve(port=0) as server, ParameterServerClient(server.address) as ps:
         job = ps.create_job(SPEC32, SGD, num_workers=3, total_steps=2, backup_workers=1)
         _, weights0 = ps.pull_weights(job)
@@ -151,50 +149,18 @@ def test_pushes_that_make_the_quorum_without_a_missing_worker_do_not_wait_for_it
     assert weights1.tobytes() == sgd_step(weights0, summed(grads[1:]), 2).tobytes()
 
 
-def test_a_single_message_arriving_during_a_fold_is_held_not_blocked() -> None:
-    # prepare: a job of 3 workers; worker 2's streamed push holds the fold
-    weights = np.zeros(8 * 1024, dtype=np.float32)
-    layout = FlatLayout.from_arrays({"w": weights})
-    job = Job("j", _spec(3), layout, weights.copy(), metrics=ServerMetrics(), chunk_bytes=4096)
-    job._open.ordered = False
-    grads = [np.full(weights.size, 2.0**w, dtype=np.float32) for w in range(3)]
-    assert job.begin_fold(_header(2), None, lambda: False) is None
-    # execute: worker 0 (not the last one) commits while the fold runs
-    outcome, _ = job.commit(_header(0), grads[0], timeout=5)
-    total, first = job.fold_target()
-    total[:] = grads[2] if first else total + grads[2]
-    job.finish_fold(_header(2))
-    job.commit(_header(1), grads[1], timeout=5)
-    # assert: nothing waited, and the step summed all three
-    assert outcome == pb.PUSH_OUTCOME_ACCEPTED and job.version == 1
-    np.testing.assert_array_equal(job.weights, -(np.float32(1.0 + 2.0 + 4.0) / 3))
-
-
 def test_finite_gradients_whose_sum_overflows_stop_the_job_with_weights_unchanged() -> None:
-    weights = np.zeros(1024, dtype=np.float32)
-    layout = FlatLayout.from_arrays({"w": weights})
-    job = Job("j", _spec(2), layout, weights.copy(), metrics=ServerMetrics())
-    huge = np.full(weights.size, 3.0e38, dtype=np.float32)
-    job.commit(_header(0), huge)
-    with np.errstate(over="ignore"):
-        job.commit(_header(1), huge)
-    assert job.state == pb.JOB_STATE_STOPPED and job.version == 0
-    np.testing.assert_array_equal(job.weights, weights)
-    assert job.counters.rejected["overflow"] == 1
-
-
-def _spec(workers: int) -> pb.JobSpec:
-    return pb.JobSpec(
-        model_spec_json="{}",
-        optimizer_json='{"name": "sgd", "lr": 1.0}',
-        mode=pb.MODE_SYNC,
-        num_workers=workers,
-        total_steps=5,
-    )
-
-
-def _header(worker: int) -> pb.PushHeader:
-    return pb.PushHeader(job_id="j", worker=worker, step=0, rows=1, loss=0.0)
+    with serve(port=0) as server, ParameterServerClient(server.address) as ps:
+        job = ps.create_job(SPEC32, SGD, num_workers=2, total_steps=2)
+        _, weights0 = ps.pull_weights(job)
+        huge = np.full(ps.layout(job).total_elements, 3.0e38, dtype=np.float32)
+        for worker in (0, 1):
+            ps.push_gradient(job, worker, 0, 1, 0.5, huge)
+        info = ps.get_job(job, history=False)
+        _, weights = ps.pull_weights(job)
+    assert info.state == pb.JOB_STATE_STOPPED and info.version == 0
+    assert weights.tobytes() == weights0.tobytes()
+    assert info.counters.rejected["overflow"] == 1
 
 
 def _nan_in_second_chunk(job: str, layout: FlatLayout, worker: int, grad: np.ndarray) -> list:
@@ -216,12 +182,8 @@ def _nan_in_second_chunk(job: str, layout: FlatLayout, worker: int, grad: np.nda
     ]
 
 
-def test_a_push_failing_half_way_voids_the_sum_and_the_others_push_again(
-    kit, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # prepare: workers 0 and 1 have pushed and wait for the step in push_and_pull; the
-    # sum stays in worker order however long a busy machine stalls one of them
-    monkeypatch.setattr(Job, "ORDER_PATIENCE", 60.0)
+def test_a_push_failing_half_way_changes_nothing_and_revokes_no_ack(kit) -> None:
+    # prepare: workers 0 and 1 have pushed (acknowledged) and wait for the step
     with serve(port=0) as server, ParameterServerClient(server.address) as ps:
         job = ps.create_job(SPEC32, SGD, num_workers=3, total_steps=2)
         _, weights0 = ps.pull_weights(job)
@@ -231,165 +193,162 @@ def test_a_push_failing_half_way_voids_the_sum_and_the_others_push_again(
 
         def exchange(worker: int) -> None:
             with ParameterServerClient(server.address, chunk_bytes=CHUNK) as own:
-                own.layout(job)
                 results[worker] = own.push_and_pull(job, worker, 0, 1, 0.5, grads[worker])
 
         threads = [threading.Thread(target=exchange, args=(w,)) for w in (0, 1)]
         for t in threads:
             t.start()
         wait_for_accepted(ps, job, 2)
-        # execute: worker 2's stream is folded until its second chunk turns out to hold NaN
+        # execute: worker 2's stream turns out to hold NaN in its second chunk
         with pytest.raises(Exception) as bad:
             kit.raw_push(server.address, _nan_in_second_chunk(job, layout, 2, grads[2]))
-        voided = ps.get_job(job, history=False).counters
+        after_bad = ps.get_job(job, history=False)
         with ParameterServerClient(server.address, chunk_bytes=CHUNK) as own:
             own.push_gradient(job, 2, 0, 1, 0.5, grads[2])
         for t in threads:
             t.join(timeout=60)
         info = ps.get_job(job, history=False)
-        sample = server.metrics.registry.get_sample_value
-        metrics = (
-            sample("gradfleet_steps_reset_total"),
-            sample("gradfleet_pushes_total", {"outcome": "VOIDED"}),
-        )
-    # assert: the sum was voided, 0 and 1 pushed again by themselves, nothing was lost
+    # assert: the acknowledged pushes stood; each worker pushed once; the weights are exact
     assert "NaN" in bad.value.details()
-    assert voided.rejected["voided"] == 2 and voided.rejected["non_finite"] == 1
+    assert after_bad.version == 0 and after_bad.counters.accepted == 2
+    assert dict(after_bad.counters.rejected) == {"non_finite": 1}
     expected = sgd_step(weights0, summed(grads), 3)
     assert sorted(results) == [0, 1]
     for version, weights in results.values():
         assert version == 1 and weights.tobytes() == expected.tobytes()
     assert info.version == 1 and info.counters.accepted == 3
-    assert info.counters.received == 6  # 2 + 1 rejected + 2 pushed again + 1
-    assert metrics == (1.0, 2.0)
+    assert info.counters.received == 4  # 2 + 1 refused + 1
 
 
 def test_a_pull_stream_reads_one_version_while_the_step_closes_under_it() -> None:
-    # prepare: a job whose weights stream in 8 chunks; a pull stream has read one
-    weights = np.arange(8 * 1024, dtype=np.float32)
-    layout = FlatLayout.from_arrays({"w": weights})
-    job = Job("j", _spec(1), layout, weights.copy(), metrics=ServerMetrics(), chunk_bytes=4096)
-    stream = job.weight_messages()
-    first = next(stream)
-    # execute: the step closes, changing the weights in place, then the stream goes on
-    job.commit(_header(0), np.ones_like(weights))
-    rest = list(stream)
-    fresh = list(job.weight_messages())
+    # prepare: 12 MB of weights stream in 1 MiB chunks, more than the flow-control window,
+    # so the server is still reading them when the step closes; one chunk has been read
+    spec = {"type": "MLP", "sizes": [3000, 1000], "dtype": "float32", "seed": 0}
+    with serve(port=0) as server, ParameterServerClient(server.address) as ps:
+        job = ps.create_job(spec, SGD, num_workers=1, total_steps=2)
+        _, weights0 = ps.pull_weights(job)
+        assert weights0.nbytes > 4 * (2 << 20)  # weights stream; the window is 2 MiB
+        with grpc.insecure_channel(server.address) as channel:
+            pull = channel.unary_stream(
+                "/gradfleet.v1.ParameterService/PullWeights",
+                request_serializer=pb.PullWeightsRequest.SerializeToString,
+                response_deserializer=None,
+            )
+            stream = pull(pb.PullWeightsRequest(job_id=job), timeout=30)
+            first = next(stream)
+            # execute: the step closes, changing the weights in place, then the stream goes on
+            ps.push_gradient(job, 0, 0, 1, 0.5, np.ones_like(weights0))
+            rest = list(stream)
+        version, weights1 = ps.pull_weights(job)
 
-    # assert: the open stream still carries version 0; a new one carries version 1
-    def assemble(messages: list[bytes]) -> tuple[int, np.ndarray]:
-        head = pb.WeightsHeader.FromString(bytes(decode_chunk_message(messages[0])[0]))
-        data = b"".join(bytes(decode_chunk_message(m)[2]) for m in messages)
-        return head.version, np.frombuffer(data, dtype=np.float32)
-
-    old_version, old = assemble([first, *rest])
-    new_version, new = assemble(fresh)
-    assert len(rest) == 7 and (old_version, new_version) == (0, 1)
-    np.testing.assert_array_equal(old, weights)
-    np.testing.assert_array_equal(new, weights - 1.0)
-    assert job._readers == {} and job._kept == {}  # the kept copy went with the stream
+    # assert: the open stream carried version 0 throughout; a new pull gets version 1
+    head = pb.WeightsHeader.FromString(bytes(decode_chunk_message(first)[0]))
+    data = b"".join(bytes(decode_chunk_message(m)[2]) for m in [first, *rest])
+    assert head.version == 0 and len(rest) >= 4
+    assert data == weights0.tobytes()
+    assert version == 1
+    assert weights1.tobytes() == (weights0 - np.float32(SGD["lr"])).tobytes()
 
 
-def _job_for_held_gradients(workers: int, receive_slots: int | None = None) -> Job:
-    weights = np.zeros(1024, dtype=np.float32)
-    layout = FlatLayout.from_arrays({"w": weights})
-    budget = layout.nbytes * receive_slots if receive_slots else 512 << 20
-    return Job(
-        "j",
-        _spec(workers),
-        layout,
-        weights.copy(),
-        metrics=ServerMetrics(),
-        chunk_bytes=4096,
-        receive_budget_bytes=budget,
+def test_streams_beyond_the_receive_budget_wait_for_a_buffer_and_all_count() -> None:
+    # prepare: room for 2 gradients; 5 workers stream theirs at once, in any order
+    with serve(port=0, receive_budget_bytes=2 * 28_840) as server:
+        with ParameterServerClient(server.address) as ps:
+            job = ps.create_job(SPEC32, SGD, num_workers=5, total_steps=2)
+            _, weights0 = ps.pull_weights(job)
+            layout = ps.layout(job)
+            assert layout.nbytes == 28_840
+        grads = [np.full(layout.total_elements, 2.0**w, dtype=np.float32) for w in range(5)]
+
+        def push(worker: int) -> int:
+            with ParameterServerClient(server.address, chunk_bytes=CHUNK, timeout=30) as own:
+                return own.push_gradient(job, worker, 0, 1, 0.5, grads[worker]).outcome
+
+        # execute
+        with ThreadPoolExecutor(5) as pool:
+            outcomes = list(pool.map(push, (4, 1, 3, 0, 2)))
+        with ParameterServerClient(server.address) as ps:
+            version, weights1 = ps.pull_weights(job, 1, timeout=10)
+    # assert: nobody was refused; the mean of all five (exact in any order)
+    assert outcomes == [pb.PUSH_OUTCOME_ACCEPTED] * 5 and version == 1
+    assert weights1.tobytes() == sgd_step(weights0, np.full_like(grads[0], 31.0), 5).tobytes()
+
+
+def _stalled_stream(address: str, job: str, layout: FlatLayout, worker: int):  # type: ignore[no-untyped-def]
+    """A push stream that sends two chunks and then nothing: it holds a buffer."""
+    gate = threading.Event()
+    header = pb.PushHeader(
+        job_id=job, worker=worker, step=0, rows=1, loss=0.5, dtype=pb.DTYPE_FLOAT32,
+        total_bytes=layout.nbytes,
+    ).SerializeToString()  # fmt: skip
+
+    def messages():  # type: ignore[no-untyped-def]
+        yield encode_chunk_message(0, bytes(CHUNK), header)
+        yield encode_chunk_message(CHUNK, bytes(CHUNK))
+        gate.wait(30)
+
+    channel = grpc.insecure_channel(address)
+    push = channel.stream_unary(
+        "/gradfleet.v1.ParameterService/PushGradient",
+        request_serializer=None,
+        response_deserializer=pb.PushAck.FromString,
     )
+    return push.future(messages(), timeout=30), gate, channel
 
 
-def _powers_of_two(workers: int) -> list[np.ndarray]:
-    return [np.full(1024, 2.0**w, dtype=np.float32) for w in range(workers)]
+def test_a_push_waiting_for_a_buffer_gets_resource_exhausted_at_its_deadline() -> None:
+    # prepare: room for one gradient, held by a stalled stream of worker 0
+    with serve(port=0, receive_budget_bytes=28_840) as server:
+        with ParameterServerClient(server.address) as ps:
+            job = ps.create_job(SPEC32, SGD, num_workers=2, total_steps=2)
+            layout = ps.layout(job)
+        stalled, gate, channel = _stalled_stream(server.address, job, layout, 0)
+        wait_for_server(lambda: server.metrics.registry.get_sample_value(
+            "gradfleet_active_streams") == 1.0)  # fmt: skip
+        # execute
+        with ParameterServerClient(server.address, chunk_bytes=CHUNK, patience=0) as own:
+            with pytest.raises(ResourceExhausted) as err:
+                own.push_gradient(job, 1, 0, 1, 0.5, scaled_gradient(layout, 1), timeout=0.5)
+            gate.set()
+            with pytest.raises(grpc.RpcError):
+                stalled.result()
+            channel.close()
+            counters = own.get_job(job, history=False).counters
+    # assert: refused with its reason and counted; the stalled stream was refused too
+    assert err.value.reason is Reason.RECEIVE_BUSY
+    assert counters.accepted == 0 and counters.rejected["receive_busy"] == 1
 
 
-def test_a_gradient_held_during_a_fold_whose_first_chunk_failed_is_still_summed() -> None:
-    # prepare: 3 workers summing in arrival order (as after ORDER_PATIENCE); worker 1 is
-    # in the sum, then worker 2 streams and worker 0's single message is held
-    job = _job_for_held_gradients(3, receive_slots=2)
-    grads = _powers_of_two(3)
-    job._open.ordered = False
-    job.commit(_header(1), grads[1])
-    assert job.begin_fold(_header(2), None, lambda: False) is None
-    job.commit(_header(0), grads[0], timeout=5)
-    # execute: worker 2's first chunk is refused (nothing folded); it pushes again
-    job.abort_fold(touched=False)
-    job.commit(_header(2), grads[2], timeout=5)
-    # assert: all three gradients are in the mean
-    assert job.version == 1
-    np.testing.assert_array_equal(job.weights, -(np.float32(1.0 + 2.0 + 4.0) / 3))
+def wait_for_server(condition) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, "the server never got there"
+        time.sleep(0.01)
 
 
-def test_a_gradient_held_during_a_failed_first_fold_is_summed_and_the_mean_divided() -> None:
-    # prepare: 2 workers in arrival order; worker 1's stream is the first into the sum
-    job = _job_for_held_gradients(2)
-    job._open.ordered = False
-    grads = _powers_of_two(2)
-    assert job.begin_fold(_header(1), None, lambda: False) is None
-    total, first = job.fold_target()
-    total[:10] = 99.0  # part of the stream went in, then it failed
-    job.commit(_header(0), grads[0], timeout=5)  # held during the fold
-    # execute: the fold fails; worker 1 pushes again as one message
-    job.abort_fold(touched=True)
-    job.commit(_header(1), grads[1], timeout=5)
-    # assert: the mean of both, not worker 1's gradient alone
-    assert first and job.version == 1
-    np.testing.assert_array_equal(job.weights, -(np.float32(1.0 + 2.0) / 2))
+def test_a_push_waiting_for_a_buffer_gives_up_when_its_client_leaves() -> None:
+    # prepare: room for one gradient, held by a stalled stream; a second push waits
+    with serve(port=0, receive_budget_bytes=28_840) as server:
+        with ParameterServerClient(server.address) as ps:
+            job = ps.create_job(SPEC32, SGD, num_workers=2, total_steps=2)
+            layout = ps.layout(job)
 
+        def active() -> float | None:
+            return server.metrics.registry.get_sample_value("gradfleet_active_streams")
 
-def test_a_gradient_held_before_a_void_goes_in_when_the_step_starts_again() -> None:
-    # prepare: 3 workers; worker 1 folded into the sum, worker 0 held during worker 2's fold
-    job = _job_for_held_gradients(3)
-    grads = _powers_of_two(3)
-    job._open.ordered = False
-    assert job.begin_fold(_header(1), None, lambda: False) is None
-    total, _ = job.fold_target()
-    total[:] = grads[1]
-    job.finish_fold(_header(1))
-    assert job.begin_fold(_header(2), None, lambda: False) is None
-    job.commit(_header(0), grads[0], timeout=5)
-    # execute: worker 2's fold fails after touching the sum: worker 1 is voided
-    job.abort_fold(touched=True)
-    # assert: worker 0's held gradient went in at once (the step's sum starts with it)
-    assert job._open.needs_repush == {1} and job._open.summed == {0}
-    assert job._open.next_worker == 1 and not job._open.held
-    job.commit(_header(1), grads[1], timeout=5)
-    job.commit(_header(2), grads[2], timeout=5)
-    np.testing.assert_array_equal(job.weights, -(np.float32(1.0 + 2.0 + 4.0) / 3))
-
-
-def test_a_push_waiting_for_a_fold_gives_up_when_its_client_has_left() -> None:
-    # prepare: worker 1's stream folds; a single message from worker 1 must wait for it
-    job = _job_for_held_gradients(2)
-    assert job.begin_fold(_header(1), None, lambda: False) is None
-    # execute + assert: no deadline, but the client is gone: it stops waiting at once
-    with pytest.raises(ShuttingDown):
-        job.commit(_header(1), np.ones(1024, np.float32), give_up=lambda: True)
-    assert job.counters.received == 0 and not job._open.contributors
-
-
-def test_gradients_held_during_a_fold_stay_within_the_receive_budget() -> None:
-    # prepare: 5 workers, a budget of 2 gradients; worker 4's stream folds
-    job = _job_for_held_gradients(5, receive_slots=2)
-    grads = _powers_of_two(5)
-    job._open.ordered = False
-    assert job.begin_fold(_header(4), None, lambda: False) is None
-    job.commit(_header(1), grads[1], timeout=5)  # held: 1 of the 2 slots
-    # execute + assert: the next one waits for the fold instead of being held, up to its
-    # deadline; it gets in once the fold ends
-    with pytest.raises(OverLimit):
-        job.commit(_header(2), grads[2], timeout=0.2)
-    assert len(job._open.held) == 1 and 2 not in job._open.contributors
-    total, first = job.fold_target()
-    total[:] = grads[4] if first else total + grads[4]
-    job.finish_fold(_header(4))
-    for worker in (2, 0, 3):
-        job.commit(_header(worker), grads[worker], timeout=5)
-    assert job.version == 1
-    np.testing.assert_array_equal(job.weights, -(np.float32(31.0) / 5))
+        holding, gate, first_channel = _stalled_stream(server.address, job, layout, 0)
+        wait_for_server(lambda: active() == 1.0)
+        waiting, _, second_channel = _stalled_stream(server.address, job, layout, 1)
+        wait_for_server(lambda: active() == 2.0)
+        # execute: the waiting push's client goes away (no deadline would end its wait)
+        waiting.cancel()
+        second_channel.close()
+        wait_for_server(lambda: active() == 1.0)
+        gate.set()
+        with pytest.raises(grpc.RpcError):  # its stream ends with a hole: refused
+            holding.result()
+        first_channel.close()
+        with ParameterServerClient(server.address) as ps:
+            counters = ps.get_job(job, history=False).counters
+    # assert: the server stopped waiting for it at once, and nothing was accepted
+    assert counters.accepted == 0

@@ -1,10 +1,11 @@
-"""Random sequences of sync pushes against one `Job`: single messages, streamed folds that
-finish or fail before or after touching the sum, in any worker order, with and without
-backup workers, few or many receive slots, patient or impatient ordering.
+"""Random sequences of sync pushes against one `Job`: single messages and streams into
+receive buffers that complete or fail, duplicates, in any worker order, with and without
+backup workers, few or many receive slots.
 
 After every closed step the weights must have moved by exactly the mean of the gradients
-of the workers the step says it counted, and the push counters must reconcile. The
-gradients are powers of two, so every sum is exact whatever the order.
+the job accepted for that step, every accepted push stays accepted (an ack is final),
+and the push counters reconcile. The gradients are powers of two, so every sum is exact
+whatever the order.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import random
 import numpy as np
 import pytest
 
-from gradfleet.proto.v1 import parameter_server_pb2 as pb
+from gradfleet.proto.errors import GradfleetError, Reason
 from gradfleet.proto.wire import FlatLayout
-from gradfleet.server.errors import ServerError
-from gradfleet.server.jobs import Job
+from gradfleet.server.domain import JobState, PushHeader, PushOutcome
+from gradfleet.server.job import Job, JobResources
 from gradfleet.server.metrics import ServerMetrics
+from gradfleet.server.receive import Gradient
+from gradfleet.server.settings import JobSettings, JobSpec
+from gradfleet.server.waiting import Waiter
 
 SIZE = 64
 STEPS = 4
@@ -28,83 +32,82 @@ def _gradient(worker: int, step: int) -> np.ndarray:
     return np.full(SIZE, float(2**worker) * (step + 1))
 
 
-def _header(worker: int, step: int) -> pb.PushHeader:
-    return pb.PushHeader(job_id="j", worker=worker, step=step, rows=1, loss=0.0)
+def _header(worker: int, step: int) -> PushHeader:
+    return PushHeader("j", worker, step, rows=1, loss=0.0, dtype=np.dtype("<f8"),
+                      total_bytes=SIZE * 8, layout=None)  # fmt: skip
 
 
 def _random_job(rng: random.Random) -> Job:
     workers = rng.randint(2, 5)
-    spec = pb.JobSpec(
+    spec = JobSpec(
         model_spec_json="{}",
         optimizer_json='{"name": "sgd", "lr": 1.0}',
-        mode=pb.MODE_SYNC,
         num_workers=workers,
         backup_workers=rng.randint(0, workers - 1),
         total_steps=STEPS,
     )
-    weights = np.zeros(SIZE)
-    job = Job(
-        "j",
-        spec,
-        FlatLayout.from_arrays({"w": weights}),
-        weights,
-        metrics=ServerMetrics(),
-        receive_budget_bytes=rng.choice([SIZE * 8, 2 * SIZE * 8, 1 << 30]),
-    )
-    job.ORDER_PATIENCE = rng.choice([0.0, 1e9])
-    return job
+    layout = FlatLayout.from_arrays({"w": np.zeros(SIZE)})
+    budget = rng.choice([SIZE * 8, 2 * SIZE * 8, 1 << 30])
+    resources = JobResources(ServerMetrics(), 4096, budget, history_page=100)
+    settings = JobSettings.validate(spec)
+    return Job(Job.new_snapshot("j", settings, layout, np.zeros(SIZE)), resources)
 
 
 class _Driver:
-    """Applies one random action at a time; a fold in progress stays open across actions."""
+    """Applies one random action at a time; streams being received stay open across
+    actions, holding their receive buffers."""
 
     def __init__(self, job: Job, rng: random.Random) -> None:
         self.job, self.rng = job, rng
-        self.fold: tuple[int, int, bool] | None = None  # (worker, step, first into the sum)
+        self.receiving: list[tuple[int, int, Gradient]] = []  # (worker, step, buffer)
+        self.accepted: dict[int, list[int]] = {}  # step -> workers acknowledged
 
     def act(self) -> None:
         job, rng = self.job, self.rng
         step, worker = job.version, rng.randrange(job.settings.num_workers)
         try:
-            if self.fold is None and rng.random() < 0.4:
-                if job.begin_fold(_header(worker, step), -1, lambda: True) is None:
-                    self.fold = (worker, step, job.fold_target()[1])
-            elif self.fold is not None and rng.random() < 0.25:
-                self._end_fold(rng.choice(["finish", "finish", "fail after", "fail before"]))
-            else:
-                job.commit(_header(worker, step), _gradient(worker, step), timeout=-1)
-        except ServerError:
-            pass  # refused or would wait: the job must be unchanged, which the checks see
+            if rng.random() < 0.35 and job.admit(_header(worker, step)) is None:
+                buffer = job.receive_buffer(0.0, Waiter())  # a stream starts
+                self.receiving.append((worker, step, buffer))
+            elif self.receiving and rng.random() < 0.5:
+                self._end_stream(rng.choice(["complete", "complete", "fail"]))
+            elif job.admit(_header(worker, step)) is None:
+                self._commit(worker, step, Gradient(_gradient(worker, step)))
+        except GradfleetError:
+            pass  # refused or no slot free: the job must be unchanged, which the checks see
 
-    def _end_fold(self, how: str) -> None:
-        assert self.fold is not None
-        worker, step, first = self.fold
-        total, _ = self.job.fold_target()
-        self.fold = None
-        if how == "finish":
-            total[:] = _gradient(worker, step) if first else total + _gradient(worker, step)
-            self.job.finish_fold(_header(worker, step))
+    def _end_stream(self, how: str) -> None:
+        worker, step, gradient = self.receiving.pop(self.rng.randrange(len(self.receiving)))
+        if how == "fail":  # a bad chunk half-way: the buffer holds a partial gradient
+            gradient.data[: SIZE // 2] = 12345.0
+            self.job.release(gradient)
+            self.job.count_rejected(Reason.NON_FINITE)
             return
-        if how == "fail after":  # part of the push went into the sum
-            total[: SIZE // 2] = 12345.0 if first else total[: SIZE // 2] + 7.0
-        self.job.abort_fold(touched=how == "fail after")
+        gradient.data[:] = _gradient(worker, step)
+        self._commit(worker, step, gradient)
+
+    def _commit(self, worker: int, step: int, gradient: Gradient) -> None:
+        if self.job.commit(_header(worker, step), gradient) is PushOutcome.ACCEPTED:
+            self.accepted.setdefault(step, []).append(worker)
 
 
 @pytest.mark.parametrize("seed", range(300))
-def test_every_closed_step_applies_the_exact_mean_of_its_counted_gradients(seed: int) -> None:
+def test_every_closed_step_applies_the_exact_mean_of_its_accepted_gradients(seed: int) -> None:
     rng = random.Random(seed)
     job = _random_job(rng)
     driver = _Driver(job, rng)
     expected, version = job.weights.copy(), 0
     for _ in range(200):
-        if job.version >= STEPS or job.state != pb.JOB_STATE_RUNNING:
+        if job.version >= STEPS or job.info().state is not JobState.RUNNING:
             break
         driver.act()
         if job.version != version:
-            step, counted = job._closed_contributors[-1]
-            expected -= sum(_gradient(w, step) for w in counted) / len(counted)
-            np.testing.assert_array_equal(job.weights, expected, err_msg=f"step {step}")
+            counted = driver.accepted[version]
+            assert job.info(history_since=version).history.ints[0, 2] == len(counted)
+            expected -= sum(_gradient(w, version) for w in counted) / len(counted)
+            np.testing.assert_array_equal(job.weights, expected, err_msg=f"step {version}")
             version = job.version
-        c = job.counters
+        c = job.info().counters
         assert c.received == c.accepted + c.duplicate + c.dropped_late + sum(c.rejected.values())
+        assert c.accepted == sum(len(w) for w in driver.accepted.values())  # never revoked
     assert job.version >= 1  # the sequences do get steps closed

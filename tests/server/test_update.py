@@ -8,7 +8,7 @@ import pytest
 from gradfleet.nn.mlp import MLP
 from gradfleet.nn.optim import OPTIMIZERS, make_optimizer
 from gradfleet.proto.wire import FlatLayout
-from gradfleet.server.whole_buffer import WholeBufferOptimizer
+from gradfleet.server.update import WholeBufferOptimizer
 
 CONFIGS = [
     {"name": "sgd", "lr": 0.1},

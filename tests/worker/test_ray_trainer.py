@@ -21,9 +21,9 @@ from ray.util.state import list_actors
 from gradfleet import nn
 from gradfleet.client import JobConfig, train
 from gradfleet.client.data import load_dataset, load_mnist
+from gradfleet.proto.client import ParameterServerClient
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.server import serve
-from gradfleet.worker.ps_client import ParameterServerClient
 from gradfleet.worker.ray_runner import init_ray
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration]

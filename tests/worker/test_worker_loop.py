@@ -1,24 +1,21 @@
 """Worker behaviour without Ray: async mode picks each worker's batches by that worker's own
 step count (an epoch of updates walks every shard once, on the local backend and against a
-real server), and a worker's patience with an unreachable server is bounded."""
+real server)."""
 
 from __future__ import annotations
 
 import itertools
 import threading
-import time
-from types import SimpleNamespace
 
 import numpy as np
-import pytest
 
 from gradfleet.client import JobConfig, train
 from gradfleet.nn import MLP, make_optimizer
+from gradfleet.proto.client import ParameterServerClient
 from gradfleet.server import serve
-from gradfleet.worker.actor import GradientWorker
+from gradfleet.worker.actor import GradientWorker, WorkerSpec
 from gradfleet.worker.batches import BatchPlan, shard_rows
 from gradfleet.worker.datasets import ArrayDataset
-from gradfleet.worker.ps_client import ParameterServerClient, ParameterServerError
 
 
 def _job(workers: int, **changes) -> JobConfig:  # type: ignore[no-untyped-def]
@@ -74,20 +71,19 @@ def test_async_ray_workers_walk_their_batches_in_order_without_skipping() -> Non
         workers, batches = [], [[], []]
         for worker in range(2):
             start, stop = shard_rows(len(data.x), worker, 2)
-            gradient_worker = GradientWorker(
-                server.address,
-                job_id,
-                worker,
-                data.x[start:stop],
-                data.y[start:stop],
-                job.model_spec,
-                job.loss,
-                job.rows_per_worker,
-                job.seed,
-                job.total_steps,
-                job.mode,
+            spec = WorkerSpec(
+                address=server.address,
+                job_id=job_id,
+                worker=worker,
                 num_workers=2,
+                model_spec=job.model_spec,
+                loss=job.loss,
+                rows_per_worker=job.rows_per_worker,
+                seed=job.seed,
+                total_steps=job.total_steps,
+                mode=job.mode,
             )
+            gradient_worker = GradientWorker(spec, data.x[start:stop], data.y[start:stop])
             indices = gradient_worker.plan.indices
 
             def recording(step: int, worker: int = worker, indices=indices):  # type: ignore[no-untyped-def]
@@ -112,58 +108,3 @@ def test_async_ray_workers_walk_their_batches_in_order_without_skipping() -> Non
         assert all(b - a in (0, 1) for a, b in itertools.pairwise(steps))
     applied = sum(len(set(steps)) for steps in batches)
     assert applied >= job.total_steps
-
-
-def _worker_of_a_server_actor(server_patience: float) -> GradientWorker:
-    """A worker told that its server runs as the named Ray actor "server"; nothing listens
-    at the address it starts with."""
-    return GradientWorker(
-        "127.0.0.1:9",
-        "job",
-        0,
-        np.zeros((8, 4)),
-        np.zeros(8, dtype=np.int64),
-        {"type": "MLP", "sizes": [4, 3]},
-        "cross_entropy",
-        4,
-        0,
-        10,
-        server_actor_name="server",
-        server_patience=server_patience,
-    )
-
-
-def test_a_worker_gives_up_after_its_patience_even_when_it_can_ask_a_server_actor() -> None:
-    # prepare: a worker whose server (a named Ray actor) keeps answering with an address
-    # nobody serves on; asking the actor is replaced by counting the questions
-    worker = _worker_of_a_server_actor(server_patience=0.3)
-    asked: list[int] = []
-    worker._reconnect = lambda: asked.append(1)  # type: ignore[method-assign]
-    unavailable = ParameterServerError("UNAVAILABLE", "no server")
-    # execute: the worker's loop would call _recover after each failed call
-    with pytest.raises(ParameterServerError, match="giving up"):
-        for _ in range(10_000):
-            worker._recover(unavailable)
-            time.sleep(0.01)
-    # assert: it asked for the address while it was patient, then gave up
-    assert asked
-
-
-def test_a_server_that_moved_gets_the_full_patience_again(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    # prepare: the server actor answers with a new address (Ray restarted it elsewhere)
-    import ray
-
-    worker = _worker_of_a_server_actor(server_patience=60.0)
-    addresses = iter(["127.0.0.1:9", "127.0.0.1:10"])
-    actor = SimpleNamespace(get_address=SimpleNamespace(remote=lambda: None))
-    monkeypatch.setattr(ray, "get_actor", lambda name, namespace: actor)
-    monkeypatch.setattr(ray, "get", lambda ref, timeout: next(addresses))
-    unavailable = ParameterServerError("UNAVAILABLE", "no server")
-    # execute: the same address keeps the clock running; a new one restarts it
-    worker._recover(unavailable)
-    same = worker._unavailable_since
-    worker._recover(unavailable)
-    # assert
-    assert same is not None and worker._unavailable_since is None
-    assert worker.client.address == "127.0.0.1:10"
-    worker.client.close()

@@ -4,12 +4,12 @@
 a named actor on that node, serving gRPC on the node's IP, and hands ``<node ip>:<port>``
 to the workers. The actor's name is published in the ``gradfleet`` namespace, so a
 worker that loses the server asks the actor for its current address
-(``resolve_server_address``). If the node dies and ``checkpoint_dir`` is a path every
+(``gradfleet.worker.actor.server_locator``). If the node dies and ``checkpoint_dir`` is a path every
 node can read, Ray restarts the actor on a surviving node and the server resumes every
 job from its last checkpoint; without it, the job fails with ``ServerLost``.
 
 ``server_actor()`` yields a ``ServerActorRef`` (address and name): ``train()`` passes the
-name to the workers and calls ``ref.current_address()`` when the server stops answering.
+name to the workers and to its own client, which follow the server when it moves.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ class ServerActor:
         """``<node ip>:<port>`` of the running server (changes when the actor restarts)."""
         return self.server.address
 
-    def get_node_id(self) -> str:
-        """The node the server runs on (tests check the placement with it)."""
+    def node(self) -> str:
+        """The node the server runs on (`start_server_actor` checks the placement)."""
         return self.node_id
 
     def stop(self, grace: float = 5.0) -> None:
@@ -122,7 +122,7 @@ def start_server_actor(
             max_restarts=SERVER_MAX_RESTARTS if restartable else 0,
             max_task_retries=-1 if restartable else 0,
         ).remote(token, str(checkpoint_dir) if restartable else None, checkpoint_every)
-        placed = ray.get(actor.get_node_id.remote())
+        placed = ray.get(actor.node.remote())
         if placed == node_id:
             return actor, name
         # Soft affinity spills to another node for a few seconds after the chosen node
@@ -138,23 +138,12 @@ def start_server_actor(
     raise AssertionError("unreachable")
 
 
-def resolve_server_address(name: str, timeout: float = 120.0) -> str:
-    """The current address of the named server actor, waiting while Ray restarts it."""
-    actor = ray.get_actor(name, namespace=SERVER_ACTOR_NAMESPACE)
-    return str(ray.get(actor.get_address.remote(), timeout=timeout))
-
-
 @dataclass
 class ServerActorRef:
-    """A running server actor: its address now, and the name to find it again by."""
+    """A running server actor: its first address, and the name to find it again by."""
 
     address: str
     name: str
-
-    def current_address(self, timeout: float = 120.0) -> str:
-        """Ask the actor again (it may have moved to another node); waits while it restarts."""
-        self.address = resolve_server_address(self.name, timeout)
-        return self.address
 
 
 @contextlib.contextmanager
@@ -191,7 +180,7 @@ def server_actor(
 
 def _is_alive(actor: Any) -> bool:
     try:
-        ray.get(actor.get_node_id.remote(), timeout=10)
+        ray.get(actor.__ray_ready__.remote(), timeout=10)
     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
         return False
     return True
@@ -202,4 +191,4 @@ def _stop(actor: Any) -> None:
     report it dead."""
     with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
         ray.get(actor.stop.remote(), timeout=30)
-    kill_and_wait([actor], probe="get_node_id")
+    kill_and_wait([actor])

@@ -12,28 +12,19 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
-from gradfleet.client.errors import (
-    GradfleetError,
-    ServerUnavailable,
-    from_server_error,
-)
 from gradfleet.nn import MLP
+from gradfleet.proto.client import ParameterServerClient, counters_dict
+from gradfleet.proto.errors import GradfleetError
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.worker.config import JobConfig
-from gradfleet.worker.ps_client import (
-    ParameterServerClient,
-    ParameterServerError,
-    counters_dict,
-)
 
-T = TypeVar("T")
 STATES = {
     pb.JOB_STATE_RUNNING: "running",
     pb.JOB_STATE_COMPLETED: "completed",
@@ -71,15 +62,13 @@ class JobEvent:
         )
 
 
-def _translated(call: Callable[[], T]) -> T:
-    try:
-        return call()
-    except ParameterServerError as exc:
-        raise from_server_error(exc) from None
-
-
 class Client:
-    """A connection to one gradfleet server; use it as a context manager."""
+    """A connection to one gradfleet server; use it as a context manager.
+
+    Every failure raises a `GradfleetError` subclass with one readable sentence
+    (`JobNotFound`, `InvalidArgument`, `ServerUnavailable`, `Unauthenticated`, ...).
+    `server` is the underlying `ParameterServerClient`, for tensor-level calls.
+    """
 
     def __init__(
         self,
@@ -89,14 +78,14 @@ class Client:
         timeout: float = 10.0,
     ) -> None:
         self.address = address
-        self._ps = ParameterServerClient(address, token=token, tls_root_cert=tls, timeout=timeout)
+        self.server = ParameterServerClient(
+            address, token=token, tls_root_cert=tls, timeout=timeout
+        )
         try:
-            self._ps.wait_ready(timeout=timeout)  # gRPC reconnects with backoff meanwhile
-        except ParameterServerError:
-            self._ps.close()
-            raise ServerUnavailable(
-                f"no gradfleet server at {address} (is `gradfleet server` running?)"
-            ) from None
+            self.server.wait_ready(timeout=timeout)  # gRPC reconnects with backoff meanwhile
+        except GradfleetError:
+            self.server.close()
+            raise
 
     def __enter__(self) -> Client:
         return self
@@ -105,15 +94,14 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._ps.close()
+        self.server.close()
 
     def create_job(self, job: JobConfig, job_id: str | None = None) -> JobHandle:
         """Create ``job`` on the server (initial weights from its model spec)."""
-        created = _translated(lambda: self._ps.create_job(**job.server_settings(), job_id=job_id))
-        return JobHandle(self, created)
+        return JobHandle(self, self.server.create_job(**job.server_settings(), job_id=job_id))
 
     def list_jobs(self) -> list[JobHandle]:
-        return [JobHandle(self, info.job_id) for info in _translated(self._ps.list_jobs)]
+        return [JobHandle(self, info.job_id) for info in self.server.list_jobs()]
 
     def job(self, job_id: str) -> JobHandle:
         """A handle on an existing job; raises JobNotFound when there is none."""
@@ -133,10 +121,8 @@ class JobHandle:
 
     def _info(self, history_since: int | None = None) -> pb.JobInfo:
         """The job's info, with its step records from `history_since` (a page of them)."""
-        return _translated(
-            lambda: self.client._ps.get_job(
-                self.job_id, history_since=history_since or 0, history=history_since is not None
-            )
+        return self.client.server.get_job(
+            self.job_id, history_since=history_since or 0, history=history_since is not None
         )
 
     def status(self) -> JobStatus:
@@ -153,20 +139,16 @@ class JobHandle:
 
     def watch(self, from_version: int = 0) -> Iterator[JobEvent]:
         """Progress events (closed steps, state changes) until the job finishes."""
-        events = self.client._ps.watch(self.job_id, from_version=from_version)
-        try:
-            for event in events:
-                record = event.step if event.HasField("step") else None
-                yield JobEvent(
-                    job_id=event.job_id,
-                    version=event.version,
-                    state=STATES.get(event.state, "unknown"),
-                    step=record.step if record else None,
-                    loss=record.loss if record else None,
-                    samples_per_s=record.samples_per_sec if record else None,
-                )
-        except ParameterServerError as exc:
-            raise from_server_error(exc) from None
+        for event in self.client.server.watch(self.job_id, from_version=from_version):
+            record = event.step if event.HasField("step") else None
+            yield JobEvent(
+                job_id=event.job_id,
+                version=event.version,
+                state=STATES.get(event.state, "unknown"),
+                step=record.step if record else None,
+                loss=record.loss if record else None,
+                samples_per_s=record.samples_per_sec if record else None,
+            )
 
     def wait(self, timeout: float | None = None, poll: float = 0.2) -> JobStatus:
         """Block until the job completes or stops; raises TimeoutError after ``timeout``."""
@@ -190,7 +172,7 @@ class JobHandle:
         """A ready ``gradfleet.nn.MLP`` holding the job's current weights."""
         info = self._info()
         model = MLP.from_spec(json.loads(info.spec.model_spec_json))
-        _translated(lambda: self.client._ps.pull_weights(self.job_id, 0, out=model.flat))
+        self.client.server.pull_weights(self.job_id, 0, out=model.flat)
         return model
 
     def config(self) -> dict[str, Any]:
@@ -200,13 +182,13 @@ class JobHandle:
 
     def checkpoint(self) -> str:
         """Write a checkpoint now; returns its path on the server."""
-        return str(_translated(lambda: self.client._ps.checkpoint(self.job_id)).path)
+        return str(self.client.server.checkpoint(self.job_id).path)
 
     def stop(self) -> None:
-        _translated(lambda: self.client._ps.stop_job(self.job_id))
+        self.client.server.stop_job(self.job_id)
 
     def delete(self) -> None:
-        _translated(lambda: self.client._ps.delete_job(self.job_id))
+        self.client.server.delete_job(self.job_id)
 
 
 __all__ = ["Client", "GradfleetError", "JobEvent", "JobHandle", "JobStatus"]

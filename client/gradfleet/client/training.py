@@ -17,26 +17,22 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from gradfleet.nn import MLP
+from gradfleet.proto.client import ParameterServerClient, counters_dict
+from gradfleet.proto.errors import GradfleetError
 from gradfleet.proto.runtime import long_lived_objects_frozen
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.worker.actor import SERVER_PATIENCE, server_client
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.local import train_local
-from gradfleet.worker.ps_client import (
-    ParameterServerClient,
-    ParameterServerError,
-    counters_dict,
-)
 from gradfleet.worker.result import TrainResult, evaluate, held_out_metrics
 
 logger = logging.getLogger(__name__)
-_T = TypeVar("_T")
 ProgressFn = Callable[[dict[str, float]], None]
 BACKENDS = ("local", "ray")
 
@@ -154,9 +150,9 @@ def _stop_abandoned_job(address: str, token: str | None, job_id: str) -> None:
     """Stop a job this call started on a server that outlives it (``server=``) when the
     call fails or is interrupted: its workers are gone, so it would show RUNNING forever."""
     try:
-        with ParameterServerClient(address, token=token, timeout=5.0, retries=1) as client:
+        with ParameterServerClient(address, token=token, timeout=5.0, patience=0) as client:
             client.stop_job(job_id)
-    except ParameterServerError as exc:
+    except GradfleetError as exc:
         logger.warning("could not stop job %s on %s: %s", job_id, address, exc)
 
 
@@ -243,30 +239,15 @@ class _Monitor:
         self.connect(address)
 
     def connect(self, address: str) -> None:
-        """Follow the job on the server at ``address``."""
-        self.client = server_client(address, self.token, via_actor=self.server_actor is not None)
-
-    def _call(self, call: Callable[[ParameterServerClient], _T]) -> _T:
-        """``call(client)``. With a server actor, a server that cannot be reached is looked
-        up again (its node may have died and Ray restarted it elsewhere from a checkpoint)
-        and the call tried again; no new attempt starts after SERVER_PATIENCE seconds."""
-        deadline = time.monotonic() + SERVER_PATIENCE
-        while True:
-            try:
-                return call(self.client)
-            except ParameterServerError as exc:
-                if exc.code != "UNAVAILABLE" or self.server_actor is None:
-                    raise
-                if time.monotonic() > deadline:
-                    raise
-            self.client.close()
-            self.connect(self.server_actor.current_address())
+        """Follow the job on the server at ``address`` (and wherever it moves)."""
+        actor_name = self.server_actor.name if self.server_actor else None
+        self.client = server_client(address, self.token, actor_name, SERVER_PATIENCE)
 
     def poll(self) -> None:
-        info = self._call(lambda c: c.get_job(self.job_id, history_since=len(self.history)))
+        info = self.client.get_job(self.job_id, history_since=len(self.history))
         self._record(info.history)
         if self.next_eval and info.version >= self.next_eval:
-            version, weights = self._call(lambda c: c.pull_weights(self.job_id, min_version=0))
+            version, weights = self.client.pull_weights(self.job_id, min_version=0)
             applied = (
                 self.history[version - 1]["wall_time"]
                 if version <= len(self.history)
@@ -301,7 +282,7 @@ class _Monitor:
     def catch_up(self) -> None:
         """Fetch the records polls have not seen yet (each answer holds one page)."""
         while True:
-            info = self._call(lambda c: c.get_job(self.job_id, len(self.history)))
+            info = self.client.get_job(self.job_id, len(self.history))
             if not self._record(info.history) or not info.history_more:
                 return
 
@@ -319,10 +300,8 @@ class _Monitor:
     def result(self, timings: list[dict[str, float]]) -> TrainResult:
         self.stop()
         self.catch_up()
-        version, _ = self._call(
-            lambda c: c.pull_weights(self.job_id, min_version=0, out=self.model.flat)
-        )
-        counters = self._call(lambda c: c.get_job(self.job_id, history=False)).counters
+        version, _ = self.client.pull_weights(self.job_id, min_version=0, out=self.model.flat)
+        counters = self.client.get_job(self.job_id, history=False).counters
         metrics: dict[str, Any] = {"steps": version, **self._evaluate()}
         metrics["worker_timings"] = timings
         metrics["server_counters"] = counters_dict(counters)

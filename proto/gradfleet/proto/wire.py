@@ -214,29 +214,24 @@ def plan_chunk_bytes(nbytes: int, chunk_bytes: int, itemsize: int) -> int:
     return aligned_chunk_bytes(chunk_bytes, itemsize)
 
 
-class ChunkAssembler:
-    """Writes byte chunks into a preallocated flat array and checks they tile it exactly.
-
-    Chunks may arrive in any order, but must be element-aligned, must not overlap,
-    and together must cover exactly `out.nbytes` bytes (`finish` checks for holes).
-    """
+class ChunkPlacement:
+    """Checks that byte chunks of a `nbytes` buffer tile it exactly: element-aligned, no
+    overlap, and together exactly `nbytes` (`finish` checks for holes). Chunks may come
+    in any order."""
 
     # Disjoint byte ranges a push may have open at once. Chunks in order keep one range;
     # 1 MiB chunks of a 40 MB model in any order keep at most 40. The bound keeps each
     # insertion cheap however a client scatters tiny chunks.
     MAX_RANGES = 4096
 
-    def __init__(self, out: np.ndarray) -> None:
-        self.out = out
-        self.itemsize = out.dtype.itemsize
-        self.nbytes = out.nbytes
-        self._bytes = as_bytes_view(out)
+    def __init__(self, nbytes: int, itemsize: int) -> None:
+        self.nbytes, self.itemsize = nbytes, itemsize
         self._starts: list[int] = []  # sorted, disjoint, merged [start, end) byte ranges
         self._ends: list[int] = []
         self.received = 0
 
     def place(self, offset: int, length: int) -> slice:
-        """Validate a chunk's position and return its element slice in `out`."""
+        """Validate a chunk's position and return its element slice."""
         end = offset + length
         if offset < 0 or end > self.nbytes:
             raise WireError(f"chunk [{offset}, {end}) lies outside the {self.nbytes}-byte buffer.")
@@ -273,6 +268,22 @@ class ChunkAssembler:
             starts.insert(i, start)
             ends.insert(i, end)
 
+    def finish(self) -> None:
+        """Raise unless the chunks covered the whole buffer exactly."""
+        if self.received != self.nbytes:
+            raise WireError(
+                f"received {self.received} bytes, expected exactly {self.nbytes}: "
+                "chunks leave a hole or the byte count is wrong."
+            )
+
+
+class ChunkAssembler(ChunkPlacement):
+    """Writes byte chunks into a preallocated flat array, checking they tile it exactly."""
+
+    def __init__(self, out: np.ndarray) -> None:
+        super().__init__(out.nbytes, out.dtype.itemsize)
+        self.out = out
+
     def add(self, offset: int, data: bytes | memoryview) -> np.ndarray:
         """Copy one chunk into place; returns the element view it was written to."""
         view = memoryview(data)
@@ -281,14 +292,6 @@ class ChunkAssembler:
         if view.nbytes:
             dst[...] = np.frombuffer(view, dtype=self.out.dtype)
         return dst
-
-    def finish(self) -> None:
-        """Raise unless the chunks covered the whole buffer exactly."""
-        if self.received != self.nbytes:
-            raise WireError(
-                f"received {self.received} bytes, expected exactly {self.nbytes}: "
-                "chunks leave a hole or the byte count is wrong."
-            )
 
 
 def channel_options(

@@ -27,6 +27,7 @@ from gradfleet.proto.wire import (
 )
 from gradfleet.server.auth import TokenAuthInterceptor
 from gradfleet.server.metrics import ServerMetrics
+from gradfleet.server.registry import JobRegistry
 from gradfleet.server.service import SERVICE_NAME, ParameterService
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class ServerConfig:
     max_concurrent_streams: int = 64
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     receive_budget_bytes: int = 512 << 20  # gradients a job may hold at once
+    history_page: int = 10_000  # step records per GetJob or WatchJob answer
     grace: float = 5.0
 
     def __post_init__(self) -> None:
@@ -67,6 +69,7 @@ class ServerConfig:
             "max_message_bytes",
             "max_concurrent_streams",
             "receive_budget_bytes",
+            "history_page",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1.")
@@ -112,15 +115,16 @@ class ParameterServer:
         self.config = config or ServerConfig(**overrides)
         self.metrics = ServerMetrics()
         c = self.config
-        self.service = ParameterService(
+        self.registry = JobRegistry(
             metrics=self.metrics,
             checkpoint_dir=c.checkpoint_dir,  # type: ignore[arg-type]
             checkpoint_every=c.checkpoint_every,
             max_job_bytes=c.max_job_bytes,
-            max_concurrent_streams=c.max_concurrent_streams,
             chunk_bytes=c.chunk_bytes,
             receive_budget_bytes=c.receive_budget_bytes,
+            history_page=c.history_page,
         )
+        self.service = ParameterService(self.registry, self.metrics, c.max_concurrent_streams)
         self.health = health.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
@@ -147,7 +151,7 @@ class ParameterServer:
                 c.host,
             )
         keep_message_buffers_mapped()  # megabyte messages: reuse buffers, no page faults
-        resumed = self.service.resume()
+        resumed = self.registry.resume()
         interceptors = []
         if c.token is not None:
             interceptors.append(
@@ -221,7 +225,7 @@ class ParameterServer:
         self.service.begin_shutdown()
         self._server.stop(grace).wait()
         try:
-            self.service.checkpoint_all()
+            self.registry.close()
         finally:
             self.metrics.close()
             log.info("gradfleet parameter server on %s stopped", self.address)

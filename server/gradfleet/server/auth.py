@@ -9,6 +9,9 @@ from typing import Any
 
 import grpc
 
+from gradfleet.proto.errors import Unauthenticated
+from gradfleet.server.translate import status_of
+
 log = logging.getLogger(__name__)
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -18,7 +21,7 @@ def _abort_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMeth
     """A handler of the same kind as `handler` that fails with UNAUTHENTICATED."""
 
     def deny(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        context.abort_with_status(status_of(Unauthenticated(message)))
 
     kinds: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
         (False, False): grpc.unary_unary_rpc_method_handler,

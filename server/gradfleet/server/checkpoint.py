@@ -2,10 +2,12 @@
 
 The `.npz` (weights, optimiser state and the step history as two arrays, loaded with
 `allow_pickle=False`) is written first, then the JSON metadata (spec, layout, version,
-counters); each goes to
-a temporary file that is fsynced and renamed. The JSON is the commit marker: a
-checkpoint counts only when both files load and agree, so a torn write is skipped in
-favour of the previous good checkpoint, which is kept until a newer one is complete.
+counters, the `.npz`'s size and SHA-256, and a checksum of itself); each goes to a
+temporary file that is fsynced and renamed, then the directory is fsynced. The JSON is
+the commit marker: a checkpoint counts only when both files load and agree, so a torn
+write is skipped in favour of the previous good checkpoint, which is kept until a newer
+one is complete. These functions do disk I/O and are called off the job's lock
+(`CheckpointWriter`).
 """
 
 from __future__ import annotations
@@ -19,17 +21,16 @@ import re
 import shutil
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
-from google.protobuf import json_format
 
-from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.proto.wire import FlatLayout
+from gradfleet.server.domain import Counters, JobSnapshot, JobState
 from gradfleet.server.history import StepHistory
-from gradfleet.server.jobs import Counters, Job
+from gradfleet.server.settings import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ _OPT_PREFIX = "optimizer::"
 _HISTORY_INTS, _HISTORY_FLOATS = "history::ints", "history::floats"
 _STEM = re.compile(r"^ckpt-\d{12}$")
 _HASH_BLOCK = 1 << 20
+_STATE_NAMES = {state: f"JOB_STATE_{state.name}" for state in JobState}
 
 
 class CheckpointError(ValueError):
@@ -59,38 +61,6 @@ def _meta_checksum(meta: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _saved_counters(job: Job) -> dict:
-    """The job's counters as of its last applied step (see the module docstring)."""
-    c = job.counters
-    pending = 0
-    open_step = getattr(job, "_open", None)
-    # from the step hook the step that just closed is still `_open` (its step is then
-    # version - 1, and its gradients are in the weights); only a later one is pending
-    if job.settings.mode == "sync" and open_step is not None and open_step.step == job.version:
-        pending = len(open_step.contributors)  # accepted, but not in the saved weights
-    return {
-        "received": c.received - pending,
-        "accepted": c.accepted - pending,
-        "duplicate": c.duplicate,
-        "dropped_late": c.dropped_late,
-        "rejected": dict(c.rejected),
-    }
-
-
-@dataclass
-class LoadedCheckpoint:
-    job_id: str
-    spec: pb.JobSpec
-    layout: FlatLayout
-    weights: np.ndarray
-    optimizer_state: dict[str, np.ndarray]
-    version: int
-    state: pb.JobState
-    counters: Counters
-    history: StepHistory
-    created_at: float
-
-
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -100,11 +70,11 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _atomic_write(path: Path, write: object) -> None:
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)  # type: ignore[operator]
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -115,44 +85,50 @@ def _atomic_write(path: Path, write: object) -> None:
     _fsync_dir(path.parent)
 
 
-def write_checkpoint(root: Path, job: Job) -> Path:
-    """Write the job's current state; call with `job.cond` held. Returns the JSON path."""
-    job_dir = root / job.job_id
+def write_checkpoint(root: Path, snap: JobSnapshot) -> Path:
+    """Write `snap` under `root`; returns the JSON path."""
+    job_dir = root / snap.job_id
     job_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"ckpt-{job.version:012d}"
-    arrays: dict[str, Any] = {"weights": job.weights}
-    for key, value in job.optimizer.state_dict().items():
+    stem = f"ckpt-{snap.version:012d}"
+    arrays: dict[str, Any] = {"weights": snap.weights}
+    for key, value in snap.optimizer_state.items():
         arrays[_OPT_PREFIX + key] = np.asarray(value)
-    arrays[_HISTORY_INTS], arrays[_HISTORY_FLOATS] = job.history.arrays()
+    arrays[_HISTORY_INTS], arrays[_HISTORY_FLOATS] = snap.history
     npz_path = job_dir / f"{stem}.npz"
     _atomic_write(npz_path, lambda f: np.savez(f, **arrays))
+    c = snap.counters
     meta = {
         "format": FORMAT_VERSION,
-        "job_id": job.job_id,
-        "version": job.version,
-        "state": pb.JobState.Name(job.state),
-        "spec": json_format.MessageToDict(job.spec, preserving_proto_field_name=True),
-        "layout": job.layout.to_json(),
+        "job_id": snap.job_id,
+        "version": snap.version,
+        "state": _STATE_NAMES[snap.state],
+        "spec": snap.spec.to_json(),
+        "layout": snap.layout.to_json(),
         "npz": npz_path.name,
         "npz_bytes": npz_path.stat().st_size,
         "npz_sha256": _sha256_file(npz_path),
-        "created_at": job.created_at,
-        "counters": _saved_counters(job),
+        "created_at": snap.created_at,
+        "counters": {
+            "received": c.received,
+            "accepted": c.accepted,
+            "duplicate": c.duplicate,
+            "dropped_late": c.dropped_late,
+            "rejected": dict(c.rejected),
+        },
     }
     meta["checksum"] = _meta_checksum(meta)
     json_path = job_dir / f"{stem}.json"
     _atomic_write(json_path, lambda f: f.write(json.dumps(meta).encode()))
-    job.last_checkpoint_version = job.version
     _prune(job_dir, stem)
-    log.info("checkpoint of job %s at version %d", job.job_id, job.version)
+    log.debug("checkpoint of job %s at version %d", snap.job_id, snap.version)
     return json_path
 
 
 def _prune(job_dir: Path, current: str) -> None:
     """Keep the checkpoint just written (stem `current`) and the `_KEEP - 1` newest before
     it; drop older ones and leftovers of writes a crash cut short. Newer files (left by an
-    earlier job of the same id that could not be resumed from them) stay for the operator:
-    sorting by name alone once deleted the checkpoint just written."""
+    earlier job of the same id that could not be resumed from them) stay for the
+    operator."""
     metas = sorted(job_dir.glob("ckpt-*.json"))
     older = [m for m in metas if m.stem < current]
     kept = {current} | {m.stem for m in metas if m.stem > current}
@@ -162,7 +138,7 @@ def _prune(job_dir: Path, current: str) -> None:
             for path in (old, old.with_suffix(".npz")):
                 with contextlib.suppress(OSError):
                     path.unlink()
-    # writes hold the job's lock and one server owns a directory, so these are orphans
+    # one writer per job directory, so what no kept checkpoint names is an orphan
     leftovers = [p for p in job_dir.glob("ckpt-*.npz") if p.stem not in kept]
     leftovers += job_dir.glob(".ckpt-*.tmp")
     for path in leftovers:
@@ -170,24 +146,16 @@ def _prune(job_dir: Path, current: str) -> None:
             path.unlink()
 
 
-def _load_one(json_path: Path) -> LoadedCheckpoint:
+def _load_one(json_path: Path) -> JobSnapshot:
     try:
         return _parse(json_path)
     except CheckpointError:
         raise
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        zipfile.BadZipFile,
-        json_format.ParseError,
-    ) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"checkpoint {json_path} is unreadable: {exc}") from None
 
 
-def _parse(json_path: Path) -> LoadedCheckpoint:
+def _parse(json_path: Path) -> JobSnapshot:
     def bad(problem: str) -> CheckpointError:
         return CheckpointError(f"checkpoint {json_path} is refused: {problem}")
 
@@ -230,7 +198,9 @@ def _parse(json_path: Path) -> LoadedCheckpoint:
         history = StepHistory.from_records(meta["history"])
     else:
         history = StepHistory(arrays[_HISTORY_INTS], arrays[_HISTORY_FLOATS])
-    spec = json_format.ParseDict(meta["spec"], pb.JobSpec())
+    states = {name: state for state, name in _STATE_NAMES.items()}
+    if meta["state"] not in states:
+        raise bad(f"unknown job state {meta['state']!r}")
     c = meta["counters"]
     counters = Counters(
         int(c["received"]),
@@ -239,37 +209,37 @@ def _parse(json_path: Path) -> LoadedCheckpoint:
         int(c["dropped_late"]),
         {str(k): int(v) for k, v in dict(c["rejected"]).items()},
     )
-    return LoadedCheckpoint(
+    return JobSnapshot(
         job_id=meta["job_id"],
-        spec=spec,
+        spec=JobSpec.from_json(meta["spec"]),
         layout=layout,
         weights=weights,
         optimizer_state=opt_state,
         version=int(meta["version"]),
-        state=pb.JobState.Value(meta["state"]),
+        state=states[meta["state"]],
         counters=counters,
-        history=history,
+        history=history.arrays(),
         created_at=float(meta["created_at"]),
     )
 
 
-def load_latest(job_dir: Path) -> LoadedCheckpoint | None:
+def load_latest(job_dir: Path) -> JobSnapshot | None:
     """The newest checkpoint of a job that loads cleanly and can be resumed; torn ones,
-    and ones written while the job was being deleted, are skipped."""
+    and ones of a job that was being deleted, are skipped."""
     for json_path in sorted(job_dir.glob("ckpt-*.json"), reverse=True):
         try:
             loaded = _load_one(json_path)
         except CheckpointError as exc:
             log.warning("%s; trying an older one", exc)
             continue
-        if loaded.state == pb.JOB_STATE_DELETED:
+        if loaded.state is JobState.DELETED:
             log.warning("%s belongs to a deleted job; trying an older one", json_path)
             continue
         return loaded
     return None
 
 
-def scan(root: Path) -> list[LoadedCheckpoint]:
+def scan(root: Path) -> list[JobSnapshot]:
     """The latest good checkpoint of every job under `root`."""
     if not root.is_dir():
         return []

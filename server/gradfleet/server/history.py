@@ -1,10 +1,10 @@
 """A job's per-step history, kept as columns: 48 bytes a step, sliced by step number.
 
-A long job applies millions of steps. As a list of records the history cost 240 bytes
-a step in memory, every checkpoint rewrote all of it as JSON under the job's lock (6 s
-for 200k steps here), and one GetJob could outgrow the message limit. Columns of NumPy
-arrays cost 48 bytes a step (up to 72 with room to grow), go into a checkpoint's `.npz`
-as two arrays, and answer "records from step s" by bisection, a page at a time.
+A long job applies millions of steps, so the history is two NumPy arrays (48 bytes a
+step, up to 72 with room to grow) rather than records: it goes into a checkpoint's `.npz`
+as they are, and answers "records from step s" by bisection, a page at a time, so no
+answer outgrows a message. Rows are only ever appended, so a snapshot of the first n
+rows stays valid while the history grows.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from gradfleet.proto.v1 import parameter_server_pb2 as pb
 
 INT_FIELDS = ("step", "rows", "contributors")
 FLOAT_FIELDS = ("loss", "samples_per_sec", "wall_time")
@@ -73,7 +71,8 @@ class StepHistory:
         self._n += 1
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ints, floats): views of the filled rows, columns as INT_FIELDS, FLOAT_FIELDS."""
+        """(ints, floats): views of the filled rows, columns as INT_FIELDS, FLOAT_FIELDS.
+        They stay valid (and unchanged) while the history grows."""
         return self._ints[: self._n], self._floats[: self._n]
 
     def page(self, since: int, limit: int) -> StepPage:
@@ -92,16 +91,3 @@ class StepPage:
     ints: np.ndarray
     floats: np.ndarray
     more: bool
-
-    def records(self) -> list[pb.StepRecord]:
-        return [
-            pb.StepRecord(
-                step=i[0],
-                rows=i[1],
-                contributors=i[2],
-                loss=f[0],
-                samples_per_sec=f[1],
-                wall_time=f[2],
-            )
-            for i, f in zip(self.ints.tolist(), self.floats.tolist(), strict=True)
-        ]

@@ -28,7 +28,7 @@ class ServerMetrics:
         )
         self.pushes = Counter(
             "gradfleet_pushes",
-            "Gradient pushes by outcome (VOIDED: accepted, then voided by a failed push).",
+            "Gradient pushes by outcome.",
             ["outcome"],
             registry=r,
         )
@@ -39,11 +39,6 @@ class ServerMetrics:
             "gradfleet_staleness_steps",
             "Version minus the step a gradient was computed on (async mode).",
             buckets=(0, 1, 2, 4, 8, 16, 32, 64),
-            registry=r,
-        )
-        self.steps_reset = Counter(
-            "gradfleet_steps_reset",
-            "Sync steps started again because a push failed half-way through its sum.",
             registry=r,
         )
         self.step_latency = Histogram(

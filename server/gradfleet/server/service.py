@@ -1,100 +1,88 @@
-"""The gRPC edge: `ParameterService` methods, translating domain errors to status codes."""
+"""The gRPC edge: each RPC translates its request, calls the jobs, and translates back.
+
+Domain errors (`gradfleet.proto.errors`) become a status code with one sentence and the
+error's reason in the rich status details. A call that waits holds a `Waiter` that its
+own end (the client left) and the server's shutdown cancel.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import itertools
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from concurrent.futures import CancelledError, Future
 from typing import Any, TypeVar, cast
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 
-from gradfleet.proto.v1 import parameter_server_pb2 as pb
-from gradfleet.proto.wire import (
-    REASON_KEY,
-    ChunkAssembler,
-    FlatLayout,
-    WireError,
-    decode_chunk_message,
-)
-from gradfleet.server import checkpoint
-from gradfleet.server.errors import (
-    BadRequest,
+from gradfleet.proto.errors import (
     DeadlineExceeded,
-    JobExists,
+    GradfleetError,
+    InvalidArgument,
     JobNotFound,
-    OverLimit,
-    ServerError,
-    ShuttingDown,
+    Reason,
+    ResourceExhausted,
+    ServerUnavailable,
     WrongState,
 )
-from gradfleet.server.jobs import (
-    Job,
-    JobSettings,
-    build_initial_weights,
-    check_job_id,
-    new_job_id,
-    spec_nbytes,
-)
+from gradfleet.proto.v1 import parameter_server_pb2 as pb
+from gradfleet.proto.wire import FlatLayout, WireError
+from gradfleet.server import translate
+from gradfleet.server.checkpoint_writer import Checkpointed
+from gradfleet.server.domain import JobState, PushOutcome
+from gradfleet.server.job import Job
 from gradfleet.server.metrics import ServerMetrics
+from gradfleet.server.publishing import Encode
+from gradfleet.server.receive import Gradient, read_chunks, whole_message
+from gradfleet.server.registry import JobRegistry
+from gradfleet.server.settings import JobSettings, check_job_id, new_job_id
+from gradfleet.server.waiting import Waiter
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "gradfleet.v1.ParameterService"
 F = TypeVar("F", bound=Callable[..., Any])
+_TERMINAL = (JobState.COMPLETED, JobState.STOPPED, JobState.DELETED)
 
 
-def _check_finite(values: np.ndarray) -> None:
-    if not np.isfinite(values).all():
-        raise BadRequest("the gradient contains NaN or Inf values.", "non_finite")
-
-
-def _first_push_message(message: bytes) -> tuple[pb.PushHeader, int, memoryview]:
-    """(header, offset, data) of a push's first message, which must carry the header."""
-    try:
-        raw_header, offset, data = decode_chunk_message(message)
-        if raw_header is None:
-            raise BadRequest("the first push message has no header.", "bad_header")
-        return pb.PushHeader.FromString(bytes(raw_header)), offset, data
-    except (WireError, DecodeError):
-        raise BadRequest("the push header is not a valid message.", "bad_header") from None
+def _remaining(context: grpc.ServicerContext) -> float | None:
+    """Seconds left before the call's deadline; None when it has none (grpcio then
+    reports an enormous number)."""
+    left = context.time_remaining()
+    return None if left is None or left > 1e7 else max(0.0, left)
 
 
 def _status_edge(method: F) -> F:
-    """Turn ServerError into `context.abort(code, sentence)` with its reason in the trailing
-    metadata (`REASON_KEY`, e.g. "stale"); count it in the metrics."""
+    """Turn a GradfleetError into the call's status, and count it in the metrics."""
 
-    def abort(self: ParameterService, context: grpc.ServicerContext, exc: ServerError) -> None:
-        self.metrics.reject(exc.reason)
-        context.set_trailing_metadata(((REASON_KEY, exc.reason),))
-        context.abort(exc.code, exc.message)
+    def abort(self: ParameterService, context: grpc.ServicerContext, exc: GradfleetError) -> None:
+        self.metrics.reject(exc.reason.value if exc.reason else "error")
+        context.abort_with_status(translate.status_of(exc))
 
     @functools.wraps(method)
     def unary(self: ParameterService, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except ServerError as exc:
+        except GradfleetError as exc:
             abort(self, context, exc)
 
     @functools.wraps(method)
     def stream(self: ParameterService, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             yield from method(self, request, context)
-        except ServerError as exc:
+        except GradfleetError as exc:
             abort(self, context, exc)
 
     return stream if inspect.isgeneratorfunction(method) else unary  # type: ignore[return-value]
 
 
 class StreamLimiter:
-    """Caps concurrent pull/push streams; over the cap a call gets RESOURCE_EXHAUSTED."""
+    """Caps concurrent streaming and waiting calls; over the cap: RESOURCE_EXHAUSTED."""
 
     def __init__(self, limit: int, metrics: ServerMetrics) -> None:
         self.limit = limit
@@ -105,9 +93,9 @@ class StreamLimiter:
     def __enter__(self) -> StreamLimiter:
         with self._lock:
             if self.active >= self.limit:
-                raise OverLimit(
+                raise ResourceExhausted(
                     f"the server is at its limit of {self.limit} concurrent streams; retry later.",
-                    "too_many_streams",
+                    Reason.TOO_MANY_STREAMS,
                 )
             self.active += 1
         return self
@@ -118,318 +106,187 @@ class StreamLimiter:
 
 
 class ParameterService:
-    """Holds the jobs and implements every RPC of `gradfleet.v1.ParameterService`."""
+    """Implements every RPC of `gradfleet.v1.ParameterService` over a `JobRegistry`."""
 
     def __init__(
-        self,
-        *,
-        metrics: ServerMetrics,
-        checkpoint_dir: Path | None,
-        checkpoint_every: int,
-        max_job_bytes: int,
-        max_concurrent_streams: int,
-        chunk_bytes: int,
-        receive_budget_bytes: int,
+        self, registry: JobRegistry, metrics: ServerMetrics, max_concurrent_streams: int
     ) -> None:
-        self.metrics = metrics
-        self.checkpoint_dir = checkpoint_dir
-        self.checkpoint_every = checkpoint_every
-        self.max_job_bytes = max_job_bytes
-        self.chunk_bytes = chunk_bytes
-        self.receive_budget_bytes = receive_budget_bytes
+        self.registry, self.metrics = registry, metrics
         self.streams = StreamLimiter(max_concurrent_streams, metrics)
-        self.jobs: dict[str, Job] = {}
+        self._stopping = False
+        self._waiters: weakref.WeakSet[Waiter] = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-
-    # ---- job registry --------------------------------------------------------------
-    def _job(self, job_id: str) -> Job:
-        with self._lock:
-            job = self.jobs.get(job_id)
-        if job is None:
-            raise JobNotFound(f"job {job_id!r} does not exist on this server.", "not_found")
-        return job
-
-    def _install(self, job: Job) -> None:
-        job.on_step = self._after_step
-        self.jobs[job.job_id] = job
-        self.metrics.jobs.set(len(self.jobs))
-
-    def _after_step(self, job: Job) -> None:
-        every = job.settings.checkpoint_every or self.checkpoint_every
-        if self.checkpoint_dir is None:
-            return
-        if (every and job.version % every == 0) or job.state == pb.JOB_STATE_COMPLETED:
-            try:
-                self._write_checkpoint(job)
-            except OSError:
-                log.exception("checkpoint of job %s failed", job.job_id)
-
-    def resume(self) -> int:
-        """Load the latest good checkpoint of every job in the checkpoint directory."""
-        if self.checkpoint_dir is None:
-            return 0
-        for loaded in checkpoint.scan(self.checkpoint_dir):
-            try:
-                job = Job(
-                    loaded.job_id,
-                    loaded.spec,
-                    loaded.layout,
-                    loaded.weights,
-                    metrics=self.metrics,
-                    chunk_bytes=self.chunk_bytes,
-                    receive_budget_bytes=self.receive_budget_bytes,
-                    optimizer_state=loaded.optimizer_state,
-                    version=loaded.version,
-                )
-            except ServerError as exc:
-                log.warning("cannot resume job %s: %s", loaded.job_id, exc.message)
-                continue
-            job.state = loaded.state
-            job.counters = loaded.counters
-            job.history = loaded.history
-            job.created_at = loaded.created_at
-            job.last_checkpoint_version = loaded.version
-            with self._lock:
-                self._install(job)
-            log.info("resumed job %s at version %d", job.job_id, job.version)
-        return len(self.jobs)
-
-    def checkpoint_all(self) -> None:
-        if self.checkpoint_dir is None:
-            return
-        with self._lock:
-            jobs = list(self.jobs.values())
-        for job in jobs:  # one job's failed write must not cost the others theirs
-            with job.cond:
-                if job.last_checkpoint_version != job.version:
-                    try:
-                        self._write_checkpoint(job)
-                    except OSError:
-                        log.exception("final checkpoint of job %s failed", job.job_id)
-
-    def _write_checkpoint(self, job: Job) -> Path | None:
-        """Checkpoint `job` (call with `job.cond` held); None, writing nothing, for a job
-        deleted meanwhile, whose directory must not come back."""
-        assert self.checkpoint_dir is not None
-        if job.state == pb.JOB_STATE_DELETED:
-            return None
-        return checkpoint.write_checkpoint(self.checkpoint_dir, job)
+        self._wire: weakref.WeakKeyDictionary[Job, tuple[pb.Layout, Encode]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def begin_shutdown(self) -> None:
-        """Wake every waiting pull and watch so they return UNAVAILABLE promptly."""
-        self._stopping.set()
+        """Cancel every waiting call, so each answers UNAVAILABLE promptly."""
         with self._lock:
-            jobs = list(self.jobs.values())
-        for job in jobs:
-            with job.cond:
-                job.cond.notify_all()
+            self._stopping = True
+            waiters = list(self._waiters)
+        for waiter in waiters:
+            waiter.cancel()
+        self.registry.wake_all()
 
-    # ---- unary RPCs ----------------------------------------------------------------
+    def _waiter(self, context: grpc.ServicerContext) -> Waiter:
+        """A waiter cancelled when this call ends or the server stops."""
+        waiter = Waiter()
+        with self._lock:
+            self._waiters.add(waiter)
+            stopping = self._stopping
+        if stopping or not context.add_callback(waiter.cancel):
+            waiter.cancel()
+        return waiter
+
+    def _layout_and_encoder(self, job: Job) -> tuple[pb.Layout, Encode]:
+        wire = self._wire.get(job)
+        if wire is None:
+            layout = job.layout.to_proto()
+            wire = self._wire[job] = (layout, translate.weights_encoder(job.layout, layout))
+        return wire
+
+    # jobs
+
     @_status_edge
     def CreateJob(
         self, request: pb.CreateJobRequest, context: grpc.ServicerContext
     ) -> pb.CreateJobResponse:
-        settings = JobSettings.from_proto(request.spec)
+        settings = JobSettings.validate(translate.spec_from_proto(request.spec))
         job_id = check_job_id(request.job_id) if request.job_id else new_job_id()
-        with self._lock:
-            existing = self.jobs.get(job_id)
-        if existing is not None:
-            return self._reattach(existing, request)
+        given = None
         if request.HasField("initial_layout") or request.initial_weights:
-            try:
-                layout = FlatLayout.from_proto(request.initial_layout)
-            except WireError as exc:
-                raise BadRequest(f"initial_layout is invalid: {exc}", "bad_layout") from None
-            self._check_size(layout)
-            if len(request.initial_weights) != layout.nbytes:
-                raise BadRequest(
-                    f"initial_weights has {len(request.initial_weights)} bytes, "
-                    f"expected {layout.nbytes}.",
-                    "bad_bytes",
-                )
-            weights = np.frombuffer(request.initial_weights, dtype=layout.dtype).copy()
-            if not np.isfinite(weights).all():
-                raise BadRequest("initial_weights contain NaN or Inf.", "non_finite")
-        else:
-            self._check_nbytes(spec_nbytes(settings.model_spec))
-            layout, weights = build_initial_weights(settings.model_spec)
-            self._check_size(layout)
-        job = Job(
-            job_id,
-            request.spec,
-            layout,
-            weights,
-            metrics=self.metrics,
-            chunk_bytes=self.chunk_bytes,
-            receive_budget_bytes=self.receive_budget_bytes,
-        )
-        with self._lock:
-            existing = self.jobs.get(job_id)
-            if existing is None:
-                self._install(job)
-        if existing is not None:
-            return self._reattach(existing, request)
-        if self.checkpoint_dir is not None:
-            with job.cond:
-                checkpoint.write_checkpoint(self.checkpoint_dir, job)
-        log.info(
-            "created job %s: %s, %d workers, %d parameters",
-            job_id,
-            settings.mode,
-            settings.num_workers,
-            layout.total_elements,
-        )
+            given = self._initial_weights(request)
+        job, created = self.registry.create(job_id, settings, given)
+        info = job.info()
         return pb.CreateJobResponse(
-            job_id=job_id, created=True, layout=layout.to_proto(), version=0
+            job_id=job_id,
+            created=created,
+            layout=self._layout_and_encoder(job)[0],
+            version=info.version,
+            weights_fit_one_message=info.weights_fit_one_message,
         )
 
-    def _check_size(self, layout: FlatLayout) -> None:
-        self._check_nbytes(layout.nbytes)
-
-    def _check_nbytes(self, nbytes: int) -> None:
-        if nbytes > self.max_job_bytes:
-            raise OverLimit(
-                f"the model needs {nbytes} bytes, over this server's limit of "
-                f"{self.max_job_bytes} bytes per job.",
-                "job_too_large",
+    def _initial_weights(self, request: pb.CreateJobRequest) -> tuple[FlatLayout, np.ndarray]:
+        try:
+            layout = FlatLayout.from_proto(request.initial_layout)
+        except WireError as exc:
+            raise InvalidArgument(f"initial_layout is invalid: {exc}", Reason.BAD_LAYOUT) from None
+        self.registry.check_size(layout.nbytes)
+        if len(request.initial_weights) != layout.nbytes:
+            raise InvalidArgument(
+                f"initial_weights has {len(request.initial_weights)} bytes, "
+                f"expected {layout.nbytes}.",
+                Reason.BAD_BYTES,
             )
-
-    @staticmethod
-    def _reattach(job: Job, request: pb.CreateJobRequest) -> pb.CreateJobResponse:
-        """Same id and same settings (parsed JSON; job_config is metadata): re-attach."""
-        ours = dataclasses.replace(job.settings, job_config={})
-        theirs = dataclasses.replace(JobSettings.from_proto(request.spec), job_config={})
-        if ours != theirs:
-            raise JobExists(
-                f"job {job.job_id!r} already exists with a different configuration; "
-                "pick another job id or delete it first.",
-                "job_exists",
-            )
-        with job.cond:
-            return pb.CreateJobResponse(
-                job_id=job.job_id, created=False, layout=job.layout.to_proto(), version=job.version
-            )
+        weights = np.frombuffer(request.initial_weights, dtype=layout.dtype).copy()
+        if not np.isfinite(weights).all():
+            raise InvalidArgument("initial_weights contain NaN or Inf.", Reason.NON_FINITE)
+        return layout, weights
 
     @_status_edge
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.JobInfo:
-        return self._job(request.job_id).info(
-            request.history_since_step, with_history=not request.omit_history
-        )
+        job = self.registry.get(request.job_id)
+        since = None if request.omit_history else request.history_since_step
+        return translate.job_info(job.info(since), self._layout_and_encoder(job)[0])
 
     @_status_edge
     def ListJobs(
         self, request: pb.ListJobsRequest, context: grpc.ServicerContext
     ) -> pb.ListJobsResponse:
-        with self._lock:
-            jobs = list(self.jobs.values())
-        return pb.ListJobsResponse(jobs=[j.info(with_history=False) for j in jobs])
+        jobs = self.registry.all()
+        infos = [translate.job_info(j.info(), self._layout_and_encoder(j)[0]) for j in jobs]
+        return pb.ListJobsResponse(jobs=infos)
 
     @_status_edge
     def DeleteJob(
         self, request: pb.DeleteJobRequest, context: grpc.ServicerContext
     ) -> pb.DeleteJobResponse:
-        with self._lock:
-            job = self.jobs.pop(request.job_id, None)
-            self.metrics.jobs.set(len(self.jobs))
-        if job is None:
-            raise JobNotFound(f"job {request.job_id!r} does not exist on this server.", "not_found")
-        job.mark_deleted()
-        if self.checkpoint_dir is not None:
-            checkpoint.remove_job(self.checkpoint_dir, job.job_id)
-        log.info("deleted job %s", job.job_id)
+        self.registry.delete(request.job_id)
         return pb.DeleteJobResponse()
 
     @_status_edge
     def StopJob(self, request: pb.StopJobRequest, context: grpc.ServicerContext) -> pb.JobInfo:
-        job = self._job(request.job_id)
-        job.stop()
-        if self.checkpoint_dir is not None:
-            with job.cond:
-                if self._write_checkpoint(job) is None:
-                    raise JobNotFound(f"job {request.job_id!r} was deleted.", "not_found")
-        return job.info(with_history=False)
+        job = self.registry.get(request.job_id)
+        self._checkpointed(job, job.stop())
+        return translate.job_info(job.info(), self._layout_and_encoder(job)[0])
 
     @_status_edge
     def CheckpointJob(
         self, request: pb.CheckpointJobRequest, context: grpc.ServicerContext
     ) -> pb.CheckpointJobResponse:
-        job = self._job(request.job_id)
-        if self.checkpoint_dir is None:
+        job = self.registry.get(request.job_id)
+        if self.registry.checkpoint_dir is None:
             raise WrongState(
                 "this server runs without --checkpoint-dir, so it cannot checkpoint.",
-                "no_checkpoint_dir",
+                Reason.NO_CHECKPOINT_DIR,
             )
-        with job.cond:
-            path = self._write_checkpoint(job)
-            if path is None:
-                raise JobNotFound(f"job {request.job_id!r} was deleted.", "not_found")
-            return pb.CheckpointJobResponse(version=job.version, path=str(path))
+        written = self._checkpointed(job, job.checkpoint())
+        assert written is not None
+        return pb.CheckpointJobResponse(version=written.version, path=str(written.path))
 
-    # ---- streams -------------------------------------------------------------------
+    def _checkpointed(self, job: Job, future: Future[Checkpointed] | None) -> Checkpointed | None:
+        """Wait for a requested checkpoint (off the job's lock); a job deleted meanwhile is
+        NOT_FOUND, with nothing of it left on disk."""
+        written = None
+        if future is not None:
+            try:
+                written = future.result()
+            except CancelledError:  # the job was deleted before its snapshot was written
+                pass
+            except OSError as exc:
+                raise GradfleetError(f"the checkpoint could not be written: {exc}") from None
+        if job.info().state is JobState.DELETED or (future is not None and written is None):
+            raise JobNotFound(f"job {job.job_id!r} was deleted.")
+        return written
+
+    # tensors
+
     @_status_edge
     def PullWeights(
         self, request: pb.PullWeightsRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
-        job = self._job(request.job_id)
-        worker = request.worker if request.HasField("worker") else None
+        job = self.registry.get(request.job_id)
         with self.streams:
-            self._wait(job, request.min_version, context, worker)
-            yield from job.weight_messages()
+            self._wait(job, request.min_version, context)
+            encode = self._layout_and_encoder(job)[1]
+            if job.publisher.fits_one_message:
+                yield job.weights_message(encode)
+            else:
+                yield from job.publisher.stream(encode)
             self.metrics.weight_bytes_out.inc(job.layout.nbytes)
-
-    def _wait(
-        self, job: Job, min_version: int, context: grpc.ServicerContext, worker: int | None
-    ) -> None:
-        """Wait (within the call's deadline) for `min_version`."""
-        reached = job.wait_for_version(
-            min_version, context.time_remaining(), self._gives_up(context), worker
-        )
-        if not reached:
-            if self._stopping.is_set():
-                raise ShuttingDown("the server is shutting down; retry shortly.", "shutdown")
-            raise DeadlineExceeded(
-                f"version {min_version} was not reached before the deadline.", "deadline"
-            )
 
     @_status_edge
     def PullWeightsUnary(
         self, request: pb.PullWeightsRequest, context: grpc.ServicerContext
     ) -> bytes:
-        job = self._job(request.job_id)
-        if not job.weights_fit_one_message:
-            raise WrongState(
-                "these weights span several chunks; pull them with the PullWeights stream.",
-                "too_large_for_unary",
-            )
-        (message,) = self.PullWeights.__wrapped__(self, request, context)  # type: ignore[attr-defined]
-        return message
-
-    @_status_edge
-    def PushGradientUnary(self, request: bytes, context: grpc.ServicerContext) -> pb.PushAck:
-        return self.PushGradient.__wrapped__(self, iter([request]), context)  # type: ignore[attr-defined]
-
-    @_status_edge
-    def PushAndPullUnary(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        """Push one single-message gradient, then return the weights of version >= step + 1.
-
-        Refused (FAILED_PRECONDITION) before the push is looked at when the job's weights
-        do not fit one message, so a client can fall back to the separate calls.
-        """
-        header, offset, data = _first_push_message(request)
-        job = self._job(header.job_id)
-        if not job.weights_fit_one_message:
-            raise WrongState(
-                "these weights span several chunks; push with PushGradient and pull with "
-                "the PullWeights stream.",
-                "too_large_for_unary",
-            )
+        job = self.registry.get(request.job_id)
+        self._fits_one_message(job)
         with self.streams:
-            self._push(job, header, offset, data, iter(()), context)
-            self._wait(job, min(header.step + 1, job.settings.total_steps), context, header.worker)
-        snap = job.snapshot()
-        self.metrics.weight_bytes_out.inc(snap.nbytes)
-        return snap.messages[0]
+            self._wait(job, request.min_version, context)
+        return self._weights_message(job)
+
+    def _fits_one_message(self, job: Job) -> None:
+        if not job.publisher.fits_one_message:
+            raise WrongState(
+                "these weights span several chunks (the job says weights_fit_one_message is "
+                "false); pull them with the PullWeights stream.",
+                Reason.USE_STREAM,
+            )
+
+    def _weights_message(self, job: Job) -> bytes:
+        self.metrics.weight_bytes_out.inc(job.layout.nbytes)
+        return job.weights_message(self._layout_and_encoder(job)[1])
+
+    def _wait(self, job: Job, min_version: int, context: grpc.ServicerContext) -> None:
+        """Wait (within the call's deadline) for `min_version`."""
+        waiter = self._waiter(context)
+        if not job.wait_for_version(min_version, _remaining(context), waiter):
+            if self._stopping:
+                raise ServerUnavailable(
+                    "the server is shutting down; retry shortly.", Reason.SHUTDOWN
+                )
+            raise DeadlineExceeded(f"version {min_version} was not reached before the deadline.")
 
     @_status_edge
     def PushGradient(
@@ -438,197 +295,101 @@ class ParameterService:
         with self.streams:
             first = next(request_iterator, None)
             if first is None:
-                raise BadRequest("the push stream is empty; send a header first.", "bad_header")
-            header, offset, data = _first_push_message(first)
-            job = self._job(header.job_id)
-            outcome = self._push(job, header, offset, data, request_iterator, context)
+                raise InvalidArgument(
+                    "the push stream is empty; send a header first.", Reason.BAD_HEADER
+                )
+            job, outcome, step = self._push(first, request_iterator, context)
             return pb.PushAck(
-                outcome=cast(pb.PushOutcome, outcome), version=job.version, step=header.step
+                outcome=cast(pb.PushOutcome, translate.OUTCOMES[outcome]),
+                version=job.version,
+                step=step,
             )
+
+    @_status_edge
+    def PushGradientUnary(self, request: bytes, context: grpc.ServicerContext) -> pb.PushAck:
+        return self.PushGradient.__wrapped__(self, iter([request]), context)  # type: ignore[attr-defined]
+
+    @_status_edge
+    def PushAndPullUnary(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """Push one single-message gradient, then return the weights of version >= step + 1."""
+        header, _, _ = translate.first_push_message(request)
+        job = self.registry.get(header.job_id)
+        self._fits_one_message(job)
+        with self.streams:
+            _, _, step = self._push(request, iter(()), context)
+            self._wait(job, min(step + 1, job.settings.total_steps), context)
+        return self._weights_message(job)
 
     def _push(
-        self,
-        job: Job,
-        header: pb.PushHeader,
-        offset: int,
-        data: memoryview,
-        rest: Iterator[bytes],
-        context: grpc.ServicerContext,
-    ) -> int:
-        """Check the header, then receive and commit the gradient unless its outcome is
-        known without the data (duplicate, late); returns the PushOutcome, counted."""
+        self, first: bytes, rest: Iterator[bytes], context: grpc.ServicerContext
+    ) -> tuple[Job, PushOutcome, int]:
+        """Receive, check and commit one push; returns (job, outcome, step). A push refused
+        for any reason is counted in its job's counters."""
+        msg, offset, data = translate.first_push_message(first)
+        job = self.registry.get(msg.job_id)
+        gradient: Gradient | None = None
         try:
+            header = translate.push_header(msg, self._layout_and_encoder(job)[0])
             job.check_header(header)
-            early = job.precheck(header)
-        except ServerError as exc:
-            job.count_rejected(exc.reason)
-            raise
-        if early is None:
-            try:
-                early, nbytes = self._take_gradient(job, header, offset, data, rest, context)
-            except ServerError as exc:
-                if not isinstance(exc, WrongState):  # the job counts its own rejections
-                    job.count_rejected(exc.reason)
-                raise
-        else:
-            job.count_outcome(early)
-            nbytes = 0
-        self.metrics.gradient_bytes_in.inc(nbytes)
-        self.metrics.pushed(pb.PushOutcome.Name(early))
-        return early
-
-    def _gives_up(self, context: grpc.ServicerContext) -> Callable[[], bool]:
-        """For waits inside a call: true once the client left or the server is stopping."""
-        return lambda: self._stopping.is_set() or not context.is_active()
-
-    def _take_gradient(
-        self,
-        job: Job,
-        header: pb.PushHeader,
-        offset: int,
-        data: memoryview,
-        rest: Iterator[bytes],
-        context: grpc.ServicerContext,
-    ) -> tuple[int, int]:
-        """Receive, check and commit one push's data; returns (outcome, bytes received).
-
-        A gradient that came as one message is checked where it lies and committed as a
-        read-only view of that message (no copy). A sync stream is folded into the sum
-        chunk by chunk (`_fold`); an async stream is assembled in a receive buffer first,
-        because its gradient is applied to the weights as a whole.
-        """
-        nbytes = job.layout.nbytes
-        try:
-            if offset == 0 and data.nbytes == nbytes:
-                second = next(rest, None)
-                if second is None:
-                    whole = np.frombuffer(data, dtype=job.layout.dtype)
-                    _check_finite(whole)
-                    outcome = job.commit(
-                        header,
-                        whole,
-                        timeout=context.time_remaining(),
-                        give_up=self._gives_up(context),
-                    )[0]
-                    return outcome, nbytes
-                rest = itertools.chain([second], rest)
-            if job.settings.mode == "sync":
-                return self._fold(job, header, offset, data, rest, context)
-            buf = job.take_buffer(
-                context.time_remaining(),
-                self._gives_up(context),
-            )
-            try:
-                grad = self._assemble(ChunkAssembler(buf), offset, data, rest, buf)
-                return job.commit(header, grad, buf)[0], nbytes
-            finally:
-                job.give_back(buf)
-        except WireError as exc:
-            raise BadRequest(str(exc), "bad_bytes") from None
-
-    def _fold(
-        self,
-        job: Job,
-        header: pb.PushHeader,
-        offset: int,
-        data: memoryview,
-        rest: Iterator[bytes],
-        context: grpc.ServicerContext,
-    ) -> tuple[int, int]:
-        """Fold a streamed sync gradient into the step's sum, one chunk in memory at a time;
-        returns (outcome, bytes received)."""
-        early = job.begin_fold(
-            header,
-            context.time_remaining(),
-            self._gives_up(context),
-        )
-        if early is not None:
-            return early, 0
-        total, first = job.fold_target()
-        touched = folded = False
-
-        def fold(place: slice, chunk: np.ndarray) -> None:
-            nonlocal touched
-            touched = True
-            if first:
-                total[place] = chunk
+            early = job.admit(header)
+            second = next(rest, None)
+            whole = whole_message(job.layout, offset, data) if second is None else None
+            chunks = rest if second is None else itertools.chain([second], rest)
+            if early is not None:  # checked, then answered without adding it
+                if whole is None:
+                    read_chunks(job.layout, offset, data, chunks, None)
+                outcome = job.count_early(early)
             else:
-                with np.errstate(over="ignore"):  # an overflow stops the job at the close
-                    np.add(total[place], chunk, out=total[place])
-
-        try:
-            self._assemble(ChunkAssembler(total), offset, data, rest, fold)
-            folded = True
-            return job.finish_fold(header), job.layout.nbytes
-        finally:
-            if not folded:
-                job.abort_fold(touched)
-
-    @staticmethod
-    def _assemble(
-        assembler: ChunkAssembler,
-        offset: int,
-        data: memoryview,
-        rest: Iterator[bytes],
-        sink: np.ndarray | Callable[[slice, np.ndarray], None],
-    ) -> np.ndarray:
-        """Check every chunk's placement and finiteness and hand it to `sink` (a buffer to
-        copy into, or a function); raises BadRequest/WireError; returns the assembler's array."""
-        while True:
-            if data.nbytes:
-                place = assembler.place(offset, data.nbytes)
-                chunk = np.frombuffer(data, dtype=assembler.out.dtype)
-                _check_finite(chunk)
-                if isinstance(sink, np.ndarray):
-                    sink[place] = chunk
+                if whole is not None:
+                    gradient = Gradient(whole)
                 else:
-                    sink(place, chunk)
-            raw = next(rest, None)
-            if raw is None:
-                break
-            extra_header, offset, data = decode_chunk_message(raw)
-            if extra_header is not None:
-                raise BadRequest("only the first push message may carry a header.", "bad_header")
-        assembler.finish()
-        return assembler.out
+                    gradient = job.receive_buffer(_remaining(context), self._waiter(context))
+                    read_chunks(job.layout, offset, data, chunks, gradient.data)
+                outcome, gradient = job.commit(header, gradient), None
+        except GradfleetError as exc:
+            if gradient is not None:
+                job.release(gradient)
+            job.count_rejected(exc.reason or Reason.BAD_HEADER)
+            raise
+        self.metrics.gradient_bytes_in.inc(job.layout.nbytes)
+        self.metrics.pushed(translate.OUTCOME_LABELS[outcome])
+        return job, outcome, header.step
 
     @_status_edge
     def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.JobEvent]:
-        job = self._job(request.job_id)
+        job = self.registry.get(request.job_id)
         with self.streams:  # a watch holds a server thread like any other stream
             yield from self._job_events(job, request.from_version, context)
 
     def _job_events(
         self, job: Job, next_step: int, context: grpc.ServicerContext
     ) -> Iterator[pb.JobEvent]:
+        """Step records from `next_step` on, then each state change, until the job ends."""
+        waiter = self._waiter(context)
         last_state = None
-        terminal = (pb.JOB_STATE_COMPLETED, pb.JOB_STATE_STOPPED, pb.JOB_STATE_DELETED)
-        while context.is_active() and not self._stopping.is_set():
-            with job.cond:
-                page = job.history.page(max(next_step, 0), job.HISTORY_PAGE)
-                state, version = job.state, job.version
-                if not len(page.ints) and state == last_state:
-                    job.cond.wait(0.5)
-                    continue
-            records = page.records()  # built outside the lock
+        while not waiter.cancelled:
+            info = job.info(history_since=max(next_step, 0))
+            assert info.history is not None
+            records = translate.step_records(info.history)
+            state = translate.STATES[info.state]
             for record in records:
                 yield pb.JobEvent(
                     job_id=job.job_id, version=record.step + 1, state=state, step=record
                 )
                 next_step = record.step + 1
-            if records and next_step < version:
+            if records and next_step < info.version:
                 continue  # more pages of records before the state they led to
-            if state != last_state:
-                yield pb.JobEvent(job_id=job.job_id, version=version, state=state)
-                last_state = state
-            if state in terminal:
+            if info.state is not last_state:
+                yield pb.JobEvent(job_id=job.job_id, version=info.version, state=state)
+                last_state = info.state
+            if info.state in _TERMINAL:
                 return
+            job.wait_for_change(max(next_step, info.version), info.state, None, waiter)
 
-    # ---- registration --------------------------------------------------------------
     def generic_handler(self) -> grpc.GenericRpcHandler:
-        """Handlers with raw-bytes framing for the two tensor streams."""
+        """Handlers with raw-bytes framing for the tensor messages."""
         u, s = grpc.unary_unary_rpc_method_handler, grpc.unary_stream_rpc_method_handler
 
         def unary(fn: Callable, req: Any, resp: Any) -> grpc.RpcMethodHandler:
@@ -648,7 +409,7 @@ class ParameterService:
             "PullWeights": s(
                 self.PullWeights,
                 request_deserializer=pb.PullWeightsRequest.FromString,
-                response_serializer=None,  # the job's snapshot is already encoded
+                response_serializer=None,  # encoded by the job's publisher
             ),
             "PushGradient": grpc.stream_unary_rpc_method_handler(
                 self.PushGradient,

@@ -1,9 +1,10 @@
 """Local single-process mode: the whole job in one process, no Ray, no sockets.
 
 N virtual workers compute on the same per-worker batches as Ray workers would
-(``BatchPlan``), and their gradients are averaged exactly as the parameter server does:
-summed in the model's dtype in worker order, divided by the count, then the same
-optimiser code. So a sync job gives the same weights here and on a cluster.
+(``BatchPlan``), and their gradients are averaged by the parameter server's own kernel
+(``GradientSum``: summed in the model's dtype in worker order, then divided by the
+count), then the same optimiser code. So a sync job gives the same weights here and on a
+cluster.
 
 Async mode runs as async training with no staleness: update v applies the gradient of
 worker v mod N on its batch number v // N (its own step count, as a Ray worker counts),
@@ -13,12 +14,15 @@ computed on the current weights.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
 import numpy as np
 
 from gradfleet.nn import MLP, make_optimizer
+from gradfleet.nn.reduce import GradientSum
+from gradfleet.proto.errors import TrainingDiverged
 from gradfleet.worker.batches import BatchPlan, shard_rows
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.datasets import ArrayDataset
@@ -45,27 +49,30 @@ def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResu
         plan = BatchPlan(job.seed, worker, stop - start, job.rows_per_worker)
         shards.append((data.x[start:stop], data.y[start:stop], plan))
     grad = np.empty_like(model.flat)
-    grad_sum = grad if job.workers == 1 else np.empty_like(model.flat)  # becomes the mean
-    mean_views = model.unflatten(grad_sum)
+    total = GradientSum(model.flat.size, model.dtype)
     result = TrainResult(model=model, backend="local")
     evaluating = 0.0  # time spent on held-out evaluation, left out of wall_time
     for step in range(job.total_steps):
         step_started = time.perf_counter()
         weighted_loss, rows_used = 0.0, 0
-        for i, (worker, batch_step) in enumerate(_contributions(job, step)):
+        total.clear()
+        contributions = _contributions(job, step)
+        for i, (worker, batch_step) in enumerate(contributions):
             x, y, plan = shards[worker]
             rows = plan.indices(batch_step)
             loss, _ = model.loss_and_grads(x[rows], y[rows], job.loss, out=grad)
             weighted_loss += loss * len(rows)
             rows_used += len(rows)
-            if grad_sum is not grad:  # one worker's mean is its gradient, bit for bit
-                if i == 0:
-                    np.copyto(grad_sum, grad)
-                else:
-                    np.add(grad_sum, grad, out=grad_sum)
-        if job.mode == "sync" and job.workers > 1:
-            np.divide(grad_sum, job.workers, out=grad_sum)
-        optimizer.step(params, mean_views)
+            if i < len(contributions) - 1:
+                total.add(grad)
+        mean = total.mean(last=grad)  # the last gradient is added as the server adds it
+        if not math.isfinite(weighted_loss):
+            raise TrainingDiverged(f"loss became NaN at step {step + 1}; try a lower learning rate")
+        if mean is None:
+            raise TrainingDiverged(
+                f"the gradients overflowed at step {step + 1}; try a lower learning rate"
+            )
+        optimizer.step(params, model.unflatten(mean))
         elapsed = time.perf_counter() - step_started
         entry = {
             "step": step + 1,

@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from gradfleet.worker.actor import GradientWorker
+from gradfleet.worker.actor import GradientWorker, WorkerSpec
 from gradfleet.worker.batches import shard_rows
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.datasets import ArrayDataset
@@ -112,21 +112,23 @@ def start_workers(
             refs += shards[-1]
     actors = [
         actor_class.remote(
-            address,
-            job_id,
-            worker,
+            WorkerSpec(
+                address=address,
+                job_id=job_id,
+                worker=worker,
+                num_workers=job.workers,
+                model_spec=job.model_spec,
+                loss=job.loss,
+                rows_per_worker=job.rows_per_worker,
+                seed=job.seed,
+                total_steps=job.total_steps,
+                mode=job.mode,
+                token=token,
+                blas_threads=options.blas_threads,
+                server_actor_name=server_actor_name,
+            ),
             x,
             y,
-            job.model_spec,
-            job.loss,
-            job.rows_per_worker,
-            job.seed,
-            job.total_steps,
-            job.mode,
-            token,
-            options.blas_threads,
-            server_actor_name,
-            num_workers=job.workers,
         )
         for worker, (x, y) in enumerate(shards)
     ]
@@ -164,13 +166,13 @@ def _result_or_raise(ref: Any, worker: int) -> dict:
 
 
 def stop_workers(group: WorkerGroup) -> None:
-    kill_and_wait(group.actors, probe="pid")
+    kill_and_wait(group.actors)
 
 
-def kill_and_wait(actors: list[Any], probe: str, limit: float = 60.0) -> None:
+def kill_and_wait(actors: list[Any], limit: float = 60.0) -> None:
     """Kill ``actors`` and wait until Ray reports each one dead (its process may take a
-    few more milliseconds to exit). ``probe`` names a cheap method: a call to it that
-    merely times out (a busy machine) is asked again, up to ``limit`` seconds in all."""
+    few more milliseconds to exit). A probe that merely times out (a busy machine) is
+    sent again, up to ``limit`` seconds in all."""
     for actor in actors:
         try:
             ray.kill(actor, no_restart=True)
@@ -180,7 +182,7 @@ def kill_and_wait(actors: list[Any], probe: str, limit: float = 60.0) -> None:
     for actor in actors:
         while True:
             try:
-                ray.get(getattr(actor, probe).options(max_task_retries=0).remote(), timeout=1)
+                ray.get(actor.__ray_ready__.options(max_task_retries=0).remote(), timeout=1)
             except ray.exceptions.RayActorError:
                 break
             except ray.exceptions.GetTimeoutError:

@@ -33,6 +33,33 @@ class PushOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PUSH_OUTCOME_ACCEPTED: _ClassVar[PushOutcome]
     PUSH_OUTCOME_DUPLICATE: _ClassVar[PushOutcome]
     PUSH_OUTCOME_DROPPED_LATE: _ClassVar[PushOutcome]
+
+class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_REASON_UNSPECIFIED: _ClassVar[ErrorReason]
+    ERROR_REASON_NOT_FOUND: _ClassVar[ErrorReason]
+    ERROR_REASON_BAD_CONFIG: _ClassVar[ErrorReason]
+    ERROR_REASON_BAD_WORKER: _ClassVar[ErrorReason]
+    ERROR_REASON_BAD_ROWS: _ClassVar[ErrorReason]
+    ERROR_REASON_NON_FINITE: _ClassVar[ErrorReason]
+    ERROR_REASON_BAD_DTYPE: _ClassVar[ErrorReason]
+    ERROR_REASON_BAD_LAYOUT: _ClassVar[ErrorReason]
+    ERROR_REASON_BAD_BYTES: _ClassVar[ErrorReason]
+    ERROR_REASON_BAD_STEP: _ClassVar[ErrorReason]
+    ERROR_REASON_BAD_HEADER: _ClassVar[ErrorReason]
+    ERROR_REASON_FUTURE_STEP: _ClassVar[ErrorReason]
+    ERROR_REASON_STALE: _ClassVar[ErrorReason]
+    ERROR_REASON_STOPPED: _ClassVar[ErrorReason]
+    ERROR_REASON_BAD_VERSION: _ClassVar[ErrorReason]
+    ERROR_REASON_NO_CHECKPOINT_DIR: _ClassVar[ErrorReason]
+    ERROR_REASON_JOB_TOO_LARGE: _ClassVar[ErrorReason]
+    ERROR_REASON_TOO_MANY_STREAMS: _ClassVar[ErrorReason]
+    ERROR_REASON_RECEIVE_BUSY: _ClassVar[ErrorReason]
+    ERROR_REASON_JOB_EXISTS: _ClassVar[ErrorReason]
+    ERROR_REASON_SHUTDOWN: _ClassVar[ErrorReason]
+    ERROR_REASON_DEADLINE: _ClassVar[ErrorReason]
+    ERROR_REASON_UNAUTHENTICATED: _ClassVar[ErrorReason]
+    ERROR_REASON_USE_STREAM: _ClassVar[ErrorReason]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT64: DType
@@ -48,6 +75,30 @@ PUSH_OUTCOME_UNSPECIFIED: PushOutcome
 PUSH_OUTCOME_ACCEPTED: PushOutcome
 PUSH_OUTCOME_DUPLICATE: PushOutcome
 PUSH_OUTCOME_DROPPED_LATE: PushOutcome
+ERROR_REASON_UNSPECIFIED: ErrorReason
+ERROR_REASON_NOT_FOUND: ErrorReason
+ERROR_REASON_BAD_CONFIG: ErrorReason
+ERROR_REASON_BAD_WORKER: ErrorReason
+ERROR_REASON_BAD_ROWS: ErrorReason
+ERROR_REASON_NON_FINITE: ErrorReason
+ERROR_REASON_BAD_DTYPE: ErrorReason
+ERROR_REASON_BAD_LAYOUT: ErrorReason
+ERROR_REASON_BAD_BYTES: ErrorReason
+ERROR_REASON_BAD_STEP: ErrorReason
+ERROR_REASON_BAD_HEADER: ErrorReason
+ERROR_REASON_FUTURE_STEP: ErrorReason
+ERROR_REASON_STALE: ErrorReason
+ERROR_REASON_STOPPED: ErrorReason
+ERROR_REASON_BAD_VERSION: ErrorReason
+ERROR_REASON_NO_CHECKPOINT_DIR: ErrorReason
+ERROR_REASON_JOB_TOO_LARGE: ErrorReason
+ERROR_REASON_TOO_MANY_STREAMS: ErrorReason
+ERROR_REASON_RECEIVE_BUSY: ErrorReason
+ERROR_REASON_JOB_EXISTS: ErrorReason
+ERROR_REASON_SHUTDOWN: ErrorReason
+ERROR_REASON_DEADLINE: ErrorReason
+ERROR_REASON_UNAUTHENTICATED: ErrorReason
+ERROR_REASON_USE_STREAM: ErrorReason
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "shape", "offset")
@@ -104,16 +155,18 @@ class CreateJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., initial_layout: _Optional[_Union[Layout, _Mapping]] = ..., initial_weights: _Optional[bytes] = ...) -> None: ...
 
 class CreateJobResponse(_message.Message):
-    __slots__ = ("job_id", "created", "layout", "version")
+    __slots__ = ("job_id", "created", "layout", "version", "weights_fit_one_message")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIT_ONE_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     created: bool
     layout: Layout
     version: int
-    def __init__(self, job_id: _Optional[str] = ..., created: _Optional[bool] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+    weights_fit_one_message: bool
+    def __init__(self, job_id: _Optional[str] = ..., created: _Optional[bool] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., version: _Optional[int] = ..., weights_fit_one_message: _Optional[bool] = ...) -> None: ...
 
 class StepRecord(_message.Message):
     __slots__ = ("step", "loss", "rows", "samples_per_sec", "wall_time", "contributors")
@@ -153,7 +206,7 @@ class JobCounters(_message.Message):
     def __init__(self, received: _Optional[int] = ..., accepted: _Optional[int] = ..., duplicate: _Optional[int] = ..., dropped_late: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "version", "layout", "history", "counters", "created_at", "last_checkpoint_version", "history_more")
+    __slots__ = ("job_id", "spec", "state", "version", "layout", "history", "counters", "created_at", "last_checkpoint_version", "history_more", "weights_fit_one_message")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +217,7 @@ class JobInfo(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_CHECKPOINT_VERSION_FIELD_NUMBER: _ClassVar[int]
     HISTORY_MORE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIT_ONE_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: JobSpec
     state: JobState
@@ -174,7 +228,8 @@ class JobInfo(_message.Message):
     created_at: float
     last_checkpoint_version: int
     history_more: bool
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., version: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., history: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., counters: _Optional[_Union[JobCounters, _Mapping]] = ..., created_at: _Optional[float] = ..., last_checkpoint_version: _Optional[int] = ..., history_more: _Optional[bool] = ...) -> None: ...
+    weights_fit_one_message: bool
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., version: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., history: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., counters: _Optional[_Union[JobCounters, _Mapping]] = ..., created_at: _Optional[float] = ..., last_checkpoint_version: _Optional[int] = ..., history_more: _Optional[bool] = ..., weights_fit_one_message: _Optional[bool] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id", "history_since_step", "omit_history")
@@ -227,14 +282,12 @@ class CheckpointJobResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
 
 class PullWeightsRequest(_message.Message):
-    __slots__ = ("job_id", "min_version", "worker")
+    __slots__ = ("job_id", "min_version")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
-    WORKER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     min_version: int
-    worker: int
-    def __init__(self, job_id: _Optional[str] = ..., min_version: _Optional[int] = ..., worker: _Optional[int] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., min_version: _Optional[int] = ...) -> None: ...
 
 class WeightsHeader(_message.Message):
     __slots__ = ("version", "layout", "total_bytes", "state")
@@ -321,3 +374,9 @@ class JobEvent(_message.Message):
     state: JobState
     step: StepRecord
     def __init__(self, job_id: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[_Union[StepRecord, _Mapping]] = ...) -> None: ...
+
+class ErrorDetail(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: ErrorReason
+    def __init__(self, reason: _Optional[_Union[ErrorReason, str]] = ...) -> None: ...

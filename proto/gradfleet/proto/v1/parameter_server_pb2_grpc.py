@@ -149,8 +149,8 @@ class ParameterServiceServicer:
 
     def PullWeightsUnary(self, request, context):
         """Unary forms for payloads that fit one message (small models): the same messages,
-        minus the cost of a stream. PullWeightsUnary fails with FAILED_PRECONDITION when
-        the weights span more than one chunk; use PullWeights then.
+        minus the cost of a stream. A job says whether its weights fit one message
+        (weights_fit_one_message); PullWeightsUnary refuses others (FAILED_PRECONDITION).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -165,8 +165,8 @@ class ParameterServiceServicer:
     def PushAndPullUnary(self, request, context):
         """A worker's whole step in one call: push a gradient that fits one message, then wait
         (within the deadline) for the weights of version >= step + 1 and return them in one
-        message. FAILED_PRECONDITION, before the push is looked at, when the weights span
-        more than one chunk; use PushGradient and PullWeights then.
+        message. Refused (FAILED_PRECONDITION) before the push is looked at when the weights
+        do not fit one message; use PushGradient and PullWeights then.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,513 @@
+"""The Python client of the gradfleet parameter server, used by workers, the trainer and
+the SDK alike (it imports no Ray).
+
+    with ParameterServerClient("127.0.0.1:50051", token=None) as ps:
+        job = ps.create_job(spec, {"name": "sgd", "lr": 0.1}, num_workers=2, total_steps=10)
+        version, weights = ps.pull_weights(job, min_version=0)      # flat array
+        ack = ps.push_gradient(job, worker=0, step=version, rows=32, loss=0.7, flat_grad=g)
+
+Weights and gradients are flat arrays in the job's layout (`ps.layout(job)` names the
+tensors). A failed call raises the `gradfleet.proto.errors` class of its reason
+(`StaleGradient`, `JobStopped`, `JobNotFound`, ...).
+
+Retries: the channel's gRPC retry policy retries a call that found no server
+(UNAVAILABLE) a few times with backoff; beyond that this client keeps trying, for up to
+`patience` seconds, and before each try asks `locate` (when given) where the server is
+now, so a server that moved (a Ray actor restarted on another node) is followed. Every
+call is idempotent (a push per (job, worker, step), a create by its job id), so retrying
+is safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from grpc_status import rpc_status
+
+from gradfleet.proto.errors import (
+    DataLoss,
+    GradfleetError,
+    Reason,
+    ServerUnavailable,
+    Unauthenticated,
+    error_for,
+)
+from gradfleet.proto.runtime import keep_message_buffers_mapped
+from gradfleet.proto.v1 import parameter_server_pb2 as pb
+from gradfleet.proto.v1 import parameter_server_pb2_grpc as pb_grpc
+from gradfleet.proto.wire import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ChunkAssembler,
+    FlatLayout,
+    WireError,
+    as_bytes_view,
+    client_options,
+    decode_chunk_message,
+    dtype_to_proto,
+    encode_chunk_message,
+    plan_chunk_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+_SERVICE = "gradfleet.v1.ParameterService"
+MODES = {"sync": pb.MODE_SYNC, "async": pb.MODE_ASYNC}
+_T = TypeVar("_T")
+# gRPC's own retries of a call that found no server: up to 5 attempts, 0.1 s to 1 s apart.
+_RETRY_POLICY = {
+    "methodConfig": [
+        {
+            "name": [{"service": _SERVICE}],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                # CANCELLED: the server stopped while the call was in flight
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+            },
+        }
+    ]
+}
+
+
+def _error(exc: grpc.RpcError, address: str) -> GradfleetError:
+    """The typed error a failed call stands for, its reason read from the rich status."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else None) or ""
+    reason = None
+    try:
+        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    except ValueError:
+        status = None
+    for detail in status.details if status is not None else ():
+        found = pb.ErrorDetail()
+        if detail.Unpack(found) and found.reason:
+            reason = Reason[pb.ErrorReason.Name(found.reason).removeprefix("ERROR_REASON_")]
+    if code == grpc.StatusCode.UNAVAILABLE and reason is None:
+        return unreachable(address)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        problem = "wrong" if "wrong" in details else "missing"
+        return Unauthenticated(
+            f"the server at {address} refused the call: its token is {problem}; pass the "
+            "server's token (token= in Python, --token-file on the command line)"
+        )
+    return error_for(code, details.rstrip(".") or f"the call failed with {code.name}", reason)
+
+
+def unreachable(address: str) -> ServerUnavailable:
+    return ServerUnavailable(
+        f"no gradfleet server at {address} (is `gradfleet server` running?)", Reason.UNREACHABLE
+    )
+
+
+def counters_dict(counters: pb.JobCounters) -> dict[str, Any]:
+    """A job's push counters as plain data: received, accepted, duplicate, dropped_late,
+    rejected (by reason)."""
+    return {
+        "received": counters.received,
+        "accepted": counters.accepted,
+        "duplicate": counters.duplicate,
+        "dropped_late": counters.dropped_late,
+        "rejected": dict(counters.rejected),
+    }
+
+
+@dataclass(frozen=True)
+class _JobWire:
+    """What the client must know of a job to talk to it: its layout (parsed and as
+    sent) and whether the server sends its weights as one message."""
+
+    layout: FlatLayout
+    layout_msg: pb.Layout
+    weights_fit_one_message: bool
+
+
+class ParameterServerClient:
+    """One channel to a parameter server; thread-safe, reuse it for every call.
+
+    `timeout` is each call's deadline (a pull may wait that long for its version);
+    `patience` is how long an unreachable server is tried; `locate()` names the server's
+    current address when it may move.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        tls_root_cert: bytes | str | Path | None = None,
+        timeout: float = 60.0,
+        *,
+        patience: float | None = None,
+        locate: Callable[[], str] | None = None,
+        tls_client_cert: bytes | str | Path | None = None,
+        tls_client_key: bytes | str | Path | None = None,
+        tls_server_name: str | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.timeout = timeout
+        self.patience = timeout if patience is None else patience
+        self.chunk_bytes = chunk_bytes
+        self._locate = locate
+        keep_message_buffers_mapped()  # megabyte messages: reuse buffers, no page faults
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        self._options: list[tuple[str, Any]] = [
+            *client_options(max_message_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", json.dumps(_RETRY_POLICY)),
+        ]
+        self._credentials = None
+        if tls_root_cert is not None or tls_client_cert is not None:
+            if tls_server_name:
+                self._options.append(("grpc.ssl_target_name_override", tls_server_name))
+            self._credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(tls_root_cert),
+                private_key=_pem(tls_client_key),
+                certificate_chain=_pem(tls_client_cert),
+            )
+        self._jobs: dict[str, _JobWire] = {}
+        self._connect(address)
+
+    def _connect(self, address: str) -> None:
+        self.address = address
+        if self._credentials is not None:
+            self._channel = grpc.secure_channel(address, self._credentials, self._options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=self._options)
+        self._stub = pb_grpc.ParameterServiceStub(self._channel)
+        raw = {"request_serializer": None, "response_deserializer": None}
+        self._pull = self._channel.unary_stream(
+            f"/{_SERVICE}/PullWeights",
+            request_serializer=pb.PullWeightsRequest.SerializeToString,
+            response_deserializer=None,  # raw bytes, decoded without copies
+        )
+        self._pull_unary = self._channel.unary_unary(
+            f"/{_SERVICE}/PullWeightsUnary",
+            request_serializer=pb.PullWeightsRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        self._push = self._channel.stream_unary(
+            f"/{_SERVICE}/PushGradient",
+            request_serializer=None,  # messages are encoded by hand
+            response_deserializer=pb.PushAck.FromString,
+        )
+        self._push_unary = self._channel.unary_unary(
+            f"/{_SERVICE}/PushGradientUnary",
+            request_serializer=None,
+            response_deserializer=pb.PushAck.FromString,
+        )
+        self._exchange = self._channel.unary_unary(f"/{_SERVICE}/PushAndPullUnary", **raw)
+
+    def _call(self, attempt: Callable[[], _T]) -> _T:
+        """Run `attempt()`; while no server answers (gRPC's own retries spent), ask
+        `locate` where it is now and try again, with backoff, for up to `patience`."""
+        deadline, delay = time.monotonic() + self.patience, 0.2
+        while True:
+            try:
+                return attempt()
+            except grpc.RpcError as exc:
+                error = _error(exc, self.address)
+            if not isinstance(error, ServerUnavailable):
+                raise error from None
+            address = self._locate() if self._locate is not None else self.address
+            if address != self.address:
+                log.warning("parameter server moved from %s to %s", self.address, address)
+                self._channel.close()
+                self._connect(address)
+                deadline = time.monotonic() + self.patience  # a new server gets full patience
+                continue
+            if time.monotonic() > deadline:
+                raise error from None
+            log.debug("no server at %s, trying again in %.1fs", self.address, delay)
+            time.sleep(min(delay * (0.5 + random.random()), max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 2.0)
+
+    def _unary(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """`method` of the service stub (looked up per attempt: the channel may change)."""
+        return self._call(
+            lambda: getattr(self._stub, method)(
+                request, timeout=timeout or self.timeout, metadata=self._metadata
+            )
+        )
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ParameterServerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the channel connects; ServerUnavailable if it does not in time."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise unreachable(self.address) from None
+
+    # jobs
+
+    def create_job(
+        self,
+        model_spec: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        *,
+        total_steps: int,
+        mode: str = "sync",
+        num_workers: int = 1,
+        backup_workers: int = 0,
+        staleness_bound: int = 0,
+        checkpoint_every: int = 0,
+        seed: int = 0,
+        job_config: Mapping[str, Any] | None = None,
+        job_id: str | None = None,
+        initial_weights: Mapping[str, np.ndarray] | None = None,
+    ) -> str:
+        """Create a job (or re-attach to an identical one with the same `job_id`)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}.")
+        spec = pb.JobSpec(
+            model_spec_json=json.dumps(dict(model_spec), sort_keys=True),
+            optimizer_json=json.dumps(dict(optimizer), sort_keys=True),
+            mode=MODES[mode],
+            num_workers=num_workers,
+            backup_workers=backup_workers,
+            staleness_bound=staleness_bound,
+            checkpoint_every=checkpoint_every,
+            total_steps=total_steps,
+            seed=seed,
+            job_config_json=json.dumps(dict(job_config), sort_keys=True) if job_config else "",
+        )
+        # a client-chosen id makes a retried create re-attach instead of creating twice
+        request = pb.CreateJobRequest(job_id=job_id or uuid.uuid4().hex[:12], spec=spec)
+        if initial_weights is not None:
+            layout = FlatLayout.from_arrays(initial_weights)
+            request.initial_layout.CopyFrom(layout.to_proto())
+            request.initial_weights = layout.flatten(initial_weights).tobytes()
+        response = self._unary("CreateJob", request)
+        self._learn(response.job_id, response.layout, response.weights_fit_one_message)
+        return str(response.job_id)
+
+    def _learn(self, job_id: str, layout: pb.Layout, one_message: bool) -> _JobWire:
+        known = self._jobs.get(job_id)
+        if known is None or known.layout_msg != layout:
+            known = _JobWire(FlatLayout.from_proto(layout), layout, one_message)
+            self._jobs[job_id] = known
+        return known
+
+    def _wire(self, job_id: str) -> _JobWire:
+        return self._jobs.get(job_id) or self._describe(job_id)
+
+    def _describe(self, job_id: str) -> _JobWire:
+        info = self.get_job(job_id, history=False)
+        return self._learn(job_id, info.layout, info.weights_fit_one_message)
+
+    def get_job(self, job_id: str, history_since: int = 0, history: bool = True) -> pb.JobInfo:
+        """State, version, layout, counters and the step records of a job from step
+        `history_since`: at most a page of them (10,000), oldest first; ask again from the
+        step after the last one received for more."""
+        request = pb.GetJobRequest(
+            job_id=job_id, history_since_step=history_since, omit_history=not history
+        )
+        return self._unary("GetJob", request)
+
+    def list_jobs(self) -> list[pb.JobInfo]:
+        return list(self._unary("ListJobs", pb.ListJobsRequest()).jobs)
+
+    def delete_job(self, job_id: str) -> None:
+        self._unary("DeleteJob", pb.DeleteJobRequest(job_id=job_id))
+        self._jobs.pop(job_id, None)
+
+    def stop_job(self, job_id: str) -> pb.JobInfo:
+        return self._unary("StopJob", pb.StopJobRequest(job_id=job_id))
+
+    def checkpoint(self, job_id: str) -> pb.CheckpointJobResponse:
+        return self._unary("CheckpointJob", pb.CheckpointJobRequest(job_id=job_id))
+
+    def layout(self, job_id: str) -> FlatLayout:
+        """The job's tensor layout (asked once, then known)."""
+        return self._wire(job_id).layout
+
+    def watch(self, job_id: str, from_version: int = 0) -> Iterator[pb.JobEvent]:
+        """Progress events (closed steps, state changes) until the job ends."""
+        request = pb.WatchJobRequest(job_id=job_id, from_version=from_version)
+        try:
+            yield from self._stub.WatchJob(request, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _error(exc, self.address) from None
+
+    # tensors
+
+    def pull_weights(
+        self,
+        job_id: str,
+        min_version: int = 0,
+        out: np.ndarray | None = None,
+        timeout: float | None = None,
+    ) -> tuple[int, np.ndarray]:
+        """Wait until version >= min_version, then return (version, flat weights).
+
+        With `out` (a flat, C-contiguous array of the job's dtype and size) the chunks
+        are written straight into it; otherwise a new array is allocated.
+        """
+        request = pb.PullWeightsRequest(job_id=job_id, min_version=min_version)
+        deadline = timeout or self.timeout
+        wire = self._wire(job_id)
+        if wire.weights_fit_one_message:
+            return self._call(
+                lambda: self._weights(
+                    wire,
+                    iter([self._pull_unary(request, timeout=deadline, metadata=self._metadata)]),
+                    out,
+                )
+            )
+        return self._call(
+            lambda: self._weights(
+                wire, self._pull(request, timeout=deadline, metadata=self._metadata), out
+            )
+        )
+
+    def _weights(
+        self, wire: _JobWire, messages: Iterator[bytes], out: np.ndarray | None
+    ) -> tuple[int, np.ndarray]:
+        """Assemble a pull's messages into `out` (or a new array); returns (version, out)."""
+        version, assembler = -1, None
+        try:
+            for raw in messages:
+                header_bytes, offset, data = decode_chunk_message(raw)
+                if header_bytes is not None:
+                    header = pb.WeightsHeader.FromString(bytes(header_bytes))
+                    if header.layout != wire.layout_msg:
+                        raise WireError("the weights' layout is not the job's.")
+                    version, assembler = header.version, ChunkAssembler(_out(out, wire.layout))
+                if assembler is None:
+                    raise WireError("the server sent weights before their header.")
+                assembler.add(offset, data)
+            if assembler is None:
+                raise WireError("the server sent no weights.")
+            assembler.finish()
+        except WireError as exc:
+            if hasattr(messages, "cancel"):
+                messages.cancel()
+            raise DataLoss(f"the weights from {self.address} are malformed: {exc}") from None
+        return int(version), assembler.out
+
+    def push_gradient(
+        self,
+        job_id: str,
+        worker: int,
+        step: int,
+        rows: int,
+        loss: float,
+        flat_grad: np.ndarray,
+        timeout: float | None = None,
+    ) -> pb.PushAck:
+        """Send one gradient; idempotent per (job, worker, step), so retries are safe.
+        Returns the PushAck (outcome ACCEPTED, DUPLICATE or DROPPED_LATE, and version)."""
+        grad, header = self._push_header(job_id, worker, step, rows, loss, flat_grad)
+        data = as_bytes_view(grad)
+        chunk = plan_chunk_bytes(grad.nbytes, self.chunk_bytes, grad.dtype.itemsize)
+        deadline = timeout or self.timeout
+        if data.nbytes <= chunk:  # one message: a unary call is cheaper than a stream
+            message = encode_chunk_message(0, data, header)
+            return self._call(
+                lambda: self._push_unary(message, timeout=deadline, metadata=self._metadata)
+            )
+
+        def messages() -> Iterator[bytes]:
+            for start in range(0, data.nbytes, chunk):
+                piece = data[start : start + chunk]
+                yield encode_chunk_message(start, piece, header if start == 0 else b"")
+
+        return self._call(lambda: self._push(messages(), timeout=deadline, metadata=self._metadata))
+
+    def push_and_pull(
+        self,
+        job_id: str,
+        worker: int,
+        step: int,
+        rows: int,
+        loss: float,
+        flat_grad: np.ndarray,
+        out: np.ndarray | None = None,
+        timeout: float | None = None,
+    ) -> tuple[int, np.ndarray]:
+        """Push the gradient of `step`, then return (version, weights) with version > step.
+
+        A worker's whole exchange of a step: one call when the gradient and the weights
+        each fit one message (the server answers once the step has closed), otherwise
+        `push_gradient` then `pull_weights(min_version=step + 1)`. Idempotent like the push.
+        """
+        wire = self._wire(job_id)
+        grad, header = self._push_header(job_id, worker, step, rows, loss, flat_grad)
+        one = plan_chunk_bytes(grad.nbytes, self.chunk_bytes, grad.dtype.itemsize)
+        if not (wire.weights_fit_one_message and grad.nbytes <= one):
+            self.push_gradient(job_id, worker, step, rows, loss, grad, timeout=timeout)
+            return self.pull_weights(job_id, min_version=step + 1, out=out, timeout=timeout)
+        message = encode_chunk_message(0, as_bytes_view(grad), header)
+        deadline = timeout or self.timeout
+        return self._call(
+            lambda: self._weights(
+                wire,
+                iter([self._exchange(message, timeout=deadline, metadata=self._metadata)]),
+                out,
+            )
+        )
+
+    def _push_header(
+        self, job_id: str, worker: int, step: int, rows: int, loss: float, flat_grad: np.ndarray
+    ) -> tuple[np.ndarray, bytes]:
+        """The flat C-contiguous gradient and its serialised PushHeader."""
+        grad = np.ascontiguousarray(flat_grad).reshape(-1)
+        header = pb.PushHeader(
+            job_id=job_id,
+            worker=worker,
+            step=step,
+            rows=rows,
+            loss=float(loss),
+            dtype=dtype_to_proto(grad.dtype),
+            total_bytes=grad.nbytes,
+        )
+        known = self._jobs.get(job_id)
+        if known is not None:
+            header.layout.CopyFrom(known.layout_msg)
+        return grad, header.SerializeToString()
+
+
+def _out(out: np.ndarray | None, layout: FlatLayout) -> np.ndarray:
+    if out is None:
+        return layout.empty()
+    if (
+        out.dtype != layout.dtype
+        or out.shape != (layout.total_elements,)
+        or not out.flags.c_contiguous
+        or not out.flags.writeable
+    ):
+        raise ValueError(
+            f"out must be a writable flat C-contiguous {layout.dtype.name} array of "
+            f"{layout.total_elements} elements."
+        )
+    return out
+
+
+def _pem(value: bytes | str | Path | None) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()

@@ -1,0 +1,116 @@
+"""The open sync step: who has contributed, and their gradients summed in worker order.
+
+Complete gradients arrive in any order. One whose worker is next in order is added to the
+sum at once; an early one is held (keeping its receive slot) until the workers before it
+are in. When the quorum is in, the step closes: what is still held is added in worker
+order (workers that never came, with backup workers, are skipped), the last one fused
+with the division (`GradientSum.mean`). So the sum is reproducible, and equal to local
+mode's, whatever the arrival order. Only when the receive slots run out does the step
+give up that order and add what it holds at once (`flush`), so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradfleet.nn.reduce import GradientSum
+from gradfleet.server.receive import Gradient, ReceiveSlots
+
+
+@dataclass(frozen=True)
+class ClosedStep:
+    """What a closing step hands to the update: the mean (None if the sum overflowed),
+    the rows-weighted loss, and who counted."""
+
+    step: int
+    mean: np.ndarray | None
+    loss: float
+    rows: int
+    contributors: frozenset[int]
+
+
+class SyncStep:
+    """Collects step `step` of a sync job; not thread-safe (the job's lock guards it)."""
+
+    def __init__(self, step: int, total: GradientSum, quorum: int, slots: ReceiveSlots) -> None:
+        self.step, self.quorum = step, quorum
+        self._sum, self._slots = total, slots
+        self._sum.clear()
+        self.contributors: dict[int, tuple[int, float]] = {}  # worker -> (rows, loss)
+        self._held: dict[int, Gradient] = {}
+        self._next_worker = 0  # workers below it are in the sum (or never came)
+        self.ordered = True
+
+    def __contains__(self, worker: int) -> bool:
+        return worker in self.contributors
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def add(self, worker: int, rows: int, loss: float, gradient: Gradient) -> bool:
+        """Count `worker`'s gradient; True once the step has its quorum (call `close`)."""
+        self.contributors[worker] = (rows, loss)
+        complete = len(self.contributors) >= self.quorum
+        if complete or (self.ordered and worker != self._next_worker):
+            self._hold(worker, gradient, complete)
+        else:
+            self._sum_in(gradient)
+            if self.ordered:
+                self._next_worker += 1
+                self._drain()
+        return complete
+
+    def _hold(self, worker: int, gradient: Gradient, complete: bool) -> None:
+        """Keep an early gradient for its turn, unless streams are waiting for its memory.
+        A message view needs a slot to be kept, and leaves one free for the next gradient
+        to arrive. The gradient that completes the step is kept for the fused close."""
+        room = not self._slots.waiters and (gradient.slot or self._slots.try_take(keep_free=1))
+        if complete or room:
+            gradient.slot = gradient.slot or not complete
+            self._held[worker] = gradient
+            return
+        self.flush()
+        self._sum_in(gradient)
+
+    def flush(self) -> None:
+        """Add every held gradient now, in worker order, and stop waiting for the order:
+        the slots are needed for gradients still to be received."""
+        self.ordered = False
+        for worker in sorted(self._held):
+            self._sum_in(self._held.pop(worker))
+
+    def _drain(self) -> None:
+        while self._next_worker in self._held:
+            self._sum_in(self._held.pop(self._next_worker))
+            self._next_worker += 1
+
+    def _sum_in(self, gradient: Gradient) -> None:
+        self._sum.add(gradient.data)
+        self._slots.release(gradient)
+
+    def close(self) -> ClosedStep:
+        """Sum what is held in worker order, the last one fused with the division.
+
+        The returned mean may be a held gradient's own memory (one contributor) or the
+        sum's buffer: use it before calling `release`.
+        """
+        workers = sorted(self._held)
+        for worker in workers[:-1]:
+            self._sum_in(self._held.pop(worker))
+        last = self._held[workers[-1]].data if workers else None
+        mean = self._sum.mean(last)
+        rows = sum(r for r, _ in self.contributors.values())
+        if rows > 0:
+            loss = sum(r * lo for r, lo in self.contributors.values()) / rows
+        else:
+            loss = sum(lo for _, lo in self.contributors.values()) / len(self.contributors)
+        return ClosedStep(self.step, mean, loss, rows, frozenset(self.contributors))
+
+    def release(self) -> None:
+        """Hand back every gradient still held (after the update read the mean)."""
+        for gradient in self._held.values():
+            self._slots.release(gradient)
+        self._held.clear()

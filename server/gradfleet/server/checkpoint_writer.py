@@ -1,0 +1,115 @@
+"""Checkpoints written by one background thread, so no disk I/O runs under a job's lock.
+
+A job hands the writer a `JobSnapshot` (its own copy of weights and state, taken under
+the job's lock) and goes on; snapshots are written in order, every one of them, so a
+checkpoint exists at every version a job asked for. A job whose snapshots pile up waits
+for the disk outside its lock (`Job` keeps at most two in flight), so memory stays
+bounded without stalling other calls. Whoever needs a checkpoint on disk (StopJob,
+CheckpointJob, shutdown) waits for the future `submit` returns. Deleting a job drops its
+queued snapshots, waits for its write in flight, then removes its directory, so a
+deleted job never comes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import NamedTuple
+
+from gradfleet.server import checkpoint
+from gradfleet.server.domain import JobSnapshot
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointed(NamedTuple):
+    """A checkpoint on disk: the version it holds and its JSON file."""
+
+    version: int
+    path: Path
+
+
+class CheckpointWriter:
+    """Writes snapshots under `root` in the background; `on_written` runs after each."""
+
+    def __init__(self, root: Path, on_written: Callable[[JobSnapshot], None]) -> None:
+        self.root, self._on_written = root, on_written
+        self._lock = threading.Condition()
+        self._queue: deque[tuple[JobSnapshot, Future[Checkpointed]]] = deque()
+        self._writing: str | None = None
+        self._removing: set[str] = set()  # jobs whose directory is being deleted
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="gradfleet-ckpt", daemon=True)
+        self._thread.start()
+
+    def submit(self, snap: JobSnapshot) -> Future[Checkpointed]:
+        """Queue `snap`; its future says what is on disk once it is written."""
+        future: Future[Checkpointed] = Future()
+        with self._lock:
+            if self._closed:
+                future.set_exception(RuntimeError("the checkpoint writer is closed"))
+                return future
+            self._queue.append((snap, future))
+            self._lock.notify_all()
+        return future
+
+    def remove(self, job_id: str) -> None:
+        """Drop the job's queued snapshots, wait for its write in flight, delete its files."""
+        with self._lock:
+            dropped = [entry for entry in self._queue if entry[0].job_id == job_id]
+            for entry in dropped:
+                self._queue.remove(entry)
+            self._removing.add(job_id)  # a new job of that id waits for the removal
+            while self._writing == job_id:
+                self._lock.wait()
+        for _, future in dropped:
+            future.cancel()
+        try:
+            checkpoint.remove_job(self.root, job_id)
+        finally:
+            with self._lock:
+                self._removing.discard(job_id)
+                self._lock.notify_all()
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        self._thread.join()
+
+    def _next(self) -> tuple[JobSnapshot, Future[Checkpointed]] | None:
+        """The oldest queued snapshot whose job is not being removed (taken off the queue)."""
+        for entry in self._queue:
+            if entry[0].job_id not in self._removing:
+                self._queue.remove(entry)
+                return entry
+        return None
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while (entry := self._next()) is None and not (self._closed and not self._queue):
+                    self._lock.wait()
+                if entry is None:
+                    return
+                snap, future = entry
+                self._writing = snap.job_id
+            try:
+                path = checkpoint.write_checkpoint(self.root, snap)
+                self._on_written(snap)
+            except Exception as exc:
+                log.exception(
+                    "checkpoint of job %s at version %d failed", snap.job_id, snap.version
+                )
+                future.set_exception(exc)
+            else:
+                future.set_result(Checkpointed(snap.version, path))
+            finally:
+                with self._lock:
+                    self._writing = None
+                    self._lock.notify_all()

@@ -1,0 +1,491 @@
+"""One training job: the step pipeline's parts composed under one lock.
+
+A sync step, as the code runs it:
+
+1. the edge checks a push's header (`check_header`) and asks `admit` whether its data is
+   needed (a state error, or an early duplicate/late answer, needs none);
+2. the gradient is received whole (`receive.py`; a stream into a `receive_buffer`);
+3. `commit` counts it and adds it to the open `SyncStep` (`aggregation.py`);
+4. the step's last gradient closes it: the mean (`GradientSum.mean`), the optimiser over
+   the flat buffer (`update.py`), copy-on-write for pulls still reading (`publishing.py`),
+   the history record (`history.py`), a snapshot for the `CheckpointWriter` when one is
+   due, and the waiters of the new version woken (`waiting.py`).
+
+An async push does 1-3, and `commit` applies it to the weights at once. Every method is
+thread-safe; none does disk or network I/O under the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradfleet.nn.reduce import GradientSum
+from gradfleet.proto.errors import (
+    InvalidArgument,
+    JobNotFound,
+    JobStopped,
+    Reason,
+    ResourceExhausted,
+    ServerUnavailable,
+    StaleGradient,
+    WrongState,
+)
+from gradfleet.proto.wire import FlatLayout
+from gradfleet.server.aggregation import SyncStep
+from gradfleet.server.checkpoint_writer import Checkpointed, CheckpointWriter
+from gradfleet.server.domain import (
+    Counters,
+    JobInfo,
+    JobSnapshot,
+    JobState,
+    PushHeader,
+    PushOutcome,
+)
+from gradfleet.server.history import StepHistory
+from gradfleet.server.metrics import ServerMetrics
+from gradfleet.server.publishing import Encode, WeightsPublisher
+from gradfleet.server.receive import Gradient, ReceiveSlots
+from gradfleet.server.settings import JobSettings, Mode, build_optimizer
+from gradfleet.server.update import WholeBufferOptimizer
+from gradfleet.server.waiting import VersionWaiters, Waiter
+
+log = logging.getLogger(__name__)
+
+_KEEP_CLOSED = 64  # closed sync steps whose contributors are remembered, for duplicates
+
+
+@dataclass(frozen=True)
+class JobResources:
+    """What the server lends every job: metrics, sizes, limits and the checkpoint writer."""
+
+    metrics: ServerMetrics
+    chunk_bytes: int
+    receive_budget_bytes: int
+    history_page: int  # step records per answer (10k: about 0.5 MB, far below any limit)
+    checkpoints: CheckpointWriter | None = None
+    checkpoint_every: int = 0  # for jobs whose spec says 0; 0: only on stop and shutdown
+
+
+class Job:
+    """A job resumed from `snap` (a new job is a snapshot at version 0)."""
+
+    def __init__(
+        self,
+        snap: JobSnapshot,
+        resources: JobResources,
+        last_checkpoint_version: int = -1,
+    ) -> None:
+        self.job_id, self.layout = snap.job_id, snap.layout
+        self.settings = JobSettings.validate(snap.spec)
+        self.weights = snap.weights  # (total_elements,), updated in place
+        self._optimizer = WholeBufferOptimizer(
+            build_optimizer(self.settings.optimizer), snap.layout, self.weights
+        )
+        if snap.optimizer_state:
+            try:
+                self._optimizer.load_state_dict(snap.optimizer_state)
+            except ValueError as exc:
+                raise InvalidArgument(
+                    f"optimizer state is invalid: {exc}", Reason.BAD_CONFIG
+                ) from None
+        self.version, self.state = snap.version, snap.state
+        if self.state is JobState.RUNNING and self.version >= self.settings.total_steps:
+            self.state = JobState.COMPLETED
+        self.counters = snap.counters.copy()
+        self.history = StepHistory(*snap.history)
+        self.created_at = snap.created_at
+        self.last_checkpoint_version = last_checkpoint_version
+        self._resources = resources
+        self._every = self.settings.spec.checkpoint_every or resources.checkpoint_every
+        self._steps_applied = resources.metrics.steps_applied.labels(job=self.job_id)
+        self._lock = threading.Lock()
+        self._waiters = VersionWaiters()
+        self.publisher = WeightsPublisher(
+            snap.layout, self.weights, resources.chunk_bytes, self._lock, self._version_state
+        )
+        slots = max(1, resources.receive_budget_bytes // max(1, snap.layout.nbytes))
+        self._slots = ReceiveSlots(slots, snap.layout)
+        self._sum = GradientSum(snap.layout.total_elements, snap.layout.dtype)
+        self._open = self._new_step()
+        self._closed: deque[tuple[int, frozenset[int]]] = deque(maxlen=_KEEP_CLOSED)
+        self._seen: dict[int, set[int]] = {}  # async: steps applied per worker, bounded
+        self._writes: deque[Future[Checkpointed]] = deque()  # checkpoints not yet on disk
+        self._step_started = time.monotonic()
+
+    def _new_step(self) -> SyncStep:
+        return SyncStep(self.version, self._sum, self.settings.quorum, self._slots)
+
+    def _version_state(self) -> tuple[int, JobState]:
+        return self.version, self.state
+
+    # pushes
+
+    def check_header(self, h: PushHeader) -> None:
+        """Validate a push header against the job's settings; raises InvalidArgument."""
+        n = self.settings.num_workers
+        if not 0 <= h.worker < n:
+            raise InvalidArgument(
+                f"worker {h.worker} is out of range; this job has workers 0..{n - 1}.",
+                Reason.BAD_WORKER,
+            )
+        if h.rows < 0:
+            raise InvalidArgument(f"rows must be 0 or more, got {h.rows}.", Reason.BAD_ROWS)
+        if not math.isfinite(h.loss):
+            raise InvalidArgument("the reported loss is NaN or Inf.", Reason.NON_FINITE)
+        if h.dtype is None:
+            raise InvalidArgument("the gradient's dtype is unknown.", Reason.BAD_DTYPE)
+        if h.dtype != self.layout.dtype:
+            raise InvalidArgument(
+                f"gradient dtype {h.dtype.name} does not match the job's {self.layout.dtype.name}.",
+                Reason.BAD_DTYPE,
+            )
+        if h.layout is not None and h.layout != self.layout:
+            raise InvalidArgument(
+                "the gradient's layout does not match the job's layout.", Reason.BAD_LAYOUT
+            )
+        if h.total_bytes != self.layout.nbytes:
+            raise InvalidArgument(
+                f"gradient declares {h.total_bytes} bytes, expected {self.layout.nbytes}.",
+                Reason.BAD_BYTES,
+            )
+        if h.step < 0:
+            raise InvalidArgument(f"step must be 0 or more, got {h.step}.", Reason.BAD_STEP)
+
+    def admit(self, h: PushHeader) -> PushOutcome | None:
+        """None when the gradient should be received for the sum; a duplicate or late
+        outcome when it is only to be checked; raises when the job refuses it."""
+        with self._lock:
+            return self._classify(h)
+
+    def _classify(self, h: PushHeader) -> PushOutcome | None:
+        if self.state is JobState.DELETED:  # a push that began before DeleteJob
+            raise JobNotFound(f"job {self.job_id!r} was deleted.")
+        if self.state is JobState.STOPPED:
+            raise JobStopped(f"job {self.job_id} is stopped; it accepts no gradients.")
+        if h.step > self.version:
+            raise WrongState(
+                f"step {h.step} is ahead of the job's version {self.version}; "
+                "pull the weights of that version first.",
+                Reason.FUTURE_STEP,
+            )
+        if self.settings.mode is Mode.SYNC:
+            if h.step == self.version and self.state is JobState.RUNNING:
+                return PushOutcome.DUPLICATE if h.worker in self._open else None
+            if any(step == h.step and h.worker in who for step, who in self._closed):
+                return PushOutcome.DUPLICATE
+            return PushOutcome.DROPPED_LATE
+        if h.step in self._seen.get(h.worker, ()):
+            return PushOutcome.DUPLICATE
+        if self.state is JobState.COMPLETED:
+            return PushOutcome.DROPPED_LATE
+        bound = self.settings.spec.staleness_bound
+        if h.step < self.version - bound:
+            raise StaleGradient(
+                f"gradient computed on version {h.step} is too stale: the job is at version "
+                f"{self.version} and allows at most {bound} versions of staleness."
+            )
+        return None
+
+    def receive_buffer(self, timeout: float | None, waiter: Waiter) -> Gradient:
+        """A buffer (and receive slot) for a streamed gradient, waiting for one to free up
+        within `timeout`. Held gradients give theirs up when no slot is left."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._slots.try_take():
+                    return Gradient(self._slots.buffer(), slot=True)
+                if self._open.held:  # no room to keep worker order: add them now
+                    self._open.flush()
+                    continue
+                waiter.arm()
+                leave = self._slots.wait_turn(waiter)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            woken = waiter.sleep(remaining)
+            with self._lock:
+                leave()
+            if waiter.cancelled:
+                raise ServerUnavailable(
+                    "the push was cancelled or the server is stopping.", Reason.SHUTDOWN
+                )
+            if not woken:
+                raise ResourceExhausted(
+                    f"job {self.job_id} is receiving {self._slots.limit} gradients already "
+                    "and the deadline passed while waiting; retry later.",
+                    Reason.RECEIVE_BUSY,
+                )
+
+    def release(self, gradient: Gradient) -> None:
+        """Hand back a receive buffer whose push failed."""
+        with self._lock:
+            self._slots.release(gradient)
+
+    def commit(self, h: PushHeader, gradient: Gradient) -> PushOutcome:
+        """Count a complete, checked gradient and add it; returns its outcome. An ACCEPTED
+        push is final: nothing that happens later makes its worker push it again."""
+        with self._lock:
+            try:
+                outcome = self._classify(h)
+            except Exception:
+                self._slots.release(gradient)
+                raise
+            if outcome is not None:  # another push of this (worker, step) came first
+                self.counters.count(outcome)
+                self._slots.release(gradient)
+                return outcome
+            self.counters.count(PushOutcome.ACCEPTED)
+            if self.settings.mode is Mode.ASYNC:
+                self._apply_async(h, gradient)
+            elif self._open.add(h.worker, h.rows, h.loss, gradient):
+                self._close_step()
+        self._keep_up_with_the_disk()
+        return PushOutcome.ACCEPTED
+
+    def _keep_up_with_the_disk(self) -> None:
+        """With more than two checkpoints of this job not yet on disk, wait (off the lock)
+        for the oldest: the push that asked for a third one waits, nothing else does."""
+        while True:
+            with self._lock:
+                while self._writes and self._writes[0].done():
+                    self._writes.popleft()
+                if len(self._writes) <= 2:
+                    return
+                oldest = self._writes[0]
+            with contextlib.suppress(Exception):  # a failed write is logged by the writer
+                oldest.result()
+
+    def count_early(self, outcome: PushOutcome) -> PushOutcome:
+        """Count a push answered without adding its data (duplicate or late)."""
+        with self._lock:
+            self.counters.count(outcome)
+        return outcome
+
+    def count_rejected(self, reason: Reason) -> None:
+        with self._lock:
+            self.counters.reject(reason)
+
+    def _close_step(self) -> None:
+        step, first = self._open, self._open.step
+        closed = step.close()
+        if closed.mean is None:
+            self._stop_on_overflow(first)
+        else:
+            self.publisher.before_update(self.version)
+            self._optimizer.step(closed.mean)
+        step.release()
+        if closed.mean is None:
+            self._open = self._new_step()
+            return
+        self._closed.append((closed.step, closed.contributors))
+        self._advance(closed.loss, closed.rows, len(closed.contributors))
+        self._open = self._new_step()
+
+    def _stop_on_overflow(self, step: int) -> None:
+        """Finite gradients whose sum overflows the dtype: training diverged. The weights
+        stay as they are and the job stops, with the reason logged."""
+        log.error(
+            "job %s: the sum of step %d's gradients overflows %s although each was finite; "
+            "the job is stopped at version %d with its weights unchanged. Lower the learning "
+            "rate, clip gradients or train in float64.",
+            self.job_id,
+            step,
+            self.layout.dtype.name,
+            self.version,
+        )
+        self.counters.unaccept("overflow")
+        self.state = JobState.STOPPED
+        self._waiters.wake_all()
+
+    def _apply_async(self, h: PushHeader, gradient: Gradient) -> None:
+        self._resources.metrics.staleness.observe(self.version - h.step)
+        self.publisher.before_update(self.version)
+        self._optimizer.step(gradient.data)
+        self._slots.release(gradient)
+        seen = self._seen.setdefault(h.worker, set())
+        seen.add(h.step)
+        if len(seen) > self.settings.spec.staleness_bound + _KEEP_CLOSED:
+            seen.discard(min(seen))
+        self._advance(h.loss, h.rows, 1)
+
+    def _advance(self, loss: float, rows: int, contributors: int) -> None:
+        now = time.monotonic()
+        elapsed, self._step_started = now - self._step_started, now
+        self.history.append(
+            step=self.version,
+            loss=float(loss),
+            rows=int(rows),
+            samples_per_sec=rows / elapsed if elapsed > 0 else 0.0,
+            wall_time=time.time(),
+            contributors=contributors,
+        )
+        self._resources.metrics.step_latency.observe(elapsed)
+        self.version += 1
+        self._steps_applied.inc()
+        if self.version >= self.settings.total_steps:
+            self.state = JobState.COMPLETED
+            self._waiters.wake_all()
+        self._waiters.reached(self.version)
+        every = self._every
+        if (every and self.version % every == 0) or self.state is JobState.COMPLETED:
+            self._submit_checkpoint()
+
+    # waits and pulls
+
+    def wait_for_version(self, min_version: int, timeout: float | None, waiter: Waiter) -> bool:
+        """Block until version >= min_version (True), or until `timeout` passes or the
+        waiter is cancelled (False); raises if the job stops or is deleted first."""
+        if min_version > self.settings.total_steps:
+            raise WrongState(
+                f"min_version {min_version} is beyond total_steps "
+                f"{self.settings.total_steps}; that version will never exist.",
+                Reason.BAD_VERSION,
+            )
+        return self.wait_for_change(min_version - 1, None, timeout, waiter)
+
+    def wait_for_change(
+        self, version: int, state: JobState | None, timeout: float | None, waiter: Waiter
+    ) -> bool:
+        """Block until the job passes `version` (True); with `state`, also until it
+        leaves that state (True); False on timeout or cancellation. Without `state`, a
+        stopped or deleted job raises."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                with self._lock:
+                    if self.version > version or (state is not None and self.state is not state):
+                        return True
+                    if state is None and self.state is JobState.DELETED:
+                        raise JobNotFound(f"job {self.job_id!r} was deleted.")
+                    if state is None and self.state is JobState.STOPPED:
+                        raise JobStopped(
+                            f"job {self.job_id} stopped at version {self.version} before "
+                            f"reaching version {version + 1}."
+                        )
+                    if waiter.cancelled:
+                        return False
+                    waiter.arm()
+                    self._waiters.add(version + 1, waiter)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                waiter.sleep(remaining)
+        finally:
+            with self._lock:
+                self._waiters.discard(waiter)
+
+    def wake_all(self) -> None:
+        with self._lock:
+            self._waiters.wake_all()
+            self._slots.waiters.wake_all()
+
+    def weights_message(self, encode: Encode) -> bytes:
+        """The current weights as one message (built once per version and state)."""
+        return self.publisher.one_message(encode)
+
+    # information and control
+
+    def info(self, history_since: int | None = None) -> JobInfo:
+        """The job now; with `history_since`, a page of its step records from that step
+        (copied under the lock, so the page and the version agree)."""
+        with self._lock:
+            page = (
+                None
+                if history_since is None
+                else self.history.page(history_since, self._resources.history_page)
+            )
+            return JobInfo(
+                job_id=self.job_id,
+                spec=self.settings.spec,
+                state=self.state,
+                version=self.version,
+                layout=self.layout,
+                counters=self.counters.copy(),
+                created_at=self.created_at,
+                last_checkpoint_version=self.last_checkpoint_version,
+                weights_fit_one_message=self.publisher.fits_one_message,
+                history=page,
+            )
+
+    def stop(self) -> Future[Checkpointed] | None:
+        """Stop a running job; returns its checkpoint's future (None without a writer)."""
+        with self._lock:
+            if self.state is JobState.RUNNING:
+                self.state = JobState.STOPPED
+            self._waiters.wake_all()
+            return self._submit_checkpoint()
+
+    def checkpoint(self) -> Future[Checkpointed] | None:
+        """Write a checkpoint of the current state (None: no writer, or deleted)."""
+        with self._lock:
+            return self._submit_checkpoint()
+
+    def checkpoint_if_changed(self) -> Future[Checkpointed] | None:
+        with self._lock:
+            if self.last_checkpoint_version == self.version:
+                return None
+            return self._submit_checkpoint()
+
+    def mark_deleted(self) -> None:
+        with self._lock:
+            self.state = JobState.DELETED
+            self._waiters.wake_all()
+            self._slots.waiters.wake_all()
+
+    def checkpoint_written(self, version: int) -> None:
+        with self._lock:
+            self.last_checkpoint_version = max(self.last_checkpoint_version, version)
+
+    def _submit_checkpoint(self) -> Future[Checkpointed] | None:
+        writer = self._resources.checkpoints
+        if writer is None or self.state is JobState.DELETED:
+            return None
+        future = writer.submit(self._snapshot())
+        self._writes.append(future)
+        return future
+
+    def _snapshot(self) -> JobSnapshot:
+        """The job as of its last applied step: weights and optimiser state copied, the
+        open step's accepted gradients (not in the weights) left out of the counters."""
+        counters = self.counters.copy()
+        if self.settings.mode is Mode.SYNC and self._open.step == self.version:
+            pending = len(self._open.contributors)
+            counters.received -= pending
+            counters.accepted -= pending
+        return JobSnapshot(
+            job_id=self.job_id,
+            spec=self.settings.spec,
+            layout=self.layout,
+            weights=self.weights.copy(),
+            optimizer_state=self._optimizer.state_dict(),
+            version=self.version,
+            state=self.state,
+            counters=counters,
+            history=self.history.arrays(),
+            created_at=self.created_at,
+        )
+
+    @staticmethod
+    def new_snapshot(
+        job_id: str, settings: JobSettings, layout: FlatLayout, weights: np.ndarray
+    ) -> JobSnapshot:
+        """The snapshot a new job starts from: version 0, no state, no history."""
+        return JobSnapshot(
+            job_id=job_id,
+            spec=settings.spec,
+            layout=layout,
+            weights=weights,
+            optimizer_state={},
+            version=0,
+            state=JobState.RUNNING,
+            counters=Counters(),
+            history=StepHistory().arrays(),
+            created_at=time.time(),
+        )

@@ -1,0 +1,75 @@
+"""Versioned weights for pulls, while the update changes them in place.
+
+Weights that fit one message are encoded once per version and every puller gets the same
+bytes. Larger weights stream chunk by chunk from the live buffer; when an update is about
+to change it while a stream still reads the old version, that version is copied first
+(copy-on-write), so a stream never mixes two versions and nobody copies otherwise.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from gradfleet.proto.wire import FlatLayout, as_bytes_view, plan_chunk_bytes
+
+# (version, state, byte offset, piece) -> one wire message; the first carries the header
+Encode = Callable[[int, Any, int, memoryview], bytes]
+
+
+class WeightsPublisher:
+    """Serves the weights of the current version to pulls.
+
+    `lock` is the job's lock; `current()`, called under it, gives (version, state).
+    """
+
+    def __init__(
+        self,
+        layout: FlatLayout,
+        weights: np.ndarray,
+        chunk_bytes: int,
+        lock: threading.Lock,
+        current: Callable[[], tuple[int, Any]],
+    ) -> None:
+        self.layout, self.weights, self._lock, self._current = layout, weights, lock, current
+        self.chunk_bytes = plan_chunk_bytes(layout.nbytes, chunk_bytes, layout.dtype.itemsize)
+        self.fits_one_message = layout.nbytes <= self.chunk_bytes
+        self._cached: tuple[tuple[int, Any], bytes] | None = None  # ((version, state), message)
+        self._readers: dict[int, int] = {}  # version -> streams reading it
+        self._kept: dict[int, np.ndarray] = {}  # version -> its weights, while still read
+
+    def one_message(self, encode: Encode) -> bytes:
+        """The current weights as one message, encoded once per (version, state)."""
+        with self._lock:
+            key = self._current()
+            if self._cached is None or self._cached[0] != key:
+                self._cached = (key, encode(*key, 0, as_bytes_view(self.weights)))
+            return self._cached[1]
+
+    def stream(self, encode: Encode) -> Iterator[bytes]:
+        """The current weights chunk by chunk, all of the version current at the first
+        chunk; each is encoded under the lock, so an update in between never tears it."""
+        with self._lock:
+            version, state = self._current()
+            self._readers[version] = self._readers.get(version, 0) + 1
+        try:
+            for start in range(0, self.layout.nbytes, self.chunk_bytes):
+                with self._lock:
+                    source = as_bytes_view(self._kept.get(version, self.weights))
+                    piece = source[start : start + self.chunk_bytes]
+                    message = encode(version, state, start, piece)
+                yield message
+        finally:
+            with self._lock:
+                self._readers[version] -= 1
+                if not self._readers[version]:
+                    del self._readers[version]
+                    self._kept.pop(version, None)
+
+    def before_update(self, version: int) -> None:
+        """Call under the lock before the weights of `version` change in place."""
+        if self._readers.get(version) and version not in self._kept:
+            self._kept[version] = self.weights.copy()
