@@ -125,8 +125,8 @@ def start_server_actor(
         placed = ray.get(actor.node.remote())
         if placed == node_id:
             return actor, name
-        # Soft affinity spills to another node for a few seconds after the chosen node
-        # joined (seen here up to ~10 s, even after a hard-affinity probe succeeded).
+        # Soft affinity may spill to another node for a while after the chosen node
+        # joined, even once a hard-affinity probe succeeds: ask again until it lands.
         logger.info("server actor landed on %s, not %s (attempt %d)", placed, node_id, attempt)
         ray.kill(actor, no_restart=True)
         if time.monotonic() > deadline:

@@ -1,7 +1,7 @@
 """Process-level tuning for moving megabyte tensors through gRPC in Python.
 
-Both are measured on the gradfleet hot path (benchmarks/bench_transport.py and
-bench_e2e.py) and change no numbers, only where time goes:
+Both change no numbers, only where time goes (benchmarks/bench_transport.py and
+bench_e2e.py measure them):
 
 * `keep_message_buffers_mapped()`: glibc's allocator keeps freed megabyte buffers for reuse.
 * `long_lived_objects_frozen()`: the cyclic garbage collector stops walking the objects
@@ -27,7 +27,7 @@ def keep_message_buffers_mapped() -> bool:
 
     By default glibc serves every allocation above 128 KiB with a fresh `mmap` and returns
     it on free, so each 1 MiB gRPC message or chunk copy faults in 256 new zeroed pages:
-    on loopback that costs more than the copy itself (a 1 MB pull took 2.5x as long).
+    on loopback that costs more than the copy itself.
     Raising the mmap threshold to its maximum (32 MiB) and the trim threshold keeps such
     buffers in the heap for reuse. Peak memory is unchanged; freed memory is kept for
     reuse rather than returned at once. Kept buffers would otherwise pile up in one arena
@@ -58,7 +58,7 @@ def long_lived_objects_frozen() -> Iterator[None]:
     """Keep the objects alive now out of the cyclic GC's full collections while inside.
 
     A Ray driver or worker holds some 10^5 long-lived objects; a full collection walks
-    them all with the GIL held (20-130 ms measured here), which stalls every RPC of the
+    them all with the GIL held (tens of milliseconds), which stalls every RPC of the
     in-process parameter server and every worker waiting on it. `gc.freeze()` moves them
     to the permanent generation; `gc.unfreeze()` on exit hands them back, so a garbage
     cycle among them is collected later rather than never.
