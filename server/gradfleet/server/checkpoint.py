@@ -70,11 +70,42 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+class _HashingWriter:
+    """A write-only stream that hashes what passes through it. It cannot seek, so the zip
+    writer puts each member's sizes after its data instead of going back for them, and
+    the hash is of exactly the file's bytes, without reading the file again."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f, self._position = f, 0
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.digest.update(data)
+        written = self._f.write(data)
+        self._position += len(memoryview(data).cast("B"))
+        return written
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, *args: Any) -> int:
+        raise OSError("not seekable")
+
+    def read(self, *args: Any) -> bytes:  # np.savez takes what has `read` for a file
+        raise OSError("write-only")
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> str:
+    """Write `path` atomically (temporary file, fsync, rename, directory fsync); returns
+    the SHA-256 of its bytes."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            hashing = _HashingWriter(f)
+            write(hashing)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -83,6 +114,7 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+    return hashing.digest.hexdigest()
 
 
 def write_checkpoint(root: Path, snap: JobSnapshot) -> Path:
@@ -95,7 +127,7 @@ def write_checkpoint(root: Path, snap: JobSnapshot) -> Path:
         arrays[_OPT_PREFIX + key] = np.asarray(value)
     arrays[_HISTORY_INTS], arrays[_HISTORY_FLOATS] = snap.history
     npz_path = job_dir / f"{stem}.npz"
-    _atomic_write(npz_path, lambda f: np.savez(f, **arrays))
+    npz_sha256 = _atomic_write(npz_path, lambda f: np.savez(f, **arrays))
     c = snap.counters
     meta = {
         "format": FORMAT_VERSION,
@@ -106,7 +138,7 @@ def write_checkpoint(root: Path, snap: JobSnapshot) -> Path:
         "layout": snap.layout.to_json(),
         "npz": npz_path.name,
         "npz_bytes": npz_path.stat().st_size,
-        "npz_sha256": _sha256_file(npz_path),
+        "npz_sha256": npz_sha256,
         "created_at": snap.created_at,
         "counters": {
             "received": c.received,
