@@ -79,15 +79,37 @@ def test_npz_npy_and_csv_sources(tmp_path: Path) -> None:
         comments="",
     )
 
+    raw = {"validation_split": 0.25, "standardize": False, "seed": 3}
     sources = [
-        load_dataset(tmp_path / "d.npz", validation_split=0.25),
-        load_dataset(tmp_path / "x.npy", validation_split=0.25, labels=tmp_path / "y.npy"),
-        load_dataset(tmp_path / "d.csv", validation_split=0.25, label_column="label"),
+        load_dataset(tmp_path / "d.npz", **raw),
+        load_dataset(tmp_path / "x.npy", labels=tmp_path / "y.npy", **raw),
+        load_dataset(tmp_path / "d.csv", label_column="label", **raw),
     ]
 
+    order = np.random.default_rng(3).permutation(20)  # shuffled with the seed, then split
     for data in sources:
-        np.testing.assert_allclose(data.x, x[:15])
-        np.testing.assert_array_equal(data.y, y[:15])
+        np.testing.assert_allclose(data.x, x[order][:15])
+        np.testing.assert_array_equal(data.y, y[order][:15])
+        np.testing.assert_array_equal(data.y_val, y[order][15:])
+
+
+def test_every_source_is_standardised_and_split_after_shuffling_by_default(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # prepare: the digits as a CSV, sorted by class, as people export them
+    digits = load_dataset("digits", standardize=False, validation_split=0.0001)
+    x = np.concatenate([digits.x, digits.x_val])
+    y = np.concatenate([digits.y, digits.y_val])
+    order = np.argsort(y, kind="stable")
+    np.savetxt(tmp_path / "sorted.csv", np.column_stack([x[order], y[order]]), delimiter=",")
+    # execute
+    data = load_dataset(tmp_path / "sorted.csv")
+    with caplog.at_level("WARNING"):
+        load_dataset(tmp_path / "sorted.csv", seed=0, validation_split=0.005)
+    # assert: standardised on its training rows; every class on both sides of the split
+    np.testing.assert_allclose(data.x.mean(axis=0), 0.0, atol=1e-9)
+    assert set(data.y_val.tolist()) == set(range(10)) == set(data.y.tolist())
+    assert any("no held-out rows" in message for message in caplog.messages)
 
 
 @pytest.mark.parametrize(

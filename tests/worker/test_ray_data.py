@@ -59,7 +59,7 @@ def test_labels_outside_the_model_are_rejected_before_training() -> None:
     frame = as_frame(np.zeros((40, 3)), np.arange(40) % 5)
     source = RayDataset(ray.data.from_pandas(frame))
 
-    with pytest.raises(ValueError, match=r"label 4, outside the classes 0\.\.2"):
+    with pytest.raises(ValueError, match="5 classes but the model has 3 outputs"):
         JobConfig(model=nn.MLP([3, 3]), dataset=source, batch_size=4, steps=1)
 
 

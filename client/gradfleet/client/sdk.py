@@ -98,7 +98,8 @@ class Client:
 
     def create_job(self, job: JobConfig, job_id: str | None = None) -> JobHandle:
         """Create ``job`` on the server (initial weights from its model spec)."""
-        return JobHandle(self, self.server.create_job(**job.server_settings(), job_id=job_id))
+        settings = job.resolve().server_settings()
+        return JobHandle(self, self.server.create_job(**settings, job_id=job_id))
 
     def list_jobs(self) -> list[JobHandle]:
         return [JobHandle(self, info.job_id) for info in self.server.list_jobs()]

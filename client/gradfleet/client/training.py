@@ -39,7 +39,7 @@ BACKENDS = ("local", "ray")
 
 def train(
     job: JobConfig,
-    backend: str = "local",
+    backend: str = "ray",
     *,
     address: str | None = None,
     server: str | None = None,
@@ -59,6 +59,7 @@ def train(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose 'local' or 'ray'")
+    job = job.resolve()
     if progress is True:
         from gradfleet.client.reporting import ProgressReporter
 
@@ -160,8 +161,8 @@ class _Evaluator:
     """Scores snapshots of the weights on a low-priority thread, in the order submitted.
 
     The driver shares the cores with the workers and hosts the parameter server by
-    default; scoring the held-out split inline took a third of its CPU (profiled) and,
-    at normal priority, preempted the workers (Ray runs them at niceness 15). Here it
+    default; scoring the held-out split inline would take a large share of its CPU and,
+    at normal priority, preempt the workers (Ray runs them at niceness 15). Here it
     runs at the lowest priority with one BLAS thread; at most `backlog` snapshots wait
     (`submit` blocks beyond that). Every score is computed on the exact weights of its
     version, so the numbers are those of an inline evaluation.

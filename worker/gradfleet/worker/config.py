@@ -1,13 +1,18 @@
-"""JobConfig: one training job, validated on construction, loadable from TOML."""
+"""JobConfig: one training job, validated on construction, loadable from TOML.
+
+Constructing a JobConfig checks every setting but reads no file and changes none of the
+caller's objects: a dataset given by name or path stays a name until ``resolve()`` loads
+it (``train()`` and the SDK do that), and arrays are converted into new arrays.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeAlias
-
-import numpy as np
 
 from gradfleet.nn import MLP
 from gradfleet.nn.losses import LOSSES
@@ -17,8 +22,13 @@ from gradfleet.worker.datasets import ArrayDataset, load_dataset
 from gradfleet.worker.ray_data import RayDataset
 
 Dataset: TypeAlias = ArrayDataset | RayDataset
+# what may be given as a dataset: a loaded one, a name or path (with load_dataset
+# options in a table), or arrays (x, y) / (x, y, x_val, y_val)
+DataSource: TypeAlias = Dataset | str | Path | dict | tuple
 
 MODES = ("sync", "async")
+# learning rates for an optimiser named without one (Keras's defaults)
+DEFAULT_LR = {"sgd": 0.01, "adam": 0.001, "adamw": 0.001}
 _INT32, _INT64 = 2**31 - 1, 2**63 - 1
 
 
@@ -28,58 +38,56 @@ class JobConfig:
 
     ``batch_size`` is the global batch: each of ``workers`` workers computes on
     ``batch_size / workers`` rows of its own shard per step. Give ``epochs`` or ``steps``.
+    ``optimizer`` is a name ("adam") or a table ({"name": "sgd", "lr": 0.1, ...}).
     """
 
     model: MLP | dict[str, Any]
-    dataset: Dataset | str
+    dataset: DataSource
     loss: str = "cross_entropy"
-    optimizer: dict[str, Any] | Optimizer = field(
+    optimizer: dict[str, Any] | Optimizer | str = field(
         default_factory=lambda: {"name": "sgd", "lr": 0.1}
     )
     batch_size: int = 64
     epochs: int | None = None
     steps: int | None = None
-    workers: int = 1
+    workers: int = 2
     mode: str = "sync"
     backup_workers: int = 0
     staleness_bound: int = 4
-    eval_every: int = 0
+    eval_every: int = 50
     checkpoint_every: int = 0
     seed: int = 0
     dtype: str | None = None
     name: str = "job"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model, MLP | dict):
-            raise ValueError(f"model must be an MLP or its spec (a dict), got {self.model!r}")
-        spec = self.model.spec() if isinstance(self.model, MLP) else dict(self.model)
-        if self.dtype is not None:
-            if not isinstance(self.dtype, str):
-                raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
-            spec["dtype"] = self.dtype
-        try:
-            self.model_spec = MLP.from_spec(spec).spec()  # validates the spec
-        except (TypeError, OverflowError) as exc:
-            raise ValueError(f"model spec is invalid: {exc}") from None
+        self.model_spec = _model_spec(self.model, self.dtype)
         self.dtype = self.model_spec["dtype"]
-        if isinstance(self.optimizer, Optimizer):
-            self.optimizer = self.optimizer.config()
-        make_optimizer(self.optimizer)  # validates the settings
-        if isinstance(self.dataset, str | Path):
-            self.dataset = load_dataset(self.dataset)
-        if not isinstance(self.dataset, Dataset):
-            raise ValueError(
-                "dataset must be an ArrayDataset, a RayDataset or a dataset name/path, "
-                f"got {self.dataset!r}"
-            )
+        self.optimizer = _optimizer_settings(self.optimizer)
         self._check_numbers()
-        self._check_data()
+        self.dataset = _as_dataset(self.dataset, self.seed)
+        if isinstance(self.dataset, Dataset):
+            self.dataset = self._checked(self.dataset)
 
     @property
     def optimizer_settings(self) -> dict[str, Any]:
-        """The optimiser as JSON-like settings (an ``Optimizer`` given is turned into them)."""
+        """The optimiser as JSON-like settings."""
         assert isinstance(self.optimizer, dict)
         return self.optimizer
+
+    @property
+    def loaded(self) -> bool:
+        return isinstance(self.dataset, Dataset)
+
+    def resolve(self) -> JobConfig:
+        """This job with its dataset loaded (itself when it already is)."""
+        if self.loaded:
+            return self
+        source, options = self.dataset, {}
+        if isinstance(source, dict):
+            options = dict(source)
+            source = options.pop("source")
+        return dataclasses.replace(self, dataset=load_dataset(source, seed=self.seed, **options))
 
     def _check_numbers(self) -> None:
         if self.loss not in LOSSES:
@@ -105,9 +113,11 @@ class JobConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.batch_size % self.workers:
+            lower = self.batch_size - self.batch_size % self.workers
+            sizes = " or ".join(str(s) for s in (lower, lower + self.workers) if s > 0)
             raise ValueError(
                 f"batch_size {self.batch_size} is not divisible by workers {self.workers}: "
-                f"each worker must get the same number of rows"
+                f"each worker must get the same number of rows; try batch_size {sizes}"
             )
         if self.backup_workers >= self.workers:
             raise ValueError(
@@ -123,26 +133,22 @@ class JobConfig:
             ):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
-    def _check_data(self) -> None:
-        data = self.dataset
-        assert isinstance(data, Dataset)
+    def _checked(self, data: Dataset) -> Dataset:
+        """`data` checked against the model and the loss, in the model's dtype."""
         sizes = self.model_spec["sizes"]
         if data.num_features != sizes[0]:
             raise ValueError(
                 f"the dataset has {data.num_features} features but the model's input size is "
                 f"{sizes[0]}: make the first of model sizes {data.num_features}"
             )
-        if self.loss == "cross_entropy":
-            data.check_labels(sizes[-1])
-            if isinstance(data, ArrayDataset):
-                data.y = data.y.astype(np.int64)
-                if data.y_val is not None:
-                    data.y_val = data.y_val.astype(np.int64)
+        classification = self.loss == "cross_entropy"
+        if classification:
             if data.classes() > sizes[-1]:
                 raise ValueError(
                     f"the dataset has {data.classes()} classes but the model has "
-                    f"{sizes[-1]} outputs"
+                    f"{sizes[-1]} outputs: make the last of model sizes {data.classes()}"
                 )
+            data.check_labels(sizes[-1])
         elif isinstance(data, ArrayDataset) and not (
             data.y.shape[1:] == (sizes[-1],) or (data.y.ndim == 1 and sizes[-1] == 1)
         ):
@@ -150,8 +156,21 @@ class JobConfig:
                 f"loss {self.loss!r} needs targets of shape (rows, {sizes[-1]}) to match the "
                 f"model's outputs, got {data.y.shape}"
             )
-        data.astype(self.dtype)
-        steps_per_epoch(self.shard_size, self.rows_per_worker)  # enough rows per shard
+        if isinstance(data, ArrayDataset):
+            converted: Dataset = data.with_dtype(self.dtype, integer_labels=classification)
+        else:
+            converted = data.with_dtype(self.dtype)
+        shard = converted.num_rows // self.workers
+        steps_per_epoch(shard, self.rows_per_worker)  # enough rows per shard
+        return converted
+
+    def _data(self) -> Dataset:
+        if not isinstance(self.dataset, Dataset):
+            raise ValueError(
+                f"the dataset {_source_name(self.dataset)!r} is not loaded yet: use "
+                "job.resolve() (train() does)"
+            )
+        return self.dataset
 
     @property
     def rows_per_worker(self) -> int:
@@ -159,8 +178,7 @@ class JobConfig:
 
     @property
     def shard_size(self) -> int:
-        assert isinstance(self.dataset, Dataset)
-        return self.dataset.num_rows // self.workers
+        return self._data().num_rows // self.workers
 
     @property
     def steps_per_epoch(self) -> int:
@@ -178,8 +196,7 @@ class JobConfig:
 
     def summary(self) -> dict[str, Any]:
         """The JSON-serialisable settings (model spec, no data arrays): saved with each run."""
-        data = self.dataset
-        assert isinstance(data, Dataset)
+        data = self._data()
         return {
             "name": self.name,
             "model": self.model_spec,
@@ -218,7 +235,7 @@ class JobConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> JobConfig:
-        """Read a job from TOML; ``overrides`` replace top-level keys (e.g. from the CLI)."""
+        """Read a job from TOML, its dataset loaded; ``overrides`` replace top-level keys."""
         path = Path(path)
         try:
             with open(path, "rb") as f:
@@ -231,25 +248,79 @@ class JobConfig:
 
     @classmethod
     def from_dict(cls, table: dict[str, Any], source: str | Path = "config") -> JobConfig:
-        """Build from plain data: ``model`` and ``optimizer`` tables, ``dataset`` a name/path
-        or a table of ``load_dataset`` options (``source`` plus options)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(table) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-        settings = dict(table)
-        if "model" not in settings or "dataset" not in settings:
+        """Build from plain data, its dataset loaded: ``model`` and ``optimizer`` tables,
+        ``dataset`` a name or path, or a table of ``load_dataset`` options (``source``
+        plus options)."""
+        known = sorted(f.name for f in fields(cls))
+        for key in table:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {known}"
+                raise ValueError(f"{source}: unknown key {key!r}{hint}")
+        if "model" not in table or "dataset" not in table:
             raise ValueError(f"{source}: needs a [model] table and a dataset")
-        model = settings["model"]
-        if not isinstance(model, dict):
+        if not isinstance(table["model"], dict):
             raise ValueError(f"{source}: model must be a table like {{sizes = [64, 32, 10]}}")
-        settings["model"] = {"type": "MLP", **model}
-        dataset = settings["dataset"]
-        if isinstance(dataset, dict):
-            options = dict(dataset)
-            if "source" not in options:
-                raise ValueError(f"{source}: the dataset table needs a 'source' (name or path)")
-            settings["dataset"] = load_dataset(options.pop("source"), **options)
-        elif not isinstance(dataset, str):
+        dataset = table["dataset"]
+        if isinstance(dataset, dict) and "source" not in dataset:
+            raise ValueError(f"{source}: the dataset table needs a 'source' (name or path)")
+        if not isinstance(dataset, str | dict):
             raise ValueError(f"{source}: dataset must be a name, a path or a table")
-        return cls(**settings)
+        return cls(**table).resolve()
+
+
+def _model_spec(model: Any, dtype: Any) -> dict[str, Any]:
+    """The validated spec of `model` (an MLP or a dict; "type" may be left out)."""
+    if not isinstance(model, MLP | dict):
+        kind = type(model).__name__
+        raise ValueError(f"model must be an MLP or its spec (a dict), got a {kind}")
+    spec = model.spec() if isinstance(model, MLP) else {"type": "MLP", **model}
+    if dtype is not None:
+        if not isinstance(dtype, str):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        spec["dtype"] = dtype
+    try:
+        return MLP.from_spec(spec).spec()
+    except (TypeError, OverflowError) as exc:
+        raise ValueError(f"model spec is invalid: {exc}") from None
+
+
+def _optimizer_settings(optimizer: Any) -> dict[str, Any]:
+    """Validated optimiser settings from a name, a table or an Optimizer; a name in any
+    case, and the usual learning rate when none is given."""
+    if isinstance(optimizer, Optimizer):
+        settings = optimizer.config()
+    elif isinstance(optimizer, str):
+        settings = {"name": optimizer.lower()}
+    elif isinstance(optimizer, dict):
+        settings = dict(optimizer)
+        if isinstance(settings.get("name"), str):
+            settings["name"] = settings["name"].lower()
+    else:
+        raise ValueError(
+            f"optimizer must be a name, a table or an Optimizer, got a {type(optimizer).__name__}"
+        )
+    if "lr" not in settings and settings.get("name") in DEFAULT_LR:
+        settings["lr"] = DEFAULT_LR[settings["name"]]
+    make_optimizer(settings)  # validates the settings
+    return settings
+
+
+def _as_dataset(data: Any, seed: int) -> DataSource:
+    """A loaded dataset for arrays given as a tuple; names and paths stay as they are."""
+    if isinstance(data, Dataset | str | Path | dict):
+        return data
+    if isinstance(data, tuple) and len(data) in (2, 4):
+        x, y, *held_out = data
+        if held_out:
+            return ArrayDataset(x, y, *held_out, standardize=True, name="arrays")
+        return ArrayDataset(x, y, validation_split=0.2, standardize=True, seed=seed, name="arrays")
+    raise ValueError(
+        "dataset must be a name or path, (x, y), (x, y, x_val, y_val), an ArrayDataset or a "
+        f"RayDataset; got a {type(data).__name__}"
+        + (f" of {len(data)} items" if isinstance(data, tuple | list) else "")
+    )
+
+
+def _source_name(source: Any) -> str:
+    return str(source.get("source")) if isinstance(source, dict) else str(source)

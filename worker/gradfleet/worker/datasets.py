@@ -6,8 +6,10 @@ column that is wrong. Loading is offline: scikit-learn's bundled sets ship with 
 
 from __future__ import annotations
 
+import copy
 import csv
 import gzip
+import logging
 import math
 import struct
 import zlib
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 SKLEARN_SETS = ("digits", "iris", "wine", "breast_cancer")
 _IDX_TYPES: dict[int, Any] = {
@@ -28,11 +32,14 @@ _IDX_TYPES: dict[int, Any] = {
 }
 
 
-@dataclass
+@dataclass(repr=False)
 class ArrayDataset:
-    """Features and integer labels, split into a training part and a held-out part.
+    """Features and labels, split into a training part and a held-out part.
 
-    ``standardize`` fits mean/std on the training part only and applies them to both.
+    With ``validation_split`` and no held-out rows given, the rows are shuffled with
+    ``seed`` and the last ``validation_split`` of them held out (a warning names classes
+    only one side has). ``standardize`` fits mean/std on the training part only and
+    applies them to both.
     """
 
     x: np.ndarray
@@ -44,6 +51,7 @@ class ArrayDataset:
     name: str = "arrays"
     num_classes: int | None = None
     stats: dict[str, np.ndarray] = field(default_factory=dict)
+    seed: int = 0
 
     def __post_init__(self) -> None:
         self.x = _check_features(self.x, self.name)
@@ -60,8 +68,11 @@ class ArrayDataset:
                     f"{self.name}: {len(self.x)} rows leave none to train on after a "
                     f"validation split of {self.validation_split}"
                 )
-            self.x, self.x_val = self.x[:cut], self.x[cut:]
-            self.y, self.y_val = self.y[:cut], self.y[cut:]
+            order = np.random.default_rng(self.seed).permutation(len(self.x))
+            x, y = self.x[order], self.y[order]
+            self.x, self.x_val = x[:cut], x[cut:]
+            self.y, self.y_val = y[:cut], y[cut:]
+            _warn_of_unshared_classes(self.y, self.y_val, self.name)
         if (self.x_val is None) != (self.y_val is None):
             raise ValueError(f"{self.name}: give validation features and labels together")
         if self.x_val is not None:
@@ -115,12 +126,46 @@ class ArrayDataset:
                     f"class index 0..{classes - 1}"
                 )
 
-    def astype(self, dtype: Any) -> ArrayDataset:
-        """The same data with features in ``dtype`` and labels as int64 (for classification)."""
-        self.x = self.x.astype(dtype, copy=False)
+    def with_dtype(self, dtype: Any, integer_labels: bool = False) -> ArrayDataset:
+        """This data with features in ``dtype`` (and labels as int64): a new dataset that
+        shares every array already in that form, leaving this one as it is."""
+        copied = copy.copy(self)
+        copied.x = self.x.astype(dtype, copy=False)
         if self.x_val is not None:
-            self.x_val = self.x_val.astype(dtype, copy=False)
-        return self
+            copied.x_val = self.x_val.astype(dtype, copy=False)
+        if integer_labels:
+            copied.y = self.y.astype(np.int64, copy=False)
+            if self.y_val is not None:
+                copied.y_val = self.y_val.astype(np.int64, copy=False)
+        return copied
+
+    def __repr__(self) -> str:
+        held_out = 0 if self.x_val is None else len(self.x_val)
+        return (
+            f"ArrayDataset(name={self.name!r}, rows={self.num_rows}, "
+            f"features={self.num_features}, held_out={held_out})"
+        )
+
+
+def _warn_of_unshared_classes(y: np.ndarray, y_val: np.ndarray, name: str) -> None:
+    """Warn when a split leaves a class on one side only (integer labels)."""
+    if y.ndim != 1 or (y.dtype.kind not in "iu" and not np.all(y == np.round(y))):
+        return
+    train, held = set(np.unique(y).tolist()), set(np.unique(y_val).tolist())
+    if len(train | held) > 1000:
+        return  # not class labels
+    if held - train:
+        logger.warning(
+            "%s: held-out rows hold class(es) %s that no training row has",
+            name,
+            sorted(held - train)[:10],
+        )
+    if train - held:
+        logger.warning(
+            "%s: class(es) %s have no held-out rows, so accuracy says nothing about them",
+            name,
+            sorted(train - held)[:10],
+        )
 
 
 def _check_features(x: Any, name: str) -> np.ndarray:
@@ -208,18 +253,18 @@ def _first_existing(directory: Path, stem: str) -> Path:
 
 
 def load_sklearn(
-    name: str, validation_split: float = 0.2, standardize: bool = True
+    name: str, validation_split: float = 0.2, standardize: bool = True, seed: int = 0
 ) -> ArrayDataset:
-    """One of scikit-learn's bundled sets (offline), standardised, last part held out."""
+    """One of scikit-learn's bundled sets (offline), shuffled with ``seed``, standardised,
+    the last part held out."""
     from sklearn import datasets as sk  # imported here: only these loaders need it
 
     if name not in SKLEARN_SETS:
         raise ValueError(f"unknown bundled dataset {name!r}: choose one of {SKLEARN_SETS}")
     bunch = getattr(sk, f"load_{name}")()
     x, y = np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target, dtype=np.int64)
-    order = np.random.default_rng(0).permutation(len(x))  # the bundled files are sorted by class
     return ArrayDataset(
-        x[order], y[order], validation_split=validation_split, standardize=standardize, name=name
+        x, y, validation_split=validation_split, standardize=standardize, name=name, seed=seed
     )
 
 
@@ -262,16 +307,22 @@ def load_csv(path: str | Path, label_column: int | str = -1) -> tuple[np.ndarray
     return np.delete(values, label_index, axis=1), labels
 
 
-def load_dataset(source: str | Path, validation_split: float = 0.2, **options: Any) -> ArrayDataset:
+def load_dataset(
+    source: str | Path, validation_split: float = 0.2, seed: int = 0, **options: Any
+) -> ArrayDataset:
     """A dataset by bundled name (digits, iris, wine, breast_cancer), MNIST dir, or file path.
 
     Files: ``.npz`` (arrays ``x``, ``y`` and optional ``x_val``, ``y_val``), ``.npy`` (pass
     ``labels=`` with the label file), ``.csv`` (``label_column=``), IDX (``labels=``).
+    Every source gets the same defaults: features standardised (``standardize=False``
+    turns it off; MNIST's pixels are scaled to [0, 1] instead), and, unless the source
+    names its held-out rows, the rows shuffled with ``seed`` and the last
+    ``validation_split`` held out.
     """
     text = str(source)
     if text in SKLEARN_SETS:
         _check_options(options, {"standardize"}, text)
-        return load_sklearn(text, validation_split, options.get("standardize", True))
+        return load_sklearn(text, validation_split, options.get("standardize", True), seed)
     path = Path(text.removeprefix("mnist:"))
     if text.startswith("mnist:") or (path.is_dir() and any(path.glob("*-images-idx3-ubyte*"))):
         if options.pop("standardize", False):
@@ -289,7 +340,7 @@ def load_dataset(source: str | Path, validation_split: float = 0.2, **options: A
         _check_options(options, {"standardize"}, "an .npz")
     else:
         _check_options(options, {"standardize", "labels"}, "an .npy or IDX")
-    standardize = bool(options.pop("standardize", False))
+    standardize = bool(options.pop("standardize", True))
     if suffixes.endswith(".npz"):
         try:
             with np.load(path, allow_pickle=False) as archive:
@@ -306,6 +357,7 @@ def load_dataset(source: str | Path, validation_split: float = 0.2, **options: A
             validation_split=0.0 if "x_val" in arrays else validation_split,
             standardize=standardize,
             name=str(path),
+            seed=seed,
         )
     if suffixes.endswith(".csv"):
         x, y = load_csv(path, options.pop("label_column", -1))
@@ -321,7 +373,7 @@ def load_dataset(source: str | Path, validation_split: float = 0.2, **options: A
     else:
         raise ValueError(f"{path}: unknown format; use .npz, .npy, .csv or IDX (.gz)")
     return ArrayDataset(
-        x, y, validation_split=validation_split, standardize=standardize, name=str(path)
+        x, y, validation_split=validation_split, standardize=standardize, name=str(path), seed=seed
     )
 
 

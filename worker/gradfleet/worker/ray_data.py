@@ -7,6 +7,7 @@ turns its own shard into arrays. Large inputs never pass through the driver.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,9 +124,11 @@ class RayDataset:
                 f"classes 0..{classes - 1}"
             )
 
-    def astype(self, dtype: Any) -> RayDataset:
-        self.dtype = np.dtype(dtype).name
-        return self
+    def with_dtype(self, dtype: Any) -> RayDataset:
+        """This dataset with features read as ``dtype`` (a copy; nothing is re-read)."""
+        copied = copy.copy(self)
+        copied.dtype = np.dtype(dtype).name
+        return copied
 
     def shards(self, count: int) -> list[RayDataShard]:
         """Equal, ordered shards (row i of shard s is row s * size + i); the rest is unused."""
@@ -138,7 +141,7 @@ class RayDataset:
     def to_arrays(self) -> ArrayDataset:
         """All rows on this machine (for ``backend="local"``)."""
         x, y = self.shards(1)[0].arrays()
-        return ArrayDataset(x, y, self.x_val, self.y_val, name=self.name).astype(self.dtype)
+        return ArrayDataset(x, y, self.x_val, self.y_val, name=self.name).with_dtype(self.dtype)
 
     def _load_validation(self) -> None:
         if self._x_val is not None or self.validation is None:
