@@ -194,19 +194,8 @@ class ThreadWorkers:
         self.workers = []
         for worker in range(job.workers):
             start, stop = shard_rows(len(data.x), worker, job.workers)  # type: ignore[union-attr]
-            spec = WorkerSpec(
-                address=address,
-                job_id=job_id,
-                worker=worker,
-                num_workers=job.workers,
-                model_spec=job.model_spec,
-                loss=job.loss,
-                rows_per_worker=job.rows_per_worker,
-                seed=job.seed,
-                total_steps=job.total_steps,
-                mode=job.mode,
-                server_patience=120.0,
-                pull_wait=pull_wait,
+            spec = WorkerSpec.for_job(
+                job, address, job_id, worker, server_patience=120.0, pull_wait=pull_wait
             )
             x, y = data.x[start:stop], data.y[start:stop]  # type: ignore[union-attr]
             self.workers.append(GradientWorker(spec, x, y))

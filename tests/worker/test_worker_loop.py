@@ -71,18 +71,7 @@ def test_async_ray_workers_walk_their_batches_in_order_without_skipping() -> Non
         workers, batches = [], [[], []]
         for worker in range(2):
             start, stop = shard_rows(len(data.x), worker, 2)
-            spec = WorkerSpec(
-                address=server.address,
-                job_id=job_id,
-                worker=worker,
-                num_workers=2,
-                model_spec=job.model_spec,
-                loss=job.loss,
-                rows_per_worker=job.rows_per_worker,
-                seed=job.seed,
-                total_steps=job.total_steps,
-                mode=job.mode,
-            )
+            spec = WorkerSpec.for_job(job, server.address, job_id, worker)
             gradient_worker = GradientWorker(spec, data.x[start:stop], data.y[start:stop])
             indices = gradient_worker.plan.indices
 

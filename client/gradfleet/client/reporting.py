@@ -67,8 +67,7 @@ class ProgressReporter:
 def write_run(result: TrainResult, job: JobConfig, out: Path) -> Path:
     """Save model, history (CSV and JSON), the job config and curves.png into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    data = job.dataset
-    assert not isinstance(data, str)  # JobConfig loads names and paths
+    data = job.data
     model_path = save_model(
         result.model,
         out,

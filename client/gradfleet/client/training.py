@@ -288,8 +288,7 @@ class _Monitor:
                 return
 
     def _evaluate(self, model: MLP | None = None) -> dict[str, float]:
-        data = self.job.dataset
-        assert not isinstance(data, str)
+        data = self.job.data
         return evaluate(model or self.model, data.x_val, data.y_val, self.job.loss)
 
     def stop(self) -> None:

@@ -28,6 +28,7 @@ from gradfleet.proto.client import ParameterServerClient
 from gradfleet.proto.errors import DeadlineExceeded, JobStopped, ServerUnavailable, WrongState
 from gradfleet.proto.runtime import long_lived_objects_frozen
 from gradfleet.worker.batches import BatchPlan
+from gradfleet.worker.config import JobConfig
 
 logger = logging.getLogger(__name__)
 # Ray namespace of the named server actors (``gradfleet.client.cluster`` creates them).
@@ -98,6 +99,26 @@ class WorkerSpec:
     server_actor_name: str | None = None
     server_patience: float = SERVER_PATIENCE
     pull_wait: float = 10.0  # longest wait for a new version before re-syncing
+
+    @classmethod
+    def for_job(
+        cls, job: JobConfig, address: str, job_id: str, worker: int, **settings: Any
+    ) -> WorkerSpec:
+        """Worker `worker` of `job` (created on the server at `address` as `job_id`);
+        `settings` sets the fields that do not come from the job."""
+        return cls(
+            address=address,
+            job_id=job_id,
+            worker=worker,
+            num_workers=job.workers,
+            model_spec=job.model_spec,
+            loss=job.loss,
+            rows_per_worker=job.rows_per_worker,
+            seed=job.seed,
+            total_steps=job.total_steps,
+            mode=job.mode,
+            **settings,
+        )
 
 
 class GradientWorker:

@@ -81,12 +81,11 @@ class JobConfig:
 
     def resolve(self) -> JobConfig:
         """This job with its dataset loaded (itself when it already is)."""
-        if self.loaded:
+        if isinstance(self.dataset, Dataset):
             return self
-        source, options = self.dataset, {}
-        if isinstance(source, dict):
-            options = dict(source)
-            source = options.pop("source")
+        options = dict(self.dataset) if isinstance(self.dataset, dict) else {}
+        source = options.pop("source") if isinstance(self.dataset, dict) else self.dataset
+        assert isinstance(source, str | Path)
         return dataclasses.replace(self, dataset=load_dataset(source, seed=self.seed, **options))
 
     def _check_numbers(self) -> None:
@@ -164,7 +163,9 @@ class JobConfig:
         steps_per_epoch(shard, self.rows_per_worker)  # enough rows per shard
         return converted
 
-    def _data(self) -> Dataset:
+    @property
+    def data(self) -> Dataset:
+        """The loaded dataset (ValueError before `resolve()` when given by name)."""
         if not isinstance(self.dataset, Dataset):
             raise ValueError(
                 f"the dataset {_source_name(self.dataset)!r} is not loaded yet: use "
@@ -178,7 +179,7 @@ class JobConfig:
 
     @property
     def shard_size(self) -> int:
-        return self._data().num_rows // self.workers
+        return self.data.num_rows // self.workers
 
     @property
     def steps_per_epoch(self) -> int:
@@ -196,7 +197,7 @@ class JobConfig:
 
     def summary(self) -> dict[str, Any]:
         """The JSON-serialisable settings (model spec, no data arrays): saved with each run."""
-        data = self._data()
+        data = self.data
         return {
             "name": self.name,
             "model": self.model_spec,
@@ -311,9 +312,10 @@ def _as_dataset(data: Any, seed: int) -> DataSource:
     if isinstance(data, Dataset | str | Path | dict):
         return data
     if isinstance(data, tuple) and len(data) in (2, 4):
-        x, y, *held_out = data
-        if held_out:
-            return ArrayDataset(x, y, *held_out, standardize=True, name="arrays")
+        if len(data) == 4:
+            x, y, x_val, y_val = data
+            return ArrayDataset(x, y, x_val, y_val, standardize=True, name="arrays")
+        x, y = data
         return ArrayDataset(x, y, validation_split=0.2, standardize=True, seed=seed, name="arrays")
     raise ValueError(
         "dataset must be a name or path, (x, y), (x, y, x_val, y_val), an ArrayDataset or a "

@@ -35,7 +35,7 @@ ProgressFn = Callable[[dict[str, float]], None]
 
 def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResult:
     """Run ``job`` in this process and return the trained model with its history."""
-    data = job.dataset
+    data = job.data
     if isinstance(data, RayDataset):
         data = data.to_arrays()
     assert isinstance(data, ArrayDataset)
@@ -103,6 +103,5 @@ def _contributions(job: JobConfig, step: int) -> list[tuple[int, int]]:
 
 
 def _evaluate(model: MLP, job: JobConfig) -> dict[str, float]:
-    data = job.dataset
-    assert not isinstance(data, str)
+    data = job.data
     return evaluate(model, data.x_val, data.y_val, job.loss)

@@ -86,7 +86,7 @@ def start_workers(
     for the server's new address if the server moves to another node.
     """
     options = options or WorkerOptions()
-    data = job.dataset
+    data = job.data
     num_cpus = options.num_cpus
     if num_cpus is None:
         num_cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / job.workers)
@@ -112,17 +112,11 @@ def start_workers(
             refs += shards[-1]
     actors = [
         actor_class.remote(
-            WorkerSpec(
-                address=address,
-                job_id=job_id,
-                worker=worker,
-                num_workers=job.workers,
-                model_spec=job.model_spec,
-                loss=job.loss,
-                rows_per_worker=job.rows_per_worker,
-                seed=job.seed,
-                total_steps=job.total_steps,
-                mode=job.mode,
+            WorkerSpec.for_job(
+                job,
+                address,
+                job_id,
+                worker,
                 token=token,
                 blas_threads=options.blas_threads,
                 server_actor_name=server_actor_name,
