@@ -1,7 +1,7 @@
 """End-to-end training speed on MNIST: gradfleet's backends against hand-written and PyTorch.
 
 MLP 784-256-256-10, ReLU, plain SGD (lr 0.1), ``--rows`` rows per worker per step, on the
-shared MNIST test set split 8,000 train / 2,000 held out. For every variant it reports
+MNIST test set (tests/data/mnist) split 8,000 train / 2,000 held out. For every variant it reports
 samples/s (steady state, after the first step), seconds to 95 % held-out accuracy,
 held-out accuracy after 5 epochs and after ``--epochs`` (default 10), and the time to the
 first step (start-up); for gradfleet's Ray backend also the per-step split per worker
@@ -18,7 +18,6 @@ PyTorch variants run when ``import torch`` works (``pip install torch==2.13.0``)
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -68,11 +67,8 @@ class Run:
 
 
 def find_mnist() -> Path:
-    here = Path(__file__).resolve().parents[1]
-    for candidate in (os.environ.get("GRADFLEET_DATA_DIR"), here.parent / "shared" / "data"):
-        if candidate and (Path(candidate) / "mnist").is_dir():
-            return Path(candidate) / "mnist"
-    sys.exit("MNIST not found: set GRADFLEET_DATA_DIR to the folder holding mnist/")
+    """The MNIST test set kept in the repository (tests/data/mnist)."""
+    return Path(__file__).resolve().parents[1] / "tests" / "data" / "mnist"
 
 
 def gradfleet_run(

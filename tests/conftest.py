@@ -1,4 +1,4 @@
-"""Fixtures shared by every test package: the real data in ../shared/data."""
+"""Fixtures shared by every test package: the real data in tests/data."""
 
 from __future__ import annotations
 
@@ -18,19 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 
-def shared_data_dir() -> Path:
-    """``$GRADFLEET_DATA_DIR``, else the ``shared/data`` folder beside the repository."""
-    configured = os.environ.get("GRADFLEET_DATA_DIR")
-    candidates = [Path(configured)] if configured else []
-    candidates += [REPO.parent / "shared" / "data", REPO / ".." / ".." / "shared" / "data"]
-    for candidate in candidates:
-        if (candidate / "mnist").is_dir():
-            return candidate.resolve()
-    raise FileNotFoundError(
-        "the shared MNIST data was not found: set GRADFLEET_DATA_DIR to the folder holding mnist/"
-    )
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
-    return shared_data_dir() / "mnist"
+    """The MNIST test set kept in the repository (tests/data/mnist, with its licence)."""
+    return DATA / "mnist"

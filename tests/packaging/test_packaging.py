@@ -70,9 +70,16 @@ def test_a_fresh_environment_imports_every_part_from_the_wheel(wheel: Path, tmp_
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, str(wheel)],
         check=True,
     )
-    # Dependencies (numpy, grpc, ...) come from this environment's site-packages, added as a
-    # plain path so its editable-install hooks for gradfleet are not processed.
-    Path(site, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # Dependencies (numpy, grpc, ...) come from this environment's site-packages, linked
+    # one by one into a folder without anything of gradfleet's: not its editable-install
+    # hooks, nor a `gradfleet/` folder an earlier non-editable install may have left.
+    deps = tmp_path / "dependencies"
+    deps.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not entry.name.startswith(("gradfleet", "_gradfleet", "__editable__")):
+            if entry.suffix != ".pth":
+                (deps / entry.name).symlink_to(entry)
+    Path(site, "dependencies.pth").write_text(f"{deps}\n")
 
     probe = subprocess.run(
         [
