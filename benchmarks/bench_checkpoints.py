@@ -1,0 +1,178 @@
+"""What checkpoints cost the data path (issue 13): they are written off the job's lock.
+
+Two measurements, each run against one or more source trees (``--tree``, default this
+repository; give an older checkout to compare before and after), variants interleaved:
+
+* **exchange latency**, 10M float32 parameters (1000-4000-1500-10), sync, 2 clients in
+  threads each doing ``push_and_pull`` against a ``gradfleet server`` subprocess, with a
+  checkpoint every step or none: p50 and p99 of one exchange;
+* **a small job's wall time**: ``gradfleet train`` of breast_cancer (float64, 2 Ray
+  workers, 2,800 sync steps) with ``checkpoint_every = 7`` or without checkpoints.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_checkpoints.py \\
+        [--tree /path/to/old/checkout] [--rounds 3] [--steps 40] [--no-job]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gradfleet.proto.client import ParameterServerClient
+
+HERE = Path(__file__).resolve().parents[1]
+SIZES = [1000, 4000, 1500, 10]
+SGD = {"name": "sgd", "lr": 1e-6}
+ADDRESS = re.compile(r"parameter server on (\S+:\d+)")
+JOB = """
+name = "ckpt-bench"
+dataset = "breast_cancer"
+batch_size = 16
+epochs = 100
+workers = 2
+dtype = "float64"
+checkpoint_every = {every}
+[model]
+sizes = [30, 32, 2]
+[optimizer]
+name = "sgd"
+lr = 0.01
+"""
+
+
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment that runs gradfleet from the source tree `tree`."""
+    parts = ("nn", "server", "worker", "client", "proto")
+    roots = os.pathsep.join(str(tree / part) for part in parts)
+    return {**os.environ, "PYTHONPATH": roots, "PYTHONUNBUFFERED": "1"}
+
+
+def start_server(tree: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    code = "import sys; from gradfleet.server import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "--port", "0", "--max-message-bytes", str(64 << 20), *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=tree_env(tree),
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if match := ADDRESS.search(line):
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            return proc, match.group(1)
+    raise RuntimeError(f"the server of {tree} did not start")
+
+
+def exchange_latencies(tree: Path, every: int, steps: int) -> np.ndarray:
+    """Seconds of each exchange of 2 clients over `steps` sync steps, checkpointing
+    every `every` steps (0: never)."""
+    with tempfile.TemporaryDirectory() as ckpt:
+        proc, address = start_server(tree, "--checkpoint-dir", ckpt)
+        try:
+            spec = {"type": "MLP", "sizes": SIZES, "dtype": "float32", "seed": 0}
+            with ParameterServerClient(address, timeout=600) as ps:
+                job = ps.create_job(
+                    spec, SGD, num_workers=2, total_steps=steps + 1, checkpoint_every=every
+                )
+                _, weights = ps.pull_weights(job)
+            times: list[list[float]] = [[], []]
+
+            def worker(w: int) -> None:
+                grad = np.full_like(weights, 1e-3 * (w + 1))
+                out = weights.copy()
+                with ParameterServerClient(address, timeout=600) as own:
+                    for step in range(steps):
+                        start = time.perf_counter()
+                        own.push_and_pull(job, w, step, 1, 0.5, grad, out=out)
+                        times[w].append(time.perf_counter() - start)
+
+            threads = [threading.Thread(target=worker, args=(w,)) for w in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+    return np.array(times[0][2:] + times[1][2:])  # the first steps warm the allocator
+
+
+def job_seconds(tree: Path, every: int) -> float:
+    """Training seconds `gradfleet train` reports for the breast_cancer job."""
+    with tempfile.TemporaryDirectory() as work:
+        config = Path(work) / "job.toml"
+        config.write_text(JOB.format(every=every))
+        code = "import sys; from gradfleet.client.cli import main; sys.exit(main(sys.argv[1:]))"
+        command = [sys.executable, "-c", code, "-q", "train", str(config), "--backend", "ray"]
+        command += ["--checkpoint-dir", str(Path(work) / "ckpt")]
+        command += ["--out", str(Path(work) / "run"), "--no-progress"]
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            env=tree_env(tree),
+            check=True,
+        )
+    match = re.search(r" in ([\d.]+)s", done.stdout)
+    assert match, done.stdout + done.stderr
+    return float(match.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tree", action="append", type=Path, help="another source tree")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=40, help="sync steps per latency run")
+    parser.add_argument("--no-job", action="store_true", help="skip the small job's timing")
+    args = parser.parse_args()
+    trees = [HERE, *(args.tree or [])]
+    names = {tree: "this tree" if tree == HERE else str(tree) for tree in trees}
+
+    latency: dict[tuple[Path, int], list[np.ndarray]] = {}
+    for _ in range(args.rounds):
+        for tree in trees:
+            for every in (0, 1):
+                latency.setdefault((tree, every), []).append(
+                    exchange_latencies(tree, every, args.steps)
+                )
+    print(f"exchange latency, 10M float32, 2 clients, {args.rounds} x {args.steps} steps")
+    print(f"  {'tree':30s} {'checkpoints':>12} {'p50 ms':>8} {'p99 ms':>8}")
+    p99 = {}
+    for (tree, every), runs in latency.items():
+        all_times = np.concatenate(runs)
+        p99[tree, every] = float(np.percentile(all_times, 99))
+        print(
+            f"  {names[tree]:30s} {'every step' if every else 'none':>12} "
+            f"{np.percentile(all_times, 50) * 1e3:8.1f} {p99[tree, every] * 1e3:8.1f}"
+        )
+    for tree in trees:
+        print(f"  {names[tree]}: p99 with / without checkpoints {p99[tree, 1] / p99[tree, 0]:.2f}")
+
+    if args.no_job:
+        return
+    seconds: dict[tuple[Path, int], list[float]] = {}
+    for _ in range(args.rounds):
+        for tree in trees:
+            for every in (0, 7):
+                seconds.setdefault((tree, every), []).append(job_seconds(tree, every))
+    print("\nbreast_cancer, float64, 2 Ray workers, 2,800 sync steps: training seconds")
+    print(f"  {'tree':30s} {'checkpoints':>12} {'runs':>24} {'median':>8}")
+    for (tree, every), runs in seconds.items():
+        listed = " ".join(f"{s:.1f}" for s in runs)
+        print(f"  {names[tree]:30s} {every or 'none'!s:>12} {listed:>24} {np.median(runs):8.1f}")
+    for tree in trees:
+        ratio = np.median(seconds[tree, 7]) / np.median(seconds[tree, 0])
+        print(f"  {names[tree]}: every 7 / none {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
