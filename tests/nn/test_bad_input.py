@@ -35,11 +35,11 @@ SHAPE_MISMATCHES: dict[str, tuple[Callable[[], object], str]] = {
     ),
     "mlp_fused_input_width": (
         lambda: MLP([6, 4, 2]).loss_and_grads(np.ones((2, 5)), np.array([0, 1])),
-        r"inputs must have shape \(batch, 6\), got \(2, 5\)",
+        r"inputs must have shape \(rows, 6\), got \(2, 5\)",
     ),
     "mlp_predict_input_rank": (
-        lambda: MLP([6, 4, 2]).predict(np.ones(6)),
-        r"inputs must have shape \(batch, 6\), got \(6,\)",
+        lambda: MLP([6, 4, 2]).predict(np.ones((2, 3, 6))),
+        r"inputs must have shape \(rows, 6\), got \(2, 3, 6\)",
     ),
     "mse_targets": (
         lambda: nn.mse_loss(floats(2, 3), np.ones((3, 2))),

@@ -158,13 +158,13 @@ def test_fused_step_casts_float64_inputs_to_a_float32_model() -> None:
     assert grads.dtype == np.float32
 
 
-def test_predict_equals_the_graph_forward() -> None:
+def test_logits_equal_the_graph_forward() -> None:
     # prepare
     model = MLP(SIZES, activation="gelu", dtype="float64")
     x, _ = batch("mse")
 
     # execute
-    predicted = model.predict(x)
+    predicted = model.logits(x)
     with no_grad():
         expected = model(x)
 
@@ -404,3 +404,49 @@ def test_graph_path_computes_in_the_model_dtype_like_the_fused_path() -> None:
     assert fused.dtype == np.float32
     assert outputs.dtype == np.float32
     assert [p.grad.dtype for p in model.parameters()] == [np.dtype(np.float32)] * 6
+
+
+def test_a_model_with_preprocessing_takes_raw_rows_on_every_path() -> None:
+    # prepare: the same weights, one model standardising inside, one fed standardised rows
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((8, SIZES[0])) * 5 + 3
+    y = rng.integers(0, SIZES[-1], 8)
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    plain = MLP(SIZES, dtype="float64", seed=2)
+    scaled = MLP(SIZES, dtype="float64", seed=2, preprocessing={"mean": mean, "std": std})
+    standardised = (x - mean) / std
+    # execute
+    loss, grads = scaled.loss_and_grads(x, y)
+    expected_loss, expected = plain.loss_and_grads(standardised, y)
+    with no_grad():
+        graph = scaled(x).data
+    rebuilt = MLP.from_spec(scaled.spec())
+    # assert
+    assert loss == pytest.approx(expected_loss, rel=1e-12)
+    np.testing.assert_allclose(grads, expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(graph, plain.logits(standardised), rtol=1e-12)
+    np.testing.assert_array_equal(rebuilt.logits(x), scaled.logits(x))
+
+
+@pytest.mark.parametrize(
+    ("output", "sizes"), [("classes", [4, 5, 3]), ("binary", [4, 5, 1]), ("values", [4, 5, 2])]
+)
+def test_predict_says_what_the_outputs_mean(output: str, sizes: list[int]) -> None:
+    model = MLP(sizes, output=output, seed=1)
+    rows = np.random.default_rng(0).standard_normal((6, 4))
+    z = model.logits(rows)
+
+    predicted = model.predict(rows)
+
+    if output == "classes":
+        np.testing.assert_array_equal(predicted, z.argmax(axis=1))
+        np.testing.assert_allclose(model.predict_proba(rows).sum(axis=1), 1.0, rtol=1e-6)
+    elif output == "binary":
+        np.testing.assert_array_equal(predicted, (z[:, 0] > 0).astype(int))
+        assert ((model.predict_proba(rows) > 0.5) == (z > 0)).all()
+    else:
+        np.testing.assert_array_equal(predicted, z)
+        with pytest.raises(ValueError, match="no probabilities"):
+            model.predict_proba(rows)
+    assert model.predict(rows[0]).shape == predicted[:1].shape  # one row alone
+    assert repr(model).startswith(f"MLP(sizes={sizes}, activation='relu', output='{output}'")

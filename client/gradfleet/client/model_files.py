@@ -1,10 +1,13 @@
-"""A trained model on disk: ``model.npz`` (weights, no pickle) beside ``model.json`` (spec)."""
+"""A trained model on disk: ``model.npz`` (weights, no pickle) beside ``model.json`` (spec).
+
+The spec carries the model's preprocessing and what its outputs mean, so a loaded model
+predicts from raw rows like the one that was saved.
+"""
 
 from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,34 +16,18 @@ from gradfleet.nn import MLP
 from gradfleet.nn.mlp import parameter_count
 
 FORMAT = "gradfleet.model/1"
-Preprocess = Callable[[np.ndarray], np.ndarray]
 
 
-def save_model(
-    model: MLP,
-    directory: str | Path,
-    extra: dict | None = None,
-    preprocessing: dict[str, np.ndarray] | None = None,
-) -> Path:
+def save_model(model: MLP, directory: str | Path, extra: dict | None = None) -> Path:
     """Write the weights and spec into ``directory``; returns the path of ``model.npz``.
-
-    ``preprocessing`` (the training data's feature ``mean`` and ``std``) is stored so that
-    ``evaluate`` and ``predict`` transform raw rows exactly as training did.
-    """
+    ``extra`` is stored beside the spec (the dataset, its held-out split, metrics)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights_path = directory / "model.npz"
     np.savez(weights_path, allow_pickle=False, **model.state_dict())
     meta = {"format": FORMAT, "spec": model.spec(), **(extra or {})}
-    if preprocessing:
-        meta["preprocessing"] = {k: np.asarray(v).tolist() for k, v in preprocessing.items()}
     (directory / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     return weights_path
-
-
-def load_model(path: str | Path) -> MLP:
-    """Load a model saved by ``save_model`` from its directory or its ``model.npz``."""
-    return load_model_and_preprocessing(path)[0]
 
 
 def model_description(path: str | Path) -> dict:
@@ -65,10 +52,12 @@ def _paths_and_description(path: str | Path) -> tuple[Path, Path, dict]:
     return weights_path, meta_path, meta
 
 
-def load_model_and_preprocessing(path: str | Path) -> tuple[MLP, Preprocess]:
-    """The model and a function applying its training-time feature scaling to raw rows."""
+def load_model(path: str | Path) -> MLP:
+    """Load a model saved by ``save_model`` from its directory or its ``model.npz``."""
     weights_path, meta_path, meta = _paths_and_description(path)
-    spec = meta.get("spec") or {}
+    spec = dict(meta.get("spec") or {})
+    if "preprocessing" in meta and "preprocessing" not in spec:  # stored beside the spec
+        spec["preprocessing"] = meta["preprocessing"]
     try:
         with np.load(weights_path, allow_pickle=False) as archive:
             weights = {name: archive[name] for name in archive.files}
@@ -80,10 +69,10 @@ def load_model_and_preprocessing(path: str | Path) -> tuple[MLP, Preprocess]:
         raise ValueError(f"{meta_path}: its spec does not describe the {stored} stored weights")
     try:
         model = MLP.from_spec(spec)
-    except (TypeError, OverflowError) as exc:
+    except (TypeError, OverflowError, ValueError) as exc:
         raise ValueError(f"{meta_path}: the model spec is invalid: {exc}") from None
     model.load_state_dict(weights)
-    return model, _preprocess(meta.get("preprocessing"), model, meta_path)
+    return model
 
 
 def _spec_parameters(spec: object, source: Path) -> int:
@@ -93,18 +82,3 @@ def _spec_parameters(spec: object, source: Path) -> int:
     except (KeyError, TypeError, ValueError, OverflowError):
         raise ValueError(f"{source}: the model spec needs 'sizes', a list of integers") from None
     return parameter_count(sizes)
-
-
-def _preprocess(stats: dict | None, model: MLP, source: Path) -> Preprocess:
-    if not stats:
-        return lambda x: x
-    try:
-        mean = np.asarray(stats["mean"], dtype=np.float64)
-        std = np.asarray(stats["std"], dtype=np.float64)
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{source}: preprocessing must hold 'mean' and 'std' lists") from None
-    if mean.shape != (model.sizes[0],) or std.shape != mean.shape or np.any(std <= 0):
-        raise ValueError(
-            f"{source}: preprocessing does not fit the model's {model.sizes[0]} inputs"
-        )
-    return lambda x: (np.asarray(x, dtype=np.float64) - mean) / std

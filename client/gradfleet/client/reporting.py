@@ -67,17 +67,18 @@ class ProgressReporter:
 def write_run(result: TrainResult, job: JobConfig, out: Path) -> Path:
     """Save model, history (CSV and JSON), the job config and curves.png into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    data = job.data
+    summary = job.summary()
     model_path = save_model(
         result.model,
         out,
         {
             "final_metrics": _plain(result.final_metrics),
-            "dataset": job.summary()["dataset"],
-            # so that `gradfleet evaluate` holds out the same rows training did
-            "validation_split": getattr(data, "validation_split", None),
+            # so that `gradfleet evaluate` reloads the data and holds out the same rows
+            "dataset": summary["dataset"],
+            "validation_split": summary["validation_split"],
+            "seed": job.seed,
+            "loss": job.loss,
         },
-        preprocessing=data.stats,
     )
     (out / "config.json").write_text(json.dumps(job.summary(), indent=2) + "\n")
     (out / "history.json").write_text(

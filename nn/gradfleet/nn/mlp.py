@@ -33,8 +33,17 @@ def parameter_count(sizes: Sequence[int]) -> int:
     return sum(a * b + b for a, b in itertools.pairwise(sizes))
 
 
+OUTPUTS = ("classes", "binary", "values")
+
+
 class MLP(Module):
-    """Linear layers of ``sizes`` with ``activation`` between them and raw outputs (logits)."""
+    """Linear layers of ``sizes`` with ``activation`` between them and raw outputs (logits).
+
+    ``preprocessing`` ({"mean": [...], "std": [...]}, one per input) standardises raw
+    inputs on every path, so the model takes rows as they come. ``output`` says what the
+    outputs mean, for ``predict``: "classes" (logits of one class each: labels), "binary"
+    (one logit per yes/no output: 0/1) or "values" (regression).
+    """
 
     def __init__(
         self,
@@ -43,6 +52,8 @@ class MLP(Module):
         seed: int = 0,
         dtype: Any = "float32",
         alpha: float = 0.01,
+        preprocessing: dict[str, Sequence[float]] | None = None,
+        output: str = "classes",
     ) -> None:
         super().__init__()
         sizes = [int(s) for s in sizes]
@@ -53,8 +64,11 @@ class MLP(Module):
             )
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}: choose one of {ACTIVATIONS}")
+        if output not in OUTPUTS:
+            raise ValueError(f"unknown output {output!r}: choose one of {OUTPUTS}")
         self.sizes, self.activation, self.seed, self.alpha = sizes, activation, int(seed), alpha
-        self.dtype = check_dtype(dtype)
+        self.dtype, self.output = check_dtype(dtype), output
+        self.preprocessing = _scaling(preprocessing, sizes[0], self.dtype)
         rng = np.random.default_rng(self.seed)
         # every parameter lives in one contiguous buffer (what the server and the wire
         # move): each Linear is built on its slice, weight then bias, in layer order
@@ -81,7 +95,16 @@ class MLP(Module):
         return self.flat.size
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.preprocessing is not None:
+            mean, std = self.preprocessing
+            x = (x - Tensor(mean)) / Tensor(std)
         return self.layers(x)
+
+    def __repr__(self) -> str:
+        return (
+            f"MLP(sizes={self.sizes}, activation={self.activation!r}, output={self.output!r}, "
+            f"parameters={self.num_parameters:,}, dtype={self.dtype.name})"
+        )
 
     def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """Views of a flat buffer laid out like the parameters, by name."""
@@ -103,6 +126,12 @@ class MLP(Module):
         }
         if self.activation == "leaky_relu":
             spec["alpha"] = self.alpha
+        if self.preprocessing is not None:
+            spec["preprocessing"] = {
+                k: v.tolist() for k, v in zip(("mean", "std"), self.preprocessing, strict=True)
+            }
+        if self.output != "classes":
+            spec["output"] = self.output
         return spec
 
     @classmethod
@@ -110,7 +139,16 @@ class MLP(Module):
         """Rebuild a model from ``spec()``; unknown or missing keys raise ValueError."""
         if not isinstance(spec, dict) or spec.get("type") != "MLP":
             raise ValueError(f"not an MLP spec (expected a dict with type 'MLP'): {spec!r}")
-        allowed = {"type", "sizes", "activation", "seed", "dtype", "alpha"}
+        allowed = {
+            "type",
+            "sizes",
+            "activation",
+            "seed",
+            "dtype",
+            "alpha",
+            "preprocessing",
+            "output",
+        }
         unknown = sorted(set(spec) - allowed)
         if unknown:
             raise ValueError(f"unknown MLP spec keys {unknown}; allowed: {sorted(allowed)}")
@@ -122,11 +160,33 @@ class MLP(Module):
             seed=spec.get("seed", 0),
             dtype=spec.get("dtype", "float32"),
             alpha=spec.get("alpha", 0.01),
+            preprocessing=spec.get("preprocessing"),
+            output=spec.get("output", "classes"),
         )
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Outputs (logits) for a batch, without building a graph."""
-        h = self._check_inputs(x)
+        """What the model says of raw rows (a batch, or one row): class labels, 0/1 per
+        binary output, or the values of a regression."""
+        z = self.logits(x)
+        if self.output == "classes":
+            return z.argmax(axis=1)
+        answer = (z > 0).astype(np.int64) if self.output == "binary" else z
+        return answer[:, 0] if answer.shape[1] == 1 else answer
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Probabilities: of each class (softmax) or of each binary output (sigmoid)."""
+        z = self.logits(x)
+        if self.output == "values":
+            raise ValueError("a regression model has no probabilities; use predict()")
+        if self.output == "binary":
+            return ops.stable_sigmoid(z)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """The raw outputs for raw rows (a batch, or one row), without building a graph."""
+        x = np.asarray(x)
+        h = self._check_inputs(x[None, :] if x.ndim == 1 else x)
         activation = self._activation_rule()
         last = len(self.linears) - 1
         for i, layer in enumerate(self.linears):
@@ -203,7 +263,32 @@ class MLP(Module):
         return ops.ACTIVATION_RULES[self.activation]
 
     def _check_inputs(self, x: np.ndarray) -> np.ndarray:
+        """Rows as the first layer takes them: in the model's dtype, standardised."""
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.sizes[0]:
-            raise ValueError(f"inputs must have shape (batch, {self.sizes[0]}), got {x.shape}")
-        return x.astype(self.dtype, copy=False)
+            raise ValueError(
+                f"inputs must have shape (rows, {self.sizes[0]}), got {x.shape}: the model "
+                f"takes {self.sizes[0]} features a row"
+            )
+        if self.preprocessing is None:
+            return x.astype(self.dtype, copy=False)
+        mean, std = self.preprocessing
+        return (x.astype(self.dtype, copy=False) - mean) / std
+
+
+def _scaling(
+    preprocessing: dict[str, Sequence[float]] | None, features: int, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean, std) in the model's dtype, checked: one each per input, std positive."""
+    if preprocessing is None:
+        return None
+    try:
+        mean = np.asarray(preprocessing["mean"], dtype=dtype)
+        std = np.asarray(preprocessing["std"], dtype=dtype)
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("preprocessing must hold 'mean' and 'std' lists") from None
+    if mean.shape != (features,) or std.shape != (features,):
+        raise ValueError(f"preprocessing needs a mean and a std for each of {features} inputs")
+    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+        raise ValueError("preprocessing needs finite means and positive, finite stds")
+    return mean, std

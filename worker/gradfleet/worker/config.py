@@ -27,6 +27,7 @@ Dataset: TypeAlias = ArrayDataset | RayDataset
 DataSource: TypeAlias = Dataset | str | Path | dict | tuple
 
 MODES = ("sync", "async")
+OUTPUT_OF_LOSS = {"cross_entropy": "classes", "binary_cross_entropy": "binary", "mse": "values"}
 # learning rates for an optimiser named without one (Keras's defaults)
 DEFAULT_LR = {"sgd": 0.01, "adam": 0.001, "adamw": 0.001}
 _INT32, _INT64 = 2**31 - 1, 2**63 - 1
@@ -61,7 +62,7 @@ class JobConfig:
     name: str = "job"
 
     def __post_init__(self) -> None:
-        self.model_spec = _model_spec(self.model, self.dtype)
+        self.model_spec = _model_spec(self.model, self.dtype, OUTPUT_OF_LOSS.get(self.loss))
         self.dtype = self.model_spec["dtype"]
         self.optimizer = _optimizer_settings(self.optimizer)
         self._check_numbers()
@@ -140,6 +141,8 @@ class JobConfig:
                 f"the dataset has {data.num_features} features but the model's input size is "
                 f"{sizes[0]}: make the first of model sizes {data.num_features}"
             )
+        if data.stats:  # the model standardises raw rows the way the data asks
+            self.model_spec["preprocessing"] = {k: v.tolist() for k, v in data.stats.items()}
         classification = self.loss == "cross_entropy"
         if classification:
             if data.classes() > sizes[-1]:
@@ -214,9 +217,7 @@ class JobConfig:
             "eval_every": self.eval_every,
             "checkpoint_every": self.checkpoint_every,
             "seed": self.seed,
-            # the features' training-time standardisation, so a model exported from the
-            # server transforms raw rows the way training did
-            "preprocessing": {k: v.tolist() for k, v in data.stats.items()},
+            "validation_split": getattr(data, "validation_split", None),
         }
 
     def server_settings(self) -> dict[str, Any]:
@@ -232,6 +233,7 @@ class JobConfig:
             "total_steps": self.total_steps,
             "seed": self.seed,
             "job_config": self.summary(),
+            "keep_every": self.eval_every,  # the trainer evaluates exactly these versions
         }
 
     @classmethod
@@ -270,8 +272,9 @@ class JobConfig:
         return cls(**table).resolve()
 
 
-def _model_spec(model: Any, dtype: Any) -> dict[str, Any]:
-    """The validated spec of `model` (an MLP or a dict; "type" may be left out)."""
+def _model_spec(model: Any, dtype: Any, output: str | None) -> dict[str, Any]:
+    """The validated spec of `model` (an MLP or a dict; "type" may be left out), with what
+    its outputs mean for the job's loss."""
     if not isinstance(model, MLP | dict):
         kind = type(model).__name__
         raise ValueError(f"model must be an MLP or its spec (a dict), got a {kind}")
@@ -280,6 +283,8 @@ def _model_spec(model: Any, dtype: Any) -> dict[str, Any]:
         if not isinstance(dtype, str):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         spec["dtype"] = dtype
+    if output is not None:
+        spec["output"] = output
     try:
         return MLP.from_spec(spec).spec()
     except (TypeError, OverflowError) as exc:

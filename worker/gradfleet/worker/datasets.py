@@ -38,8 +38,9 @@ class ArrayDataset:
 
     With ``validation_split`` and no held-out rows given, the rows are shuffled with
     ``seed`` and the last ``validation_split`` of them held out (a warning names classes
-    only one side has). ``standardize`` fits mean/std on the training part only and
-    applies them to both.
+    only one side has). ``standardize`` fits mean/std on the training part only
+    (``stats``); the rows stay as they are, and the model a job trains applies them, so
+    it takes raw rows when it is used later.
     """
 
     x: np.ndarray
@@ -90,9 +91,6 @@ class ArrayDataset:
             constant = self.x.max(axis=0) == self.x.min(axis=0)
             std = np.where(constant, 1.0, self.x.std(axis=0))
             self.stats = {"mean": self.x.mean(axis=0), "std": std}
-            self.x = (self.x - self.stats["mean"]) / self.stats["std"]
-            if self.x_val is not None:
-                self.x_val = (self.x_val - self.stats["mean"]) / self.stats["std"]
 
     @property
     def num_features(self) -> int:

@@ -38,13 +38,14 @@ class TrainResult:
 def evaluate(
     model: MLP, x: np.ndarray | None, y: np.ndarray | None, loss: str, batch: int = 4096
 ) -> dict[str, float]:
-    """Mean loss (and accuracy for classification) of ``model`` on held-out rows."""
+    """Mean loss (and accuracy for classification) of ``model`` on held-out rows (raw: the
+    model applies its own preprocessing)."""
     if x is None or y is None or len(x) == 0:
         return {}
     total_loss, correct = 0.0, 0
     for start in range(0, len(x), batch):
         xb, yb = x[start : start + batch], y[start : start + batch]
-        logits = model.predict(xb)
+        logits = model.logits(xb)
         if loss == "cross_entropy":
             shifted = logits - logits.max(axis=1, keepdims=True)
             log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
