@@ -235,7 +235,7 @@ def bench_aggregation(
     """(CPU, wall) seconds to accumulate `workers` gradients and close one sync step, for
     each of `steps` steps after the first (which also allocates the sum buffer)."""
     from gradfleet.proto.wire import FlatLayout
-    from gradfleet.server.domain import PushHeader
+    from gradfleet.server.domain import JobSnapshot, PushHeader
     from gradfleet.server.job import Job, JobResources
     from gradfleet.server.metrics import ServerMetrics
     from gradfleet.server.receive import Gradient
@@ -244,7 +244,7 @@ def bench_aggregation(
     weights = np.zeros(params, dtype=np.float32)
     layout = FlatLayout.from_arrays({"w": weights})
     spec = JobSpec("{}", '{"name": "sgd", "lr": 0.1}', num_workers=workers, total_steps=steps + 1)
-    snapshot = Job.new_snapshot("bench", JobSettings.validate(spec), layout, weights)
+    snapshot = JobSnapshot.new("bench", JobSettings.validate(spec).spec, layout, weights)
     job = Job(snapshot, JobResources(ServerMetrics(), 1 << 20, 512 << 20, history_page=10_000))
     grads = [np.full(params, w + 1, dtype=np.float32) for w in range(workers)]
     results = []

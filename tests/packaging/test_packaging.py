@@ -76,9 +76,9 @@ def test_a_fresh_environment_imports_every_part_from_the_wheel(wheel: Path, tmp_
     deps = tmp_path / "dependencies"
     deps.mkdir()
     for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
-        if not entry.name.startswith(("gradfleet", "_gradfleet", "__editable__")):
-            if entry.suffix != ".pth":
-                (deps / entry.name).symlink_to(entry)
+        ours = entry.name.startswith(("gradfleet", "_gradfleet", "__editable__"))
+        if not ours and entry.suffix != ".pth":
+            (deps / entry.name).symlink_to(entry)
     Path(site, "dependencies.pth").write_text(f"{deps}\n")
 
     probe = subprocess.run(

@@ -19,8 +19,7 @@ from gradfleet.proto.client import ParameterServerClient
 from gradfleet.proto.errors import GradfleetError
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.server import checkpoint, serve
-from gradfleet.server.domain import JobState
-from gradfleet.server.job import Job
+from gradfleet.server.domain import JobSnapshot, JobState
 from gradfleet.server.settings import JobSettings, JobSpec, initial_weights
 
 ADDRESS = re.compile(r"parameter server on (127\.0\.0\.1:\d+)")
@@ -264,7 +263,7 @@ def test_a_checkpoint_of_a_deleted_job_never_hides_the_new_job_of_that_id(
     settings = JobSettings.validate(JobSpec(json.dumps(kit.SPEC64), json.dumps(kit.SGD),
                                             num_workers=2, total_steps=99))  # fmt: skip
     deleted = dataclasses.replace(
-        Job.new_snapshot("j4", settings, layout, weights), version=50, state=JobState.DELETED
+        JobSnapshot.new("j4", settings.spec, layout, weights), version=50, state=JobState.DELETED
     )
     checkpoint.write_checkpoint(tmp_path, deleted)
     with (

@@ -17,7 +17,7 @@ import pytest
 
 from gradfleet.proto.errors import GradfleetError, Reason
 from gradfleet.proto.wire import FlatLayout
-from gradfleet.server.domain import JobState, PushHeader, PushOutcome
+from gradfleet.server.domain import JobSnapshot, JobState, PushHeader, PushOutcome
 from gradfleet.server.job import Job, JobResources
 from gradfleet.server.metrics import ServerMetrics
 from gradfleet.server.receive import Gradient
@@ -50,7 +50,7 @@ def _random_job(rng: random.Random) -> Job:
     budget = rng.choice([SIZE * 8, 2 * SIZE * 8, 1 << 30])
     resources = JobResources(ServerMetrics(), 4096, budget, history_page=100)
     settings = JobSettings.validate(spec)
-    return Job(Job.new_snapshot("j", settings, layout, np.zeros(SIZE)), resources)
+    return Job(JobSnapshot.new("j", settings.spec, layout, np.zeros(SIZE)), resources)
 
 
 class _Driver:

@@ -277,8 +277,10 @@ class ParameterServerClient:
         job_config: Mapping[str, Any] | None = None,
         job_id: str | None = None,
         initial_weights: Mapping[str, np.ndarray] | None = None,
+        keep_every: int = 0,
     ) -> str:
-        """Create a job (or re-attach to an identical one with the same `job_id`)."""
+        """Create a job (or re-attach to an identical one with the same `job_id`).
+        `keep_every` K: the job keeps every K-th version's weights for exact pulls."""
         if mode not in MODES:
             raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}.")
         spec = pb.JobSpec(
@@ -292,6 +294,7 @@ class ParameterServerClient:
             total_steps=total_steps,
             seed=seed,
             job_config_json=json.dumps(dict(job_config), sort_keys=True) if job_config else "",
+            keep_every=keep_every,
         )
         # a client-chosen id makes a retried create re-attach instead of creating twice
         request = pb.CreateJobRequest(job_id=job_id or uuid.uuid4().hex[:12], spec=spec)
@@ -339,6 +342,12 @@ class ParameterServerClient:
     def checkpoint(self, job_id: str) -> pb.CheckpointJobResponse:
         return self._unary("CheckpointJob", pb.CheckpointJobRequest(job_id=job_id))
 
+    def record_evaluation(self, job_id: str, step: int, metrics: Mapping[str, float]) -> None:
+        """Tell the server the held-out metrics of version `step` (`status` shows them)."""
+        evaluation = pb.Evaluation(step=step, metrics=dict(metrics))
+        request = pb.RecordEvaluationRequest(job_id=job_id, evaluation=evaluation)
+        self._unary("RecordEvaluation", request)
+
     def layout(self, job_id: str) -> FlatLayout:
         """The job's tensor layout (asked once, then known)."""
         return self._wire(job_id).layout
@@ -359,13 +368,15 @@ class ParameterServerClient:
         min_version: int = 0,
         out: np.ndarray | None = None,
         timeout: float | None = None,
+        exact: bool = False,
     ) -> tuple[int, np.ndarray]:
         """Wait until version >= min_version, then return (version, flat weights).
 
         With `out` (a flat, C-contiguous array of the job's dtype and size) the chunks
-        are written straight into it; otherwise a new array is allocated.
+        are written straight into it; otherwise a new array is allocated. With `exact`,
+        the weights of min_version itself (a version the job keeps: see `keep_every`).
         """
-        request = pb.PullWeightsRequest(job_id=job_id, min_version=min_version)
+        request = pb.PullWeightsRequest(job_id=job_id, min_version=min_version, exact=exact)
         deadline = timeout or self.timeout
         wire = self._wire(job_id)
         if wire.weights_fit_one_message:

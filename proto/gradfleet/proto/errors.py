@@ -139,6 +139,13 @@ class TrainingDiverged(GradfleetError):
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 
+    @classmethod
+    def at_step(cls, step: int, what: str) -> TrainingDiverged:
+        """The one sentence every backend says when step `step` (1-based) diverged:
+        `what` is "loss" (not finite) or "gradients" (their sum overflowed)."""
+        happened = "loss became NaN" if what == "loss" else "the gradients overflowed"
+        return cls(f"{happened} at step {step}; try a lower learning rate")
+
 
 class DataLoss(GradfleetError):
     """The server's answer was malformed or incomplete."""

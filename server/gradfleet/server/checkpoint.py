@@ -28,7 +28,7 @@ from typing import IO, Any
 import numpy as np
 
 from gradfleet.proto.wire import FlatLayout
-from gradfleet.server.domain import Counters, JobSnapshot, JobState
+from gradfleet.server.domain import Counters, Evaluation, JobSnapshot, JobState
 from gradfleet.server.history import StepHistory
 from gradfleet.server.settings import JobSpec
 
@@ -148,6 +148,8 @@ def write_checkpoint(root: Path, snap: JobSnapshot) -> Path:
             "rejected": dict(c.rejected),
         },
     }
+    if snap.evaluation is not None:
+        meta["evaluation"] = {"step": snap.evaluation.step, "metrics": snap.evaluation.metrics}
     meta["checksum"] = _meta_checksum(meta)
     json_path = job_dir / f"{stem}.json"
     _atomic_write(json_path, lambda f: f.write(json.dumps(meta).encode()))
@@ -233,6 +235,11 @@ def _parse(json_path: Path) -> JobSnapshot:
     states = {name: state for state, name in _STATE_NAMES.items()}
     if meta["state"] not in states:
         raise bad(f"unknown job state {meta['state']!r}")
+    evaluation = None
+    if "evaluation" in meta:
+        found = meta["evaluation"]
+        metrics = {str(k): float(v) for k, v in dict(found["metrics"]).items()}
+        evaluation = Evaluation(int(found["step"]), metrics)
     c = meta["counters"]
     counters = Counters(
         int(c["received"]),
@@ -252,6 +259,7 @@ def _parse(json_path: Path) -> JobSnapshot:
         counters=counters,
         history=history.arrays(),
         created_at=float(meta["created_at"]),
+        evaluation=evaluation,
     )
 
 

@@ -122,3 +122,38 @@ class CheckpointWriter:
                 with self._lock:
                     self._writing = None
                     self._lock.notify_all()
+
+
+class JobCheckpoints:
+    """One job's checkpoints on their way to disk: it hands in snapshots (under its lock)
+    and, past two not yet written, the push that asked for another waits (off it)."""
+
+    IN_FLIGHT = 2
+
+    def __init__(self, writer: CheckpointWriter | None) -> None:
+        self._writer = writer
+        self._writes: deque[Future[Checkpointed]] = deque()
+        self._lock = threading.Lock()
+
+    @property
+    def on(self) -> bool:
+        return self._writer is not None
+
+    def submit(self, snap: JobSnapshot) -> Future[Checkpointed]:
+        assert self._writer is not None
+        future = self._writer.submit(snap)
+        with self._lock:
+            self._writes.append(future)
+        return future
+
+    def keep_up(self) -> None:
+        """Wait while more than `IN_FLIGHT` of this job's checkpoints are not on disk."""
+        while True:
+            with self._lock:
+                while self._writes and self._writes[0].done():
+                    self._writes.popleft()
+                if len(self._writes) <= self.IN_FLIGHT:
+                    return
+                oldest = self._writes[0]
+            with contextlib.suppress(Exception):  # a failed write is logged by the writer
+                oldest.result()

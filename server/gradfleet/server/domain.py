@@ -7,13 +7,15 @@ protobuf.
 from __future__ import annotations
 
 import enum
+import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradfleet.proto.errors import Reason
+from gradfleet.proto.errors import InvalidArgument, Reason
 from gradfleet.proto.wire import FlatLayout
-from gradfleet.server.history import StepPage
+from gradfleet.server.history import StepHistory, StepPage
 from gradfleet.server.settings import JobSpec
 
 
@@ -79,6 +81,33 @@ class Counters:
 
 
 @dataclass(frozen=True)
+class Evaluation:
+    """Held-out metrics of one version, as the trainer recorded them."""
+
+    step: int
+    metrics: dict[str, float]
+
+    MAX_METRICS = 32
+
+    def check(self, total_steps: int) -> None:
+        """Raise InvalidArgument unless the step is the job's and the metrics are few,
+        finite and named."""
+        if not 0 <= self.step <= total_steps:
+            raise InvalidArgument(
+                f"evaluation step {self.step} is outside the job's steps 0..{total_steps}.",
+                Reason.BAD_STEP,
+            )
+        if len(self.metrics) > self.MAX_METRICS or not all(
+            0 < len(name) <= 64 and math.isfinite(value) for name, value in self.metrics.items()
+        ):
+            raise InvalidArgument(
+                f"an evaluation holds at most {self.MAX_METRICS} finite metrics with names "
+                "of 1-64 characters.",
+                Reason.BAD_CONFIG,
+            )
+
+
+@dataclass(frozen=True)
 class JobSnapshot:
     """A job frozen at one version: what a checkpoint holds and a restart resumes from.
 
@@ -95,6 +124,25 @@ class JobSnapshot:
     counters: Counters
     history: tuple[np.ndarray, np.ndarray]  # StepHistory.arrays()
     created_at: float
+    evaluation: Evaluation | None = None
+
+    @classmethod
+    def new(
+        cls, job_id: str, spec: JobSpec, layout: FlatLayout, weights: np.ndarray
+    ) -> JobSnapshot:
+        """Where a new job starts: version 0, no optimiser state, no history."""
+        return cls(
+            job_id=job_id,
+            spec=spec,
+            layout=layout,
+            weights=weights,
+            optimizer_state={},
+            version=0,
+            state=JobState.RUNNING,
+            counters=Counters(),
+            history=StepHistory().arrays(),
+            created_at=time.time(),
+        )
 
 
 @dataclass(frozen=True)
@@ -111,3 +159,4 @@ class JobInfo:
     last_checkpoint_version: int
     weights_fit_one_message: bool
     history: StepPage | None = None  # a page of step records, when asked for
+    evaluation: Evaluation | None = None  # the latest recorded

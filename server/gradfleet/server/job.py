@@ -17,9 +17,7 @@ thread-safe; none does disk or network I/O under the lock.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -37,13 +35,13 @@ from gradfleet.proto.errors import (
     ResourceExhausted,
     ServerUnavailable,
     StaleGradient,
+    TrainingDiverged,
     WrongState,
 )
-from gradfleet.proto.wire import FlatLayout
 from gradfleet.server.aggregation import SyncStep
-from gradfleet.server.checkpoint_writer import Checkpointed, CheckpointWriter
+from gradfleet.server.checkpoint_writer import Checkpointed, CheckpointWriter, JobCheckpoints
 from gradfleet.server.domain import (
-    Counters,
+    Evaluation,
     JobInfo,
     JobSnapshot,
     JobState,
@@ -53,7 +51,7 @@ from gradfleet.server.domain import (
 from gradfleet.server.history import StepHistory
 from gradfleet.server.metrics import ServerMetrics
 from gradfleet.server.publishing import Encode, WeightsPublisher
-from gradfleet.server.receive import Gradient, ReceiveSlots
+from gradfleet.server.receive import Gradient, ReceiveSlots, check_header
 from gradfleet.server.settings import JobSettings, Mode, build_optimizer
 from gradfleet.server.update import WholeBufferOptimizer
 from gradfleet.server.waiting import VersionWaiters, Waiter
@@ -118,7 +116,9 @@ class Job:
         self._open = self._new_step()
         self._closed: deque[tuple[int, frozenset[int]]] = deque(maxlen=_KEEP_CLOSED)
         self._seen: dict[int, set[int]] = {}  # async: steps applied per worker, bounded
-        self._writes: deque[Future[Checkpointed]] = deque()  # checkpoints not yet on disk
+        self._checkpoints = JobCheckpoints(resources.checkpoints)
+        self._stopped_because = ""  # why the job stopped itself, when it did
+        self._evaluation = snap.evaluation
         self._step_started = time.monotonic()
 
     def _new_step(self) -> SyncStep:
@@ -131,34 +131,7 @@ class Job:
 
     def check_header(self, h: PushHeader) -> None:
         """Validate a push header against the job's settings; raises InvalidArgument."""
-        n = self.settings.num_workers
-        if not 0 <= h.worker < n:
-            raise InvalidArgument(
-                f"worker {h.worker} is out of range; this job has workers 0..{n - 1}.",
-                Reason.BAD_WORKER,
-            )
-        if h.rows < 0:
-            raise InvalidArgument(f"rows must be 0 or more, got {h.rows}.", Reason.BAD_ROWS)
-        if not math.isfinite(h.loss):
-            raise InvalidArgument("the reported loss is NaN or Inf.", Reason.NON_FINITE)
-        if h.dtype is None:
-            raise InvalidArgument("the gradient's dtype is unknown.", Reason.BAD_DTYPE)
-        if h.dtype != self.layout.dtype:
-            raise InvalidArgument(
-                f"gradient dtype {h.dtype.name} does not match the job's {self.layout.dtype.name}.",
-                Reason.BAD_DTYPE,
-            )
-        if h.layout is not None and h.layout != self.layout:
-            raise InvalidArgument(
-                "the gradient's layout does not match the job's layout.", Reason.BAD_LAYOUT
-            )
-        if h.total_bytes != self.layout.nbytes:
-            raise InvalidArgument(
-                f"gradient declares {h.total_bytes} bytes, expected {self.layout.nbytes}.",
-                Reason.BAD_BYTES,
-            )
-        if h.step < 0:
-            raise InvalidArgument(f"step must be 0 or more, got {h.step}.", Reason.BAD_STEP)
+        check_header(h, self.settings.num_workers, self.layout)
 
     def admit(self, h: PushHeader) -> PushOutcome | None:
         """None when the gradient should be received for the sum; a duplicate or late
@@ -170,7 +143,9 @@ class Job:
         if self.state is JobState.DELETED:  # a push that began before DeleteJob
             raise JobNotFound(f"job {self.job_id!r} was deleted.")
         if self.state is JobState.STOPPED:
-            raise JobStopped(f"job {self.job_id} is stopped; it accepts no gradients.")
+            raise JobStopped(
+                self._stopped_because or f"job {self.job_id} is stopped; it accepts no gradients."
+            )
         if h.step > self.version:
             raise WrongState(
                 f"step {h.step} is ahead of the job's version {self.version}; "
@@ -246,21 +221,8 @@ class Job:
                 self._apply_async(h, gradient)
             elif self._open.add(h.worker, h.rows, h.loss, gradient):
                 self._close_step()
-        self._keep_up_with_the_disk()
+        self._checkpoints.keep_up()  # the push that asked for a checkpoint waits, if any
         return PushOutcome.ACCEPTED
-
-    def _keep_up_with_the_disk(self) -> None:
-        """With more than two checkpoints of this job not yet on disk, wait (off the lock)
-        for the oldest: the push that asked for a third one waits, nothing else does."""
-        while True:
-            with self._lock:
-                while self._writes and self._writes[0].done():
-                    self._writes.popleft()
-                if len(self._writes) <= 2:
-                    return
-                oldest = self._writes[0]
-            with contextlib.suppress(Exception):  # a failed write is logged by the writer
-                oldest.result()
 
     def count_early(self, outcome: PushOutcome) -> PushOutcome:
         """Count a push answered without adding its data (duplicate or late)."""
@@ -290,15 +252,10 @@ class Job:
 
     def _stop_on_overflow(self, step: int) -> None:
         """Finite gradients whose sum overflows the dtype: training diverged. The weights
-        stay as they are and the job stops, with the reason logged."""
+        stay as they are and the job stops; its calls say why from now on."""
+        self._stopped_because = TrainingDiverged.at_step(step + 1, "gradients").message
         log.error(
-            "job %s: the sum of step %d's gradients overflows %s although each was finite; "
-            "the job is stopped at version %d with its weights unchanged. Lower the learning "
-            "rate, clip gradients or train in float64.",
-            self.job_id,
-            step,
-            self.layout.dtype.name,
-            self.version,
+            "job %s stopped at version %d: %s", self.job_id, self.version, self._stopped_because
         )
         self.counters.unaccept("overflow")
         self.state = JobState.STOPPED
@@ -329,6 +286,9 @@ class Job:
         self._resources.metrics.step_latency.observe(elapsed)
         self.version += 1
         self._steps_applied.inc()
+        keep_every = self.settings.spec.keep_every
+        if keep_every and self.version % keep_every == 0:
+            self.publisher.keep(self.version)
         if self.version >= self.settings.total_steps:
             self.state = JobState.COMPLETED
             self._waiters.wake_all()
@@ -366,7 +326,8 @@ class Job:
                         raise JobNotFound(f"job {self.job_id!r} was deleted.")
                     if state is None and self.state is JobState.STOPPED:
                         raise JobStopped(
-                            f"job {self.job_id} stopped at version {self.version} before "
+                            self._stopped_because
+                            or f"job {self.job_id} stopped at version {self.version} before "
                             f"reaching version {version + 1}."
                         )
                     if waiter.cancelled:
@@ -390,6 +351,27 @@ class Job:
         """The current weights as one message (built once per version and state)."""
         return self.publisher.one_message(encode)
 
+    def exact_weights(self, version: int) -> tuple[np.ndarray, JobState]:
+        """The weights of `version` itself (reached already): kept, being a multiple of
+        keep_every, or current. The array is the job's own copy: read, never write."""
+        with self._lock:
+            kept = self.publisher.kept(version)
+            if kept is None:
+                raise WrongState(
+                    f"the weights of version {version} are not kept (the job keeps every "
+                    f"{self.settings.spec.keep_every}th version, the newest "
+                    f"{self.publisher.KEEP}); pull the current version instead.",
+                    Reason.BAD_VERSION,
+                )
+            return kept, self.state
+
+    def record_evaluation(self, evaluation: Evaluation) -> None:
+        """Keep the newest held-out metrics the trainer reports (shown by status)."""
+        evaluation.check(self.settings.total_steps)
+        with self._lock:
+            if self._evaluation is None or evaluation.step >= self._evaluation.step:
+                self._evaluation = evaluation
+
     # information and control
 
     def info(self, history_since: int | None = None) -> JobInfo:
@@ -412,6 +394,7 @@ class Job:
                 last_checkpoint_version=self.last_checkpoint_version,
                 weights_fit_one_message=self.publisher.fits_one_message,
                 history=page,
+                evaluation=self._evaluation,
             )
 
     def stop(self) -> Future[Checkpointed] | None:
@@ -444,12 +427,9 @@ class Job:
             self.last_checkpoint_version = max(self.last_checkpoint_version, version)
 
     def _submit_checkpoint(self) -> Future[Checkpointed] | None:
-        writer = self._resources.checkpoints
-        if writer is None or self.state is JobState.DELETED:
+        if not self._checkpoints.on or self.state is JobState.DELETED:
             return None
-        future = writer.submit(self._snapshot())
-        self._writes.append(future)
-        return future
+        return self._checkpoints.submit(self._snapshot())
 
     def _snapshot(self) -> JobSnapshot:
         """The job as of its last applied step: weights and optimiser state copied, the
@@ -470,22 +450,5 @@ class Job:
             counters=counters,
             history=self.history.arrays(),
             created_at=self.created_at,
-        )
-
-    @staticmethod
-    def new_snapshot(
-        job_id: str, settings: JobSettings, layout: FlatLayout, weights: np.ndarray
-    ) -> JobSnapshot:
-        """The snapshot a new job starts from: version 0, no state, no history."""
-        return JobSnapshot(
-            job_id=job_id,
-            spec=settings.spec,
-            layout=layout,
-            weights=weights,
-            optimizer_state={},
-            version=0,
-            state=JobState.RUNNING,
-            counters=Counters(),
-            history=StepHistory().arrays(),
-            created_at=time.time(),
+            evaluation=self._evaluation,
         )

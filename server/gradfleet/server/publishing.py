@@ -21,7 +21,7 @@ Encode = Callable[[int, Any, int, memoryview], bytes]
 
 
 class WeightsPublisher:
-    """Serves the weights of the current version to pulls.
+    """Serves the weights of the current version to pulls, and of kept older versions.
 
     `lock` is the job's lock; `current()`, called under it, gives (version, state).
     """
@@ -40,6 +40,7 @@ class WeightsPublisher:
         self._cached: tuple[tuple[int, Any], bytes] | None = None  # ((version, state), message)
         self._readers: dict[int, int] = {}  # version -> streams reading it
         self._kept: dict[int, np.ndarray] = {}  # version -> its weights, while still read
+        self._saved: dict[int, np.ndarray] = {}  # version -> its weights, asked to be kept
 
     def one_message(self, encode: Encode) -> bytes:
         """The current weights as one message, encoded once per (version, state)."""
@@ -68,6 +69,22 @@ class WeightsPublisher:
                 if not self._readers[version]:
                     del self._readers[version]
                     self._kept.pop(version, None)
+
+    KEEP = 4  # versions kept for exact pulls, the newest
+
+    def keep(self, version: int) -> None:
+        """Keep a copy of the current weights as `version` for exact pulls (the `KEEP`
+        newest); call under the lock."""
+        self._saved[version] = self.weights.copy()
+        for old in sorted(self._saved)[: -self.KEEP]:
+            del self._saved[old]
+
+    def kept(self, version: int) -> np.ndarray | None:
+        """The weights of `version` if kept (or current), else None; call under the lock."""
+        saved = self._saved.get(version)
+        if saved is None and version == self._current()[0]:
+            saved = self.weights.copy()
+        return saved
 
     def before_update(self, version: int) -> None:
         """Call under the lock before the weights of `version` change in place."""

@@ -9,6 +9,7 @@ gradients are being received or held for their turn at once (`receive_budget_byt
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from gradfleet.proto.errors import InvalidArgument, Reason
 from gradfleet.proto.wire import ChunkPlacement, FlatLayout, WireError, decode_chunk_message
+from gradfleet.server.domain import PushHeader
 from gradfleet.server.waiting import FifoWaiters, Waiter
 
 
@@ -26,6 +28,37 @@ class Gradient:
     data: np.ndarray  # flat, the job's dtype
     buffer: np.ndarray | None = None  # a slots buffer to hand back, or None (a message view)
     slot: bool = False  # whether it counts against the receive slots
+
+
+def check_header(h: PushHeader, num_workers: int, layout: FlatLayout) -> None:
+    """Validate a push header against its job; raises InvalidArgument naming the field."""
+    if not 0 <= h.worker < num_workers:
+        raise InvalidArgument(
+            f"worker {h.worker} is out of range; this job has workers 0..{num_workers - 1}.",
+            Reason.BAD_WORKER,
+        )
+    if h.rows < 0:
+        raise InvalidArgument(f"rows must be 0 or more, got {h.rows}.", Reason.BAD_ROWS)
+    if not math.isfinite(h.loss):
+        raise InvalidArgument("the reported loss is NaN or Inf.", Reason.NON_FINITE)
+    if h.dtype is None:
+        raise InvalidArgument("the gradient's dtype is unknown.", Reason.BAD_DTYPE)
+    if h.dtype != layout.dtype:
+        raise InvalidArgument(
+            f"gradient dtype {h.dtype.name} does not match the job's {layout.dtype.name}.",
+            Reason.BAD_DTYPE,
+        )
+    if h.layout is not None and h.layout != layout:
+        raise InvalidArgument(
+            "the gradient's layout does not match the job's layout.", Reason.BAD_LAYOUT
+        )
+    if h.total_bytes != layout.nbytes:
+        raise InvalidArgument(
+            f"gradient declares {h.total_bytes} bytes, expected {layout.nbytes}.",
+            Reason.BAD_BYTES,
+        )
+    if h.step < 0:
+        raise InvalidArgument(f"step must be 0 or more, got {h.step}.", Reason.BAD_STEP)
 
 
 def _check_finite(values: np.ndarray) -> None:

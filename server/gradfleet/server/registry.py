@@ -79,7 +79,7 @@ class JobRegistry:
         else:
             layout, weights = given
         self.check_size(layout.nbytes)
-        job = Job(Job.new_snapshot(job_id, settings, layout, weights), self.resources)
+        job = Job(JobSnapshot.new(job_id, settings.spec, layout, weights), self.resources)
         with self._lock:
             existing = self._jobs.setdefault(job_id, job)
             self.metrics.jobs.set(len(self._jobs))

@@ -31,10 +31,10 @@ from gradfleet.proto.errors import (
     WrongState,
 )
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
-from gradfleet.proto.wire import FlatLayout, WireError
+from gradfleet.proto.wire import FlatLayout, WireError, as_bytes_view
 from gradfleet.server import translate
 from gradfleet.server.checkpoint_writer import Checkpointed
-from gradfleet.server.domain import JobState, PushOutcome
+from gradfleet.server.domain import Evaluation, JobState, PushOutcome
 from gradfleet.server.job import Job
 from gradfleet.server.metrics import ServerMetrics
 from gradfleet.server.publishing import Encode
@@ -250,7 +250,9 @@ class ParameterService:
         with self.streams:
             self._wait(job, request.min_version, context)
             encode = self._layout_and_encoder(job)[1]
-            if job.publisher.fits_one_message:
+            if request.exact:
+                yield from self._exact(job, request.min_version, encode)
+            elif job.publisher.fits_one_message:
                 yield job.weights_message(encode)
             else:
                 yield from job.publisher.stream(encode)
@@ -264,7 +266,20 @@ class ParameterService:
         self._fits_one_message(job)
         with self.streams:
             self._wait(job, request.min_version, context)
+        if request.exact:
+            (message,) = self._exact(job, request.min_version, self._layout_and_encoder(job)[1])
+            self.metrics.weight_bytes_out.inc(job.layout.nbytes)
+            return message
         return self._weights_message(job)
+
+    @staticmethod
+    def _exact(job: Job, version: int, encode: Encode) -> Iterator[bytes]:
+        """The messages of exactly `version`'s weights (kept by the job)."""
+        weights, state = job.exact_weights(version)
+        data = as_bytes_view(weights)
+        step = job.publisher.chunk_bytes
+        for start in range(0, len(data), step):
+            yield encode(version, state, start, data[start : start + step])
 
     def _fits_one_message(self, job: Job) -> None:
         if not job.publisher.fits_one_message:
@@ -280,6 +295,8 @@ class ParameterService:
 
     def _wait(self, job: Job, min_version: int, context: grpc.ServicerContext) -> None:
         """Wait (within the call's deadline) for `min_version`."""
+        if min_version <= job.version:  # reached: no waiter needed (versions only grow)
+            return
         waiter = self._waiter(context)
         if not job.wait_for_version(min_version, _remaining(context), waiter):
             if self._stopping:
@@ -298,7 +315,9 @@ class ParameterService:
                 raise InvalidArgument(
                     "the push stream is empty; send a header first.", Reason.BAD_HEADER
                 )
-            job, outcome, step = self._push(first, request_iterator, context)
+            decoded = translate.first_push_message(first)
+            job = self.registry.get(decoded[0].job_id)
+            outcome, step = self._push(job, decoded, request_iterator, context)
             return pb.PushAck(
                 outcome=cast(pb.PushOutcome, translate.OUTCOMES[outcome]),
                 version=job.version,
@@ -312,21 +331,24 @@ class ParameterService:
     @_status_edge
     def PushAndPullUnary(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         """Push one single-message gradient, then return the weights of version >= step + 1."""
-        header, _, _ = translate.first_push_message(request)
-        job = self.registry.get(header.job_id)
+        decoded = translate.first_push_message(request)
+        job = self.registry.get(decoded[0].job_id)
         self._fits_one_message(job)
         with self.streams:
-            _, _, step = self._push(request, iter(()), context)
+            _, step = self._push(job, decoded, iter(()), context)
             self._wait(job, min(step + 1, job.settings.total_steps), context)
         return self._weights_message(job)
 
     def _push(
-        self, first: bytes, rest: Iterator[bytes], context: grpc.ServicerContext
-    ) -> tuple[Job, PushOutcome, int]:
-        """Receive, check and commit one push; returns (job, outcome, step). A push refused
-        for any reason is counted in its job's counters."""
-        msg, offset, data = translate.first_push_message(first)
-        job = self.registry.get(msg.job_id)
+        self,
+        job: Job,
+        decoded: tuple[pb.PushHeader, int, memoryview],
+        rest: Iterator[bytes],
+        context: grpc.ServicerContext,
+    ) -> tuple[PushOutcome, int]:
+        """Receive, check and commit one push, whose first message is `decoded`; returns
+        (outcome, step). A push refused for any reason is counted in its job's counters."""
+        msg, offset, data = decoded
         gradient: Gradient | None = None
         try:
             header = translate.push_header(msg, self._layout_and_encoder(job)[0])
@@ -353,7 +375,16 @@ class ParameterService:
             raise
         self.metrics.gradient_bytes_in.inc(job.layout.nbytes)
         self.metrics.pushed(translate.OUTCOME_LABELS[outcome])
-        return job, outcome, header.step
+        return outcome, header.step
+
+    @_status_edge
+    def RecordEvaluation(
+        self, request: pb.RecordEvaluationRequest, context: grpc.ServicerContext
+    ) -> pb.RecordEvaluationResponse:
+        job = self.registry.get(request.job_id)
+        found = request.evaluation
+        job.record_evaluation(Evaluation(found.step, dict(found.metrics)))
+        return pb.RecordEvaluationResponse()
 
     @_status_edge
     def WatchJob(
@@ -428,6 +459,9 @@ class ParameterService:
             ),
             "PushAndPullUnary": u(
                 self.PushAndPullUnary, request_deserializer=None, response_serializer=None
+            ),
+            "RecordEvaluation": unary(
+                self.RecordEvaluation, pb.RecordEvaluationRequest, pb.RecordEvaluationResponse
             ),
             "WatchJob": s(
                 self.WatchJob,

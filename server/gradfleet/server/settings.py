@@ -70,6 +70,7 @@ class JobSpec:
     total_steps: int = 0
     seed: int = 0
     job_config_json: str = ""
+    keep_every: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The form checkpoints store: proto field names, the mode as its proto enum name."""
@@ -118,6 +119,8 @@ class JobSettings:
             raise _bad("checkpoint_every must be 0 (off) or more.")
         if spec.total_steps < 1:
             raise _bad("total_steps must be at least 1.")
+        if spec.keep_every < 0:
+            raise _bad("keep_every must be 0 (off) or more.")
         for name in ("num_workers", "backup_workers", "staleness_bound", "checkpoint_every"):
             if getattr(spec, name) > _INT32:
                 raise _bad(f"{name} must be at most {_INT32}.")

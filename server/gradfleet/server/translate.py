@@ -48,6 +48,7 @@ def spec_from_proto(msg: pb.JobSpec) -> JobSpec:
         total_steps=msg.total_steps,
         seed=msg.seed,
         job_config_json=msg.job_config_json,
+        keep_every=msg.keep_every,
     )
 
 
@@ -63,6 +64,7 @@ def spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         total_steps=spec.total_steps,
         seed=spec.seed,
         job_config_json=spec.job_config_json,
+        keep_every=spec.keep_every,
     )
 
 
@@ -129,6 +131,9 @@ def job_info(info: JobInfo, layout: pb.Layout) -> pb.JobInfo:
     if info.history is not None:
         msg.history.extend(step_records(info.history))
         msg.history_more = info.history.more
+    if info.evaluation is not None:
+        msg.latest_evaluation.step = info.evaluation.step
+        msg.latest_evaluation.metrics.update(info.evaluation.metrics)
     return msg
 
 

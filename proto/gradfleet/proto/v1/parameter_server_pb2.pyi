@@ -119,7 +119,7 @@ class Layout(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model_spec_json", "optimizer_json", "mode", "num_workers", "backup_workers", "staleness_bound", "checkpoint_every", "total_steps", "seed", "job_config_json")
+    __slots__ = ("model_spec_json", "optimizer_json", "mode", "num_workers", "backup_workers", "staleness_bound", "checkpoint_every", "total_steps", "seed", "job_config_json", "keep_every")
     MODEL_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class JobSpec(_message.Message):
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     JOB_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    KEEP_EVERY_FIELD_NUMBER: _ClassVar[int]
     model_spec_json: str
     optimizer_json: str
     mode: Mode
@@ -140,7 +141,8 @@ class JobSpec(_message.Message):
     total_steps: int
     seed: int
     job_config_json: str
-    def __init__(self, model_spec_json: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., job_config_json: _Optional[str] = ...) -> None: ...
+    keep_every: int
+    def __init__(self, model_spec_json: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., job_config_json: _Optional[str] = ..., keep_every: _Optional[int] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("job_id", "spec", "initial_layout", "initial_weights")
@@ -206,7 +208,7 @@ class JobCounters(_message.Message):
     def __init__(self, received: _Optional[int] = ..., accepted: _Optional[int] = ..., duplicate: _Optional[int] = ..., dropped_late: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "version", "layout", "history", "counters", "created_at", "last_checkpoint_version", "history_more", "weights_fit_one_message")
+    __slots__ = ("job_id", "spec", "state", "version", "layout", "history", "counters", "created_at", "last_checkpoint_version", "history_more", "weights_fit_one_message", "latest_evaluation")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +220,7 @@ class JobInfo(_message.Message):
     LAST_CHECKPOINT_VERSION_FIELD_NUMBER: _ClassVar[int]
     HISTORY_MORE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIT_ONE_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LATEST_EVALUATION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: JobSpec
     state: JobState
@@ -229,7 +232,35 @@ class JobInfo(_message.Message):
     last_checkpoint_version: int
     history_more: bool
     weights_fit_one_message: bool
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., version: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., history: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., counters: _Optional[_Union[JobCounters, _Mapping]] = ..., created_at: _Optional[float] = ..., last_checkpoint_version: _Optional[int] = ..., history_more: _Optional[bool] = ..., weights_fit_one_message: _Optional[bool] = ...) -> None: ...
+    latest_evaluation: Evaluation
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., version: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., history: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., counters: _Optional[_Union[JobCounters, _Mapping]] = ..., created_at: _Optional[float] = ..., last_checkpoint_version: _Optional[int] = ..., history_more: _Optional[bool] = ..., weights_fit_one_message: _Optional[bool] = ..., latest_evaluation: _Optional[_Union[Evaluation, _Mapping]] = ...) -> None: ...
+
+class Evaluation(_message.Message):
+    __slots__ = ("step", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class RecordEvaluationRequest(_message.Message):
+    __slots__ = ("job_id", "evaluation")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    evaluation: Evaluation
+    def __init__(self, job_id: _Optional[str] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ...) -> None: ...
+
+class RecordEvaluationResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id", "history_since_step", "omit_history")
@@ -282,12 +313,14 @@ class CheckpointJobResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
 
 class PullWeightsRequest(_message.Message):
-    __slots__ = ("job_id", "min_version")
+    __slots__ = ("job_id", "min_version", "exact")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     min_version: int
-    def __init__(self, job_id: _Optional[str] = ..., min_version: _Optional[int] = ...) -> None: ...
+    exact: bool
+    def __init__(self, job_id: _Optional[str] = ..., min_version: _Optional[int] = ..., exact: _Optional[bool] = ...) -> None: ...
 
 class WeightsHeader(_message.Message):
     __slots__ = ("version", "layout", "total_bytes", "state")

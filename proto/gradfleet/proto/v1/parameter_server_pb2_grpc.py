@@ -94,6 +94,11 @@ class ParameterServiceStub:
                 request_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.RecordEvaluation = channel.unary_unary(
+                '/gradfleet.v1.ParameterService/RecordEvaluation',
+                request_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.RecordEvaluationRequest.SerializeToString,
+                response_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.RecordEvaluationResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServiceServicer:
@@ -178,6 +183,12 @@ class ParameterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordEvaluation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -240,6 +251,11 @@ def add_ParameterServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.WatchJobRequest.FromString,
                     response_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.JobEvent.SerializeToString,
+            ),
+            'RecordEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordEvaluation,
+                    request_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.RecordEvaluationRequest.FromString,
+                    response_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.RecordEvaluationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -566,6 +582,33 @@ class ParameterService:
             '/gradfleet.v1.ParameterService/WatchJob',
             gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.WatchJobRequest.SerializeToString,
             gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradfleet.v1.ParameterService/RecordEvaluation',
+            gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.RecordEvaluationRequest.SerializeToString,
+            gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.RecordEvaluationResponse.FromString,
             options,
             channel_credentials,
             insecure,
