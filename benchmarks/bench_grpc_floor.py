@@ -286,7 +286,7 @@ def grpc_variants(data: Any, steps: int, rows: int) -> dict[str, dict[str, float
     from gradfleet.nn import MLP
     from gradfleet.proto.client import ParameterServerClient
     from gradfleet.server import serve
-    from gradfleet.worker.actor import GradientWorker
+    from gradfleet.worker.actor import GradientWorker, WorkerSpec
     from gradfleet.worker.batches import shard_rows
     from gradfleet.worker.ray_runner import init_ray
 
@@ -337,11 +337,14 @@ def grpc_variants(data: Any, steps: int, rows: int) -> dict[str, dict[str, float
                     )
                 actors = [
                     ours_actor.remote(
-                        running.address, job, w, x, y, spec, "cross_entropy", rows, 0, steps
+                        WorkerSpec(
+                            running.address, job, w, 2, spec, "cross_entropy", rows, 0, steps
+                        )
                     )
-                    for w, (x, y) in enumerate(shards)
+                    for w in range(2)
                 ]
-                return timed(actors, lambda actor: actor.run.remote())
+                shard = dict(zip(actors, shards, strict=True))
+                return timed(actors, lambda actor: actor.run.remote(*shard[actor]))
 
         return {
             "minimal server, no compute": minimal(False),

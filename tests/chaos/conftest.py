@@ -31,6 +31,7 @@ from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.worker.actor import GradientWorker, WorkerSpec
 from gradfleet.worker.batches import shard_rows
 from gradfleet.worker.config import JobConfig
+from gradfleet.worker.datasets import ArrayDataset
 
 CHAOS_ROUNDS = int(os.environ.get("GRADFLEET_CHAOS_ROUNDS", "6"))
 
@@ -189,24 +190,24 @@ class ThreadWorkers:
         """`pull_wait`: after a server restart from an older checkpoint, a worker waiting
         for a version the server no longer reaches on its own re-syncs only when its long
         poll times out; a short wait keeps such tests quick."""
-        data = job.dataset
+        data = job.data
+        assert isinstance(data, ArrayDataset)
         self.address, self.job_id = address, job_id
-        self.workers = []
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
         for worker in range(job.workers):
-            start, stop = shard_rows(len(data.x), worker, job.workers)  # type: ignore[union-attr]
+            start, stop = shard_rows(len(data.x), worker, job.workers)
             spec = WorkerSpec.for_job(
                 job, address, job_id, worker, server_patience=120.0, pull_wait=pull_wait
             )
-            x, y = data.x[start:stop], data.y[start:stop]  # type: ignore[union-attr]
-            self.workers.append(GradientWorker(spec, x, y))
-        self.errors: list[BaseException] = []
-        self.threads = [
-            threading.Thread(target=self._run, args=(w,), daemon=True) for w in self.workers
-        ]
+            shard = (data.x[start:stop], data.y[start:stop])
+            self.threads.append(
+                threading.Thread(target=self._run, args=(GradientWorker(spec), shard), daemon=True)
+            )
 
-    def _run(self, worker: GradientWorker) -> None:
+    def _run(self, worker: GradientWorker, shard: tuple[np.ndarray, np.ndarray]) -> None:
         try:
-            worker.run()
+            worker.run(*shard)
         except BaseException as exc:  # reported by join()
             self.errors.append(exc)
 

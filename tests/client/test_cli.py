@@ -16,6 +16,7 @@ import pytest
 from gradfleet.client import Client
 from gradfleet.client.cli import build_parser, main
 from gradfleet.client.data import load_dataset
+from gradfleet.nn import MLP
 
 pytestmark = [pytest.mark.integration]
 GRADFLEET = str(Path(sys.executable).with_name("gradfleet"))
@@ -105,14 +106,20 @@ def test_train_status_predict_against_a_separate_server(
         "config.json",
     }
     assert status.returncode == 0
-    assert f"{job_id.group(1)}  completed" in status.stdout
+    line = next(row for row in status.stdout.splitlines() if row.startswith(job_id.group(1)))
+    assert "  iris-cli  completed  step" in line
+    assert re.search(r"held-out accuracy \d+\.\d\d% at step \d+", line)  # evaluated on Ray
     assert predicted.returncode == 0, predicted.stderr
-    # predict applies the training data's standardisation, saved with the model
+    # the model carries the training data's standardisation: raw rows in, labels out
     stats = load_dataset("iris").stats
-    standardized = ((rows - stats["mean"]) / stats["std"]).astype(np.float32)
     with Client(server_address) as client:
-        expected = client.job(job_id.group(1)).model().predict(standardized).argmax(axis=1)
-    np.testing.assert_array_equal(np.load(tmp_path / "pred.npy"), expected)
+        served = client.job(job_id.group(1)).model()
+    bare = MLP.from_spec({k: v for k, v in served.spec().items() if k != "preprocessing"})
+    bare.flat[...] = served.flat
+    standardized = (rows - stats["mean"]) / stats["std"]
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "pred.npy"), bare.logits(standardized).argmax(axis=1)
+    )
 
 
 @pytest.mark.ray

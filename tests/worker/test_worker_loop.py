@@ -61,6 +61,32 @@ def test_local_async_applies_one_worker_at_a_time_on_its_own_batch_sequence() ->
     assert sorted(seen[0] + seen[1]) == list(range(240))
 
 
+class RecordedRows(np.ndarray):
+    """Features that remember which rows each gather took (what a worker computed on)."""
+
+    seen: list[np.ndarray]
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> RecordedRows:
+        recorded = np.asarray(x).view(cls)
+        recorded.seen = []
+        return recorded
+
+    def __getitem__(self, key):  # type: ignore[no-untyped-def]
+        if isinstance(key, np.ndarray) and key.ndim == 1 and key.dtype.kind == "i":
+            self.seen.append(key.copy())
+        return np.asarray(super().__getitem__(key))
+
+
+def batch_numbers(gathered: list[np.ndarray], plan: BatchPlan) -> list[int]:
+    """The plan's batch number of each gather, looked for from where the last one was."""
+    numbers, k = [], 0
+    for rows in gathered:
+        k = next(b for b in range(k, k + 50) if np.array_equal(plan.indices(b), rows))
+        numbers.append(k)
+    return numbers
+
+
 def test_async_ray_workers_walk_their_batches_in_order_without_skipping() -> None:
     # prepare: 2 workers as threads against a real server; record each one's batch numbers
     job = _job(workers=2)
@@ -68,27 +94,27 @@ def test_async_ray_workers_walk_their_batches_in_order_without_skipping() -> Non
     with serve(host="127.0.0.1", port=0) as server:
         with ParameterServerClient(server.address) as client:
             job_id = client.create_job(**job.server_settings())
-        workers, batches = [], [[], []]
+        workers, shards = [], []
         for worker in range(2):
             start, stop = shard_rows(len(data.x), worker, 2)
             spec = WorkerSpec.for_job(job, server.address, job_id, worker)
-            gradient_worker = GradientWorker(spec, data.x[start:stop], data.y[start:stop])
-            indices = gradient_worker.plan.indices
-
-            def recording(step: int, worker: int = worker, indices=indices):  # type: ignore[no-untyped-def]
-                batches[worker].append(step)
-                return indices(step)
-
-            gradient_worker.plan.indices = recording  # type: ignore[method-assign]
-            workers.append(gradient_worker)
+            shards.append((RecordedRows.of(data.x[start:stop]), data.y[start:stop]))
+            workers.append(GradientWorker(spec))
         # execute
-        threads = [threading.Thread(target=w.run) for w in workers]
+        threads = [
+            threading.Thread(target=w.run, args=shard)
+            for w, shard in zip(workers, shards, strict=True)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(120)
         with ParameterServerClient(server.address) as client:
             info = client.get_job(job_id)
+    batches = [
+        batch_numbers(x.seen, BatchPlan(job.seed, worker, len(x), job.rows_per_worker))
+        for worker, (x, _) in enumerate(shards)
+    ]
     # assert: every worker starts at batch 0 and moves on one batch at a time (a batch
     # is only computed again after a stale refusal); the job applied all its updates
     assert info.version == job.total_steps

@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="held-out loss and accuracy of a saved model")
     evaluate.add_argument("model", help="model folder or its model.npz")
-    evaluate.add_argument("--data", required=True, help="dataset name or path")
+    evaluate.add_argument(
+        "--data", help="dataset name or path (default: the one the model was trained on)"
+    )
     evaluate.add_argument("--labels", help="label file for .npy/IDX features")
 
     predict = commands.add_parser("predict", help="predict classes for rows of a file")
@@ -265,9 +267,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         for handle in handles:
             status = handle.status()
             loss = f"{status.last_loss:.4f}" if status.last_loss is not None else "-"
+            scores = status.evaluation or {}
+            held_out = (
+                f"  held-out accuracy {scores['val_accuracy']:.2%} at step {scores['step']:.0f}"
+                if "val_accuracy" in scores
+                else ""
+            )
             print(
-                f"{status.job_id}  {status.state}  step {status.version}/{status.total_steps}  "
-                f"loss {loss}"
+                f"{status.job_id}  {status.name or '-'}  {status.state}  "
+                f"step {status.version}/{status.total_steps}  loss {loss}{held_out}"
             )
     return 0
 
@@ -280,51 +288,55 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from gradfleet.client.model_files import load_model_and_preprocessing, model_description
+    from gradfleet.client.model_files import load_model, model_description
     from gradfleet.worker.datasets import load_dataset
     from gradfleet.worker.result import evaluate
 
-    model, preprocess = load_model_and_preprocessing(args.model)
-    options: dict[str, Any] = {"standardize": False}
+    model = load_model(args.model)
+    trained_on = model_description(args.model)
+    source = args.data or trained_on.get("dataset")
+    if not source:
+        raise UsageError(f"{args.model} does not say what it was trained on: pass --data")
+    options: dict[str, Any] = {"standardize": False}  # the model standardises raw rows
     if args.labels:
         options["labels"] = args.labels
-    trained_on = model_description(args.model)
-    if trained_on.get("dataset") == args.data and trained_on.get("validation_split"):
-        options["validation_split"] = trained_on["validation_split"]  # the same held-out rows
-    data = load_dataset(args.data, **options)
-    # A bundled set keeps its held-out part (the rows training did not see); a file is
-    # evaluated whole.
-    held_out = data.x_val is not None and data.y_val is not None
-    x, y = (data.x_val, data.y_val) if held_out else (data.x, data.y)
-    assert x is not None and y is not None
+    if source == trained_on.get("dataset"):  # the same held-out rows training kept apart
+        options["seed"] = trained_on.get("seed", 0)
+        if trained_on.get("validation_split"):
+            options["validation_split"] = trained_on["validation_split"]
+    data = load_dataset(source, **options)
     if data.num_features != model.sizes[0]:
         raise UsageError(
-            f"{args.data} has {data.num_features} features, the model expects {model.sizes[0]}"
+            f"{source} has {data.num_features} features, the model expects {model.sizes[0]}"
         )
-    metrics = evaluate(
-        model, preprocess(x).astype(model.dtype), y.astype(np.int64), "cross_entropy"
-    )
+    # the held-out rows (a file without any is evaluated whole)
+    x, y = (data.x_val, data.y_val) if data.x_val is not None else (data.x, data.y)
+    assert x is not None and y is not None
+    loss = trained_on.get("loss", "cross_entropy")
+    y = y.astype(np.int64) if loss == "cross_entropy" else y
+    metrics = evaluate(model, x, y, loss)
     print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from gradfleet.client.model_files import load_model_and_preprocessing
+    from gradfleet.client.model_files import load_model
 
-    model, preprocess = load_model_and_preprocessing(args.model)
+    model = load_model(args.model)
     path = Path(args.input)
     if not path.is_file():
         raise UsageError(f"input file {path} does not exist")
-    x = _read_rows(path, model.sizes[0])
-    predictions = model.predict(preprocess(x).astype(model.dtype)).argmax(axis=1)
+    predictions = model.predict(_read_rows(path, model.sizes[0]))
     if args.output:
         if args.output.endswith(".csv"):
-            np.savetxt(args.output, predictions, fmt="%d")
+            np.savetxt(
+                args.output, predictions, fmt="%d" if predictions.dtype.kind in "iu" else "%g"
+            )
         else:
             np.save(args.output, predictions)
         print(f"wrote {len(predictions)} predictions to {args.output}")
     else:
-        sys.stdout.write("\n".join(str(int(p)) for p in predictions) + "\n")
+        sys.stdout.write("\n".join(str(p) for p in predictions.tolist()) + "\n")
     return 0
 
 
@@ -344,12 +356,20 @@ def _read_rows(path: Path, features: int) -> np.ndarray:
                 x = archive["x"]
         else:
             x = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read rows from {path}: {exc}") from None
+    except (OSError, ValueError, EOFError):
+        raise UsageError(
+            f"cannot read rows from {path}: give a .npy, .npz (array x) or .csv of numbers"
+        ) from None
     x = np.asarray(x)
+    if x.ndim == 1 and x.size == features:  # one row
+        x = x[None, :]
+    if x.dtype.kind not in "fiub" or x.ndim < 1:
+        raise UsageError(f"{path} does not hold rows of numbers")
     x = x.reshape(len(x), -1)
     if x.shape[1] != features:
-        raise UsageError(f"{path} rows have {x.shape[1]} features, the model expects {features}")
+        raise UsageError(
+            f"{path} has rows of {x.shape[1]} features, the model expects {features} a row"
+        )
     return x
 
 
@@ -359,7 +379,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     with _client(args) as client:
         handle = client.job(args.job)
         model, config = handle.model(), handle.config()
-    path = save_model(model, args.out, preprocessing=config.get("preprocessing"))
+    extra = {k: config[k] for k in ("dataset", "validation_split", "seed", "loss") if k in config}
+    path = save_model(model, args.out, extra)
     print(f"saved job {args.job} to {path}")
     return 0
 

@@ -36,12 +36,16 @@ FINISHED = ("completed", "stopped", "deleted")
 
 @dataclass(frozen=True)
 class JobStatus:
+    """A job now: its progress, last training loss and latest held-out scores."""
+
     job_id: str
     state: str
     version: int
     total_steps: int
     last_loss: float | None
     counters: dict[str, Any]
+    name: str = ""
+    evaluation: dict[str, float] | None = None  # {"step": ..., "val_accuracy": ...}
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,11 @@ class JobEvent:
             f"{self.job_id} step {self.step + 1} loss {self.loss:.4f} "
             f"{self.samples_per_s:.0f} samples/s"
         )
+
+
+def _config(info: pb.JobInfo) -> dict[str, Any]:
+    text = info.spec.job_config_json
+    return json.loads(text) if text else {}
 
 
 class Client:
@@ -136,6 +145,12 @@ class JobHandle:
             total_steps=info.spec.total_steps,
             last_loss=latest[-1].loss if latest else None,
             counters=counters_dict(info.counters),
+            name=str(_config(info).get("name", "")),
+            evaluation=(
+                {"step": info.latest_evaluation.step, **info.latest_evaluation.metrics}
+                if info.HasField("latest_evaluation")
+                else None
+            ),
         )
 
     def watch(self, from_version: int = 0) -> Iterator[JobEvent]:
@@ -178,8 +193,7 @@ class JobHandle:
 
     def config(self) -> dict[str, Any]:
         """The job settings stored with the job (``JobConfig.summary()`` when created here)."""
-        text = self._info().spec.job_config_json
-        return json.loads(text) if text else {}
+        return _config(self._info())
 
     def checkpoint(self) -> str:
         """Write a checkpoint now; returns its path on the server."""

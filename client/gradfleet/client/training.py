@@ -12,19 +12,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import numpy as np
 from threadpoolctl import threadpool_limits
 
 from gradfleet.nn import MLP
 from gradfleet.proto.client import ParameterServerClient, counters_dict
-from gradfleet.proto.errors import GradfleetError
+from gradfleet.proto.errors import DeadlineExceeded, GradfleetError, WrongState
 from gradfleet.proto.runtime import long_lived_objects_frozen
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.worker.actor import SERVER_PATIENCE, server_client
@@ -138,11 +136,8 @@ def _train_ray(
                     _stop_abandoned_job(server_address, token, job_id)
             finally:
                 client.close()
-                if monitor is not None:
-                    try:
-                        monitor.stop()
-                    finally:
-                        monitor.client.close()
+                if monitor is not None and not finished:
+                    monitor.close(finished=False)
     result.wall_time = time.perf_counter() - started
     return result
 
@@ -158,62 +153,72 @@ def _stop_abandoned_job(address: str, token: str | None, job_id: str) -> None:
 
 
 class _Evaluator:
-    """Scores snapshots of the weights on a low-priority thread, in the order submitted.
+    """Follows the job and scores the held-out rows at every ``eval_every``-th step.
 
+    Each version it scores is exactly that step's (an exact pull: the job keeps every
+    ``eval_every``-th version for it); the scores go to the server too, for ``status``.
     The driver shares the cores with the workers and hosts the parameter server by
-    default; scoring the held-out split inline would take a large share of its CPU and,
-    at normal priority, preempt the workers (Ray runs them at niceness 15). Here it
-    runs at the lowest priority with one BLAS thread; at most `backlog` snapshots wait
-    (`submit` blocks beyond that). Every score is computed on the exact weights of its
-    version, so the numbers are those of an inline evaluation.
+    default, so the thread runs at the lowest priority with one BLAS thread. A scorer
+    that falls so far behind that the job no longer keeps a version skips it.
     """
 
-    def __init__(
-        self,
-        model_spec: dict[str, Any],
-        score: Callable[[MLP], dict[str, float]],
-        backlog: int = 2,
-    ) -> None:
-        self.model = MLP.from_spec(model_spec)
-        self._score = score
-        self._results: list[dict[str, float]] = []
+    def __init__(self, client: ParameterServerClient, job_id: str, job: JobConfig) -> None:
+        self.client, self.job_id, self.job = client, job_id, job
+        self.model = MLP.from_spec(job.model_spec)
+        self.results: list[dict[str, float]] = []
         self._lock = threading.Lock()
         self._error: BaseException | None = None
-        self._queue: queue.Queue[tuple[int, float, np.ndarray] | None] = queue.Queue(backlog)
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gradfleet-eval", daemon=True)
         self._thread.start()
 
-    def submit(self, step: int, wall_time: float, weights: np.ndarray) -> None:
-        self._queue.put((step, wall_time, weights))
-
     def latest(self) -> dict[str, float]:
         with self._lock:
-            return self._results[-1] if self._results else {}
+            return self.results[-1] if self.results else {}
 
-    def close(self) -> list[dict[str, float]]:
-        """Score what is queued, stop the thread, and return every evaluation in order."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        if self._error is not None:
+    def close(self, finished: bool) -> list[dict[str, float]]:
+        """Every score, in step order; when the job `finished`, after scoring the rest."""
+        if not finished:
+            self._stopping.set()
+        self._thread.join()
+        if self._error is not None and finished:
             raise self._error
-        return list(self._results)
+        with self._lock:
+            return list(self.results)
 
     def _run(self) -> None:
         if sys.platform.startswith("linux"):
             with contextlib.suppress(OSError):  # Linux: a thread id renices that thread only
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        while (item := self._queue.get()) is not None:
-            step, wall_time, weights = item
-            try:
-                self.model.flat[...] = weights
+        every, total = self.job.eval_every, self.job.total_steps
+        data = self.job.data
+        try:
+            for step in range(every, total + 1, every) if every else ():
+                if not self._pull(step):
+                    continue
                 with threadpool_limits(1):
-                    scores = self._score(self.model)
-            except BaseException as exc:  # raised by close(); keep draining the queue
-                self._error = self._error or exc
+                    scores = evaluate(self.model, data.x_val, data.y_val, self.job.loss)
+                with self._lock:
+                    self.results.append({"step": step, **scores})
+                if scores:
+                    self.client.record_evaluation(self.job_id, step, scores)
+        except BaseException as exc:  # raised by close()
+            self._error = exc
+
+    def _pull(self, step: int) -> bool:
+        """Pull exactly version `step` into the model; False when it is gone or stopping."""
+        while not self._stopping.is_set():
+            try:
+                self.client.pull_weights(
+                    self.job_id, min_version=step, out=self.model.flat, timeout=2.0, exact=True
+                )
+                return True
+            except DeadlineExceeded:
                 continue
-            with self._lock:
-                self._results.append({"step": step, "wall_time": wall_time, **scores})
+            except WrongState:  # not kept any more: scoring fell behind
+                logger.debug("version %d was not kept long enough to score it", step)
+                return False
+        return False
 
 
 class _Monitor:
@@ -230,38 +235,20 @@ class _Monitor:
         token: str | None = None,
     ) -> None:
         self.job_id, self.job = job_id, job
-        self.server_actor, self.token = server_actor, token
         self.progress, self.started = progress, started
         self.model = MLP.from_spec(job.model_spec)
         self.history: list[dict[str, float]] = []
-        self.evaluations: list[dict[str, float]] = []
-        self.next_eval = job.eval_every or 0
-        self._evaluator: _Evaluator | None = None
-        self.connect(address)
-
-    def connect(self, address: str) -> None:
-        """Follow the job on the server at ``address`` (and wherever it moves)."""
-        actor_name = self.server_actor.name if self.server_actor else None
-        self.client = server_client(address, self.token, actor_name, SERVER_PATIENCE)
+        actor_name = server_actor.name if server_actor else None
+        self.client = server_client(address, token, actor_name, SERVER_PATIENCE)
+        self._evaluator = _Evaluator(
+            server_client(address, token, actor_name, SERVER_PATIENCE), job_id, job
+        )
 
     def poll(self) -> None:
         info = self.client.get_job(self.job_id, history_since=len(self.history))
         self._record(info.history)
-        if self.next_eval and info.version >= self.next_eval:
-            version, weights = self.client.pull_weights(self.job_id, min_version=0)
-            applied = (
-                self.history[version - 1]["wall_time"]
-                if version <= len(self.history)
-                else (time.time() - self.started)
-            )
-            if self._evaluator is None:
-                self._evaluator = _Evaluator(self.job.model_spec, self._evaluate)
-            self._evaluator.submit(version, applied, weights)
-            while self.next_eval <= info.version:
-                self.next_eval += self.job.eval_every
         if self.progress is not None and self.history:
-            latest = self._evaluator.latest() if self._evaluator is not None else {}
-            self.progress(self.history[-1] | held_out_metrics([latest]))
+            self.progress(self.history[-1] | held_out_metrics([self._evaluator.latest()]))
 
     def _record(self, records: Iterable[pb.StepRecord]) -> int:
         """Append the records not yet seen; returns how many were new."""
@@ -287,28 +274,34 @@ class _Monitor:
             if not self._record(info.history) or not info.history_more:
                 return
 
-    def _evaluate(self, model: MLP | None = None) -> dict[str, float]:
-        data = self.job.data
-        return evaluate(model or self.model, data.x_val, data.y_val, self.job.loss)
-
-    def stop(self) -> None:
-        """Finish the pending evaluations (also when training failed)."""
-        evaluator, self._evaluator = self._evaluator, None
-        if evaluator is not None:
-            self.evaluations = evaluator.close()
+    def close(self, finished: bool) -> list[dict[str, float]]:
+        """The evaluations (waiting for the rest when the job `finished`), then let go."""
+        try:
+            evaluations = self._evaluator.close(finished)
+        finally:
+            self._evaluator.client.close()
+            self.client.close()
+        for evaluation in evaluations:  # when its step was applied, by the server's clock
+            step = int(evaluation["step"])
+            if step <= len(self.history):
+                evaluation["wall_time"] = self.history[step - 1]["wall_time"]
+        return evaluations
 
     def result(self, timings: list[dict[str, float]]) -> TrainResult:
-        self.stop()
         self.catch_up()
         version, _ = self.client.pull_weights(self.job_id, min_version=0, out=self.model.flat)
         counters = self.client.get_job(self.job_id, history=False).counters
-        metrics: dict[str, Any] = {"steps": version, **self._evaluate()}
-        metrics["worker_timings"] = timings
-        metrics["server_counters"] = counters_dict(counters)
+        data = self.job.data
+        metrics: dict[str, Any] = {
+            "steps": version,
+            **evaluate(self.model, data.x_val, data.y_val, self.job.loss),
+            "worker_timings": timings,
+            "server_counters": counters_dict(counters),
+        }
         return TrainResult(
             model=self.model,
             history=self.history,
-            evaluations=self.evaluations,
+            evaluations=self.close(finished=True),
             final_metrics=metrics,
             backend="ray",
             job_id=self.job_id,

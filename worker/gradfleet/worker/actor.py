@@ -14,6 +14,7 @@ worker carries on from the server's version.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +26,15 @@ from threadpoolctl import threadpool_limits
 
 from gradfleet.nn import MLP
 from gradfleet.proto.client import ParameterServerClient
-from gradfleet.proto.errors import DeadlineExceeded, JobStopped, ServerUnavailable, WrongState
+from gradfleet.proto.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    JobStopped,
+    Reason,
+    ServerUnavailable,
+    TrainingDiverged,
+    WrongState,
+)
 from gradfleet.proto.runtime import long_lived_objects_frozen
 from gradfleet.worker.batches import BatchPlan
 from gradfleet.worker.config import JobConfig
@@ -122,20 +131,13 @@ class WorkerSpec:
 
 
 class GradientWorker:
-    """One data-parallel worker owning one shard of the training data.
+    """One data-parallel worker; ``run`` trains it on its shard of the data."""
 
-    ``y`` is None when ``x`` is a Ray Data shard: the worker reads its own rows.
-    """
-
-    def __init__(self, spec: WorkerSpec, x: Any, y: np.ndarray | None) -> None:
+    def __init__(self, spec: WorkerSpec) -> None:
         self._blas_limit = threadpool_limits(spec.blas_threads)
         self.spec = spec
-        if y is None:
-            x, y = x.arrays()
-        self.x, self.y = x, y
         self.model = MLP.from_spec(spec.model_spec)
         self.grad = np.empty_like(self.model.flat)
-        self.plan = BatchPlan(spec.seed, spec.worker, len(x), spec.rows_per_worker)
         self._own_steps = 0  # async: this worker's own step count picks its batches
         self.client = server_client(
             spec.address, spec.token, spec.server_actor_name, spec.server_patience
@@ -143,14 +145,21 @@ class GradientWorker:
         # pull: plain pulls (first step, re-syncs); exchange: push + wait for the step + pull
         self.timings = {"pull": 0.0, "compute": 0.0, "exchange": 0.0, "steps": 0, "stale": 0}
 
-    def run(self) -> dict[str, float]:
-        """Train until the job's version reaches ``total_steps``; return time per phase.
+    def run(self, x: Any, y: np.ndarray | None) -> dict[str, float]:
+        """Train on the shard (x, y) until the job's version reaches ``total_steps``;
+        return time per phase. ``y`` is None when ``x`` is a Ray Data shard, whose rows the
+        worker reads itself. (Ray passes the shard to each try of this call, also on a
+        restarted actor, so the actor is built from its spec alone.)
 
         One call per step after the first: ``push_and_pull`` sends the gradient of
         version v and answers with the weights of the next version once the step has
         closed (sync) or at once (async: whatever is newest). A plain pull is needed only
         at the start and after a re-sync.
         """
+        if y is None:
+            x, y = x.arrays()
+        self.x, self.y = x, y
+        self.plan = BatchPlan(self.spec.seed, self.spec.worker, len(x), self.spec.rows_per_worker)
         with long_lived_objects_frozen():  # no full-GC pauses in the step loop
             try:
                 return self._train_loop()
@@ -176,20 +185,14 @@ class GradientWorker:
                 if version >= spec.total_steps:
                     break
                 rows = self.plan.indices(self._batch_step(version))
-                loss, _ = self.model.loss_and_grads(
-                    self.x[rows], self.y[rows], spec.loss, out=self.grad
-                )
+                with np.errstate(all="ignore"):  # a diverging step is reported below, once
+                    loss, _ = self.model.loss_and_grads(
+                        self.x[rows], self.y[rows], spec.loss, out=self.grad
+                    )
+                if not math.isfinite(loss):
+                    raise TrainingDiverged.at_step(version + 1, "loss")
                 computed = time.perf_counter()
-                version, _ = self.client.push_and_pull(
-                    spec.job_id,
-                    spec.worker,
-                    version,
-                    len(rows),
-                    loss,
-                    self.grad,
-                    out=self.model.flat,
-                    timeout=spec.pull_wait,
-                )
+                version, _ = self._exchange(version, len(rows), loss)
             except JobStopped:
                 raise  # stopped by a user, or because training diverged
             except (DeadlineExceeded, WrongState) as exc:
@@ -208,6 +211,25 @@ class GradientWorker:
             self.timings["exchange"] += time.perf_counter() - computed
             self.timings["steps"] += 1
         return dict(self.timings)
+
+    def _exchange(self, version: int, rows: int, loss: float) -> tuple[int, np.ndarray]:
+        """Push this step's gradient and take the next weights into the model."""
+        spec = self.spec
+        try:
+            return self.client.push_and_pull(
+                spec.job_id,
+                spec.worker,
+                version,
+                rows,
+                loss,
+                self.grad,
+                out=self.model.flat,
+                timeout=spec.pull_wait,
+            )
+        except InvalidArgument as exc:
+            if exc.reason is Reason.NON_FINITE:  # a finite loss, a gradient that overflowed
+                raise TrainingDiverged.at_step(version + 1, "gradients") from None
+            raise
 
     def _batch_step(self, version: int) -> int:
         """Which of this worker's batches to use: step ``version`` in sync mode; in async

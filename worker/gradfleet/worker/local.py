@@ -60,18 +60,17 @@ def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResu
         for i, (worker, batch_step) in enumerate(contributions):
             x, y, plan = shards[worker]
             rows = plan.indices(batch_step)
-            loss, _ = model.loss_and_grads(x[rows], y[rows], job.loss, out=grad)
+            with np.errstate(all="ignore"):  # a diverging step is reported below, once
+                loss, _ = model.loss_and_grads(x[rows], y[rows], job.loss, out=grad)
             weighted_loss += loss * len(rows)
             rows_used += len(rows)
             if i < len(contributions) - 1:
                 total.add(grad)
         mean = total.mean(last=grad)  # the last gradient is added as the server adds it
         if not math.isfinite(weighted_loss):
-            raise TrainingDiverged(f"loss became NaN at step {step + 1}; try a lower learning rate")
+            raise TrainingDiverged.at_step(step + 1, "loss")
         if mean is None:
-            raise TrainingDiverged(
-                f"the gradients overflowed at step {step + 1}; try a lower learning rate"
-            )
+            raise TrainingDiverged.at_step(step + 1, "gradients")
         optimizer.step(params, model.unflatten(mean))
         elapsed = time.perf_counter() - step_started
         entry = {

@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 
+from gradfleet.proto.errors import GradfleetError
 from gradfleet.worker.actor import GradientWorker, WorkerSpec
 from gradfleet.worker.batches import shard_rows
 from gradfleet.worker.config import JobConfig
@@ -62,14 +63,12 @@ class WorkerOptions:
 
 @dataclass
 class WorkerGroup:
-    """The actors of one job and their shards in the object store.
-
-    The shard references are held here for the job's lifetime: a restarted actor reads
-    its constructor arguments again, so they must not go out of scope.
-    """
+    """The actors of one job and the shard each one trains on (object-store references,
+    or Ray Data splits). Each shard is passed to its actor's ``run``, which Ray calls
+    again on a restarted actor, so the group holds the shards for the job's lifetime."""
 
     actors: list[Any]
-    shard_refs: list[Any]
+    shards: list[tuple[Any, Any]]
 
 
 def start_workers(
@@ -100,16 +99,14 @@ def start_workers(
     if isinstance(data, RayDataset):
         # Ray Data splits the rows in the object store; each actor reads its own split.
         shards: list[tuple[Any, Any]] = [(shard, None) for shard in data.shards(job.workers)]
-        refs: list[Any] = []
     else:
         assert isinstance(data, ArrayDataset)
-        # Each shard is put once; Ray resolves these top-level references when it builds
-        # the actor (again only after a restart, which is why the group keeps them).
-        shards, refs = [], []
+        # Each shard is put once; Ray resolves these top-level references for each try
+        # of the actor's run (again on a restarted actor).
+        shards = []
         for worker in range(job.workers):
             start, stop = shard_rows(len(data.x), worker, job.workers)
             shards.append((ray.put(data.x[start:stop]), ray.put(data.y[start:stop])))
-            refs += shards[-1]
     actors = [
         actor_class.remote(
             WorkerSpec.for_job(
@@ -120,13 +117,11 @@ def start_workers(
                 token=token,
                 blas_threads=options.blas_threads,
                 server_actor_name=server_actor_name,
-            ),
-            x,
-            y,
+            )
         )
-        for worker, (x, y) in enumerate(shards)
+        for worker in range(job.workers)
     ]
-    return WorkerGroup(actors, refs)
+    return WorkerGroup(actors, shards)
 
 
 def run_workers(
@@ -137,7 +132,9 @@ def run_workers(
     Raises ``WorkersFailed`` as soon as one actor is gone for good: its peers cannot close
     another sync step without it, so waiting for them would wait forever.
     """
-    refs = [actor.run.remote() for actor in group.actors]
+    refs = [
+        actor.run.remote(x, y) for actor, (x, y) in zip(group.actors, group.shards, strict=True)
+    ]
     pending = list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_every)
@@ -149,8 +146,14 @@ def run_workers(
 
 
 def _result_or_raise(ref: Any, worker: int) -> dict:
+    """A worker's timings, or its error: ours as they were raised (one sentence, without
+    Ray's wrapping), a death beyond its restarts as WorkersFailed."""
     try:
         return ray.get(ref)  # type: ignore[no-any-return]
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, GradfleetError):
+            raise type(exc.cause)(exc.cause.message, exc.cause.reason) from None
+        raise
     except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WorkersFailed(
