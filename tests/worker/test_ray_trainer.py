@@ -90,6 +90,20 @@ def test_sync_ray_equals_local_in_float64(workers: int) -> None:
     assert distributed.final_metrics["steps"] == job.total_steps
 
 
+def test_evaluations_land_on_the_steps_named_with_the_scores_local_mode_gets() -> None:
+    job = digits_job(2, steps=200, eval_every=40)
+
+    local = train(job, backend="local")
+    distributed = train(job, backend="ray")
+
+    steps = [40, 80, 120, 160, 200]
+    assert [e["step"] for e in local.evaluations] == steps
+    assert [e["step"] for e in distributed.evaluations] == steps
+    for ours, theirs in zip(distributed.evaluations, local.evaluations, strict=True):
+        assert ours["val_accuracy"] == theirs["val_accuracy"]
+        assert ours["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-12)
+
+
 def test_sync_ray_equals_local_in_float32() -> None:
     job = digits_job(2, dtype="float32")
 

@@ -322,13 +322,24 @@ def _ray_session(address: str | None) -> Iterator[None]:
     # "local" starts a new instance: without it Ray would join any cluster that a
     # `ray start` left running on this machine.
     target = address or os.environ.get("RAY_ADDRESS") or "local"
-    init_ray(
-        address=target, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True
-    )
+    # Ray's own console output is not the user's business: its workers' logs stay in its
+    # log directory unless gradfleet logs at DEBUG (-v), and it says only what is wrong.
+    ours = logging.getLogger("gradfleet")
+    settings = {
+        "logging_level": logging.WARNING if ours.isEnabledFor(logging.WARNING) else logging.ERROR,
+        "log_to_driver": ours.isEnabledFor(logging.DEBUG),
+    }
+    # Ray announces which token-auth mode it picked for a local instance at WARNING; that
+    # is a setting (docs/security.md says what to choose), not something gone wrong.
+    logging.getLogger(_RAY_AUTH_NOTICE).setLevel(logging.ERROR)
+    init_ray(address=target, include_dashboard=False, **settings)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+_RAY_AUTH_NOTICE = "ray._private.authentication.authentication_token_setup"
 
 
 @contextlib.contextmanager
