@@ -236,10 +236,10 @@ def test_one_failed_final_checkpoint_does_not_cost_the_other_jobs_theirs(
     # prepare: two jobs one step in; job "a"'s disk is full (a stand-in for ENOSPC)
     real_write = checkpoint.write_checkpoint
 
-    def disk_full_for_a(root: Path, job):  # type: ignore[no-untyped-def]
+    def disk_full_for_a(root: Path, job, *rest):  # type: ignore[no-untyped-def]
         if job.job_id == "a":
             raise OSError(28, "No space left on device")
-        return real_write(root, job)
+        return real_write(root, job, *rest)
 
     server = serve(port=0, checkpoint_dir=tmp_path)
     with server as running, ParameterServerClient(running.address) as c:

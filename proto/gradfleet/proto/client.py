@@ -127,11 +127,13 @@ def counters_dict(counters: pb.JobCounters) -> dict[str, Any]:
 @dataclass(frozen=True)
 class _JobWire:
     """What the client must know of a job to talk to it: its layout (parsed and as
-    sent) and whether the server sends its weights as one message."""
+    sent), whether the server sends its weights as one message, and the range of a
+    sharded job this server holds."""
 
     layout: FlatLayout
     layout_msg: pb.Layout
     weights_fit_one_message: bool
+    shard: pb.ShardInfo | None = None
 
 
 class ParameterServerClient:
@@ -278,9 +280,11 @@ class ParameterServerClient:
         job_id: str | None = None,
         initial_weights: Mapping[str, np.ndarray] | None = None,
         keep_every: int = 0,
+        shard: pb.ShardInfo | None = None,
     ) -> str:
         """Create a job (or re-attach to an identical one with the same `job_id`).
-        `keep_every` K: the job keeps every K-th version's weights for exact pulls."""
+        `keep_every` K: the job keeps every K-th version's weights for exact pulls;
+        `shard`: this server holds one range of the job (see `ShardedClient`)."""
         if mode not in MODES:
             raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}.")
         spec = pb.JobSpec(
@@ -295,6 +299,7 @@ class ParameterServerClient:
             seed=seed,
             job_config_json=json.dumps(dict(job_config), sort_keys=True) if job_config else "",
             keep_every=keep_every,
+            shard=shard,
         )
         # a client-chosen id makes a retried create re-attach instead of creating twice
         request = pb.CreateJobRequest(job_id=job_id or uuid.uuid4().hex[:12], spec=spec)
@@ -303,13 +308,15 @@ class ParameterServerClient:
             request.initial_layout.CopyFrom(layout.to_proto())
             request.initial_weights = layout.flatten(initial_weights).tobytes()
         response = self._unary("CreateJob", request)
-        self._learn(response.job_id, response.layout, response.weights_fit_one_message)
+        self._learn(response.job_id, response.layout, response.weights_fit_one_message, shard)
         return str(response.job_id)
 
-    def _learn(self, job_id: str, layout: pb.Layout, one_message: bool) -> _JobWire:
+    def _learn(
+        self, job_id: str, layout: pb.Layout, one_message: bool, shard: pb.ShardInfo | None
+    ) -> _JobWire:
         known = self._jobs.get(job_id)
-        if known is None or known.layout_msg != layout:
-            known = _JobWire(FlatLayout.from_proto(layout), layout, one_message)
+        if known is None or known.layout_msg != layout or known.shard != shard:
+            known = _JobWire(FlatLayout.from_proto(layout), layout, one_message, shard)
             self._jobs[job_id] = known
         return known
 
@@ -318,7 +325,8 @@ class ParameterServerClient:
 
     def _describe(self, job_id: str) -> _JobWire:
         info = self.get_job(job_id, history=False)
-        return self._learn(job_id, info.layout, info.weights_fit_one_message)
+        shard = info.spec.shard if info.spec.HasField("shard") else None
+        return self._learn(job_id, info.layout, info.weights_fit_one_message, shard)
 
     def get_job(self, job_id: str, history_since: int = 0, history: bool = True) -> pb.JobInfo:
         """State, version, layout, counters and the step records of a job from step
@@ -341,6 +349,10 @@ class ParameterServerClient:
 
     def checkpoint(self, job_id: str) -> pb.CheckpointJobResponse:
         return self._unary("CheckpointJob", pb.CheckpointJobRequest(job_id=job_id))
+
+    def restore_job(self, job_id: str, version: int) -> pb.JobInfo:
+        """Make the server go back to its checkpoint of `version` (see RestoreJob)."""
+        return self._unary("RestoreJob", pb.RestoreJobRequest(job_id=job_id, version=version))
 
     def record_evaluation(self, job_id: str, step: int, metrics: Mapping[str, float]) -> None:
         """Tell the server the held-out metrics of version `step` (`status` shows them)."""
@@ -494,9 +506,10 @@ class ParameterServerClient:
             dtype=dtype_to_proto(grad.dtype),
             total_bytes=grad.nbytes,
         )
-        known = self._jobs.get(job_id)
-        if known is not None:
-            header.layout.CopyFrom(known.layout_msg)
+        known = self._wire(job_id)
+        header.layout.CopyFrom(known.layout_msg)
+        if known.shard is not None:
+            header.shard.CopyFrom(known.shard)
         return grad, header.SerializeToString()
 
 

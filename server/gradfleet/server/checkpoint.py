@@ -117,8 +117,9 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> str:
     return hashing.digest.hexdigest()
 
 
-def write_checkpoint(root: Path, snap: JobSnapshot) -> Path:
-    """Write `snap` under `root`; returns the JSON path."""
+def write_checkpoint(root: Path, snap: JobSnapshot, keep: int = _KEEP) -> Path:
+    """Write `snap` under `root`, keeping the `keep` newest checkpoints of its job (a
+    shard of a job keeps more: see `Job`); returns the JSON path."""
     job_dir = root / snap.job_id
     job_dir.mkdir(parents=True, exist_ok=True)
     stem = f"ckpt-{snap.version:012d}"
@@ -153,20 +154,20 @@ def write_checkpoint(root: Path, snap: JobSnapshot) -> Path:
     meta["checksum"] = _meta_checksum(meta)
     json_path = job_dir / f"{stem}.json"
     _atomic_write(json_path, lambda f: f.write(json.dumps(meta).encode()))
-    _prune(job_dir, stem)
+    _prune(job_dir, stem, keep)
     log.debug("checkpoint of job %s at version %d", snap.job_id, snap.version)
     return json_path
 
 
-def _prune(job_dir: Path, current: str) -> None:
-    """Keep the checkpoint just written (stem `current`) and the `_KEEP - 1` newest before
+def _prune(job_dir: Path, current: str, keep: int) -> None:
+    """Keep the checkpoint just written (stem `current`) and the `keep - 1` newest before
     it; drop older ones and leftovers of writes a crash cut short. Newer files (left by an
     earlier job of the same id that could not be resumed from them) stay for the
     operator."""
     metas = sorted(job_dir.glob("ckpt-*.json"))
     older = [m for m in metas if m.stem < current]
     kept = {current} | {m.stem for m in metas if m.stem > current}
-    kept |= {m.stem for m in older[len(older) - (_KEEP - 1) :]}
+    kept |= {m.stem for m in older[len(older) - (keep - 1) :]}
     for old in metas:
         if old.stem not in kept:
             for path in (old, old.with_suffix(".npz")):
@@ -261,6 +262,29 @@ def _parse(json_path: Path) -> JobSnapshot:
         created_at=float(meta["created_at"]),
         evaluation=evaluation,
     )
+
+
+def versions(job_dir: Path) -> tuple[int, ...]:
+    """The versions `job_dir` holds checkpoints of, oldest first (not yet checked)."""
+    return tuple(
+        sorted(int(p.stem[5:]) for p in job_dir.glob("ckpt-*.json") if _STEM.match(p.stem))
+    )
+
+
+def load_version(job_dir: Path, version: int) -> JobSnapshot:
+    """The checkpoint of exactly `version`, checked; CheckpointError if it is unusable."""
+    path = job_dir / f"ckpt-{version:012d}.json"
+    if not path.exists():
+        raise CheckpointError(f"there is no checkpoint of version {version} in {job_dir}")
+    return _load_one(path)
+
+
+def remove_newer(job_dir: Path, version: int) -> None:
+    """Delete the checkpoints of versions after `version` (a timeline given up)."""
+    for newer in [v for v in versions(job_dir) if v > version]:
+        for suffix in (".json", ".npz"):
+            with contextlib.suppress(OSError):
+                (job_dir / f"ckpt-{newer:012d}{suffix}").unlink()
 
 
 def load_latest(job_dir: Path) -> JobSnapshot | None:

@@ -40,31 +40,42 @@ class Checkpointed(NamedTuple):
 
 
 class CheckpointWriter:
-    """Writes snapshots under `root` in the background; `on_written` runs after each."""
+    """Writes snapshots under `root` in the background; `on_written` runs after each, with
+    the versions its job's directory then holds."""
 
-    def __init__(self, root: Path, on_written: Callable[[JobSnapshot], None]) -> None:
+    def __init__(
+        self, root: Path, on_written: Callable[[JobSnapshot, tuple[int, ...]], None]
+    ) -> None:
         self.root, self._on_written = root, on_written
         self._lock = threading.Condition()
-        self._queue: deque[tuple[JobSnapshot, Future[Checkpointed]]] = deque()
+        self._queue: deque[tuple[JobSnapshot, int, Future[Checkpointed]]] = deque()
         self._writing: str | None = None
         self._removing: set[str] = set()  # jobs whose directory is being deleted
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="gradfleet-ckpt", daemon=True)
         self._thread.start()
 
-    def submit(self, snap: JobSnapshot) -> Future[Checkpointed]:
-        """Queue `snap`; its future says what is on disk once it is written."""
+    def submit(self, snap: JobSnapshot, keep: int = 2) -> Future[Checkpointed]:
+        """Queue `snap` (its job keeps the `keep` newest checkpoints); its future says what
+        is on disk once it is written."""
         future: Future[Checkpointed] = Future()
         with self._lock:
             if self._closed:
                 future.set_exception(RuntimeError("the checkpoint writer is closed"))
                 return future
-            self._queue.append((snap, future))
+            self._queue.append((snap, keep, future))
             self._lock.notify_all()
         return future
 
     def remove(self, job_id: str) -> None:
         """Drop the job's queued snapshots, wait for its write in flight, delete its files."""
+        self._clear(job_id, lambda: checkpoint.remove_job(self.root, job_id))
+
+    def rewind(self, job_id: str, version: int) -> None:
+        """Like `remove`, but keep the checkpoints up to `version`."""
+        self._clear(job_id, lambda: checkpoint.remove_newer(self.root / job_id, version))
+
+    def _clear(self, job_id: str, delete: Callable[[], None]) -> None:
         with self._lock:
             dropped = [entry for entry in self._queue if entry[0].job_id == job_id]
             for entry in dropped:
@@ -72,10 +83,10 @@ class CheckpointWriter:
             self._removing.add(job_id)  # a new job of that id waits for the removal
             while self._writing == job_id:
                 self._lock.wait()
-        for _, future in dropped:
+        for _, _, future in dropped:
             future.cancel()
         try:
-            checkpoint.remove_job(self.root, job_id)
+            delete()
         finally:
             with self._lock:
                 self._removing.discard(job_id)
@@ -88,7 +99,7 @@ class CheckpointWriter:
             self._lock.notify_all()
         self._thread.join()
 
-    def _next(self) -> tuple[JobSnapshot, Future[Checkpointed]] | None:
+    def _next(self) -> tuple[JobSnapshot, int, Future[Checkpointed]] | None:
         """The oldest queued snapshot whose job is not being removed (taken off the queue)."""
         for entry in self._queue:
             if entry[0].job_id not in self._removing:
@@ -106,11 +117,11 @@ class CheckpointWriter:
                     self._lock.wait()
                 if entry is None:
                     return
-                snap, future = entry
+                snap, keep, future = entry
                 self._writing = snap.job_id
             try:
-                path = checkpoint.write_checkpoint(self.root, snap)
-                self._on_written(snap)
+                path = checkpoint.write_checkpoint(self.root, snap, keep)
+                self._on_written(snap, checkpoint.versions(path.parent))
             except Exception as exc:
                 log.exception(
                     "checkpoint of job %s at version %d failed", snap.job_id, snap.version
@@ -130,8 +141,8 @@ class JobCheckpoints:
 
     IN_FLIGHT = 2
 
-    def __init__(self, writer: CheckpointWriter | None) -> None:
-        self._writer = writer
+    def __init__(self, writer: CheckpointWriter | None, keep: int = 2) -> None:
+        self._writer, self._keep = writer, keep
         self._writes: deque[Future[Checkpointed]] = deque()
         self._lock = threading.Lock()
 
@@ -141,7 +152,7 @@ class JobCheckpoints:
 
     def submit(self, snap: JobSnapshot) -> Future[Checkpointed]:
         assert self._writer is not None
-        future = self._writer.submit(snap)
+        future = self._writer.submit(snap, self._keep)
         with self._lock:
             self._writes.append(future)
         return future

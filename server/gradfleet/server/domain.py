@@ -44,6 +44,7 @@ class PushHeader:
     dtype: np.dtype | None  # None: not one we know
     total_bytes: int
     layout: FlatLayout | None  # None: the sender's layout is the job's (or was not sent)
+    shard: tuple[int, tuple[int, ...]] | None = None  # (index, bounds) of a sharded push
 
 
 @dataclass
@@ -160,3 +161,5 @@ class JobInfo:
     weights_fit_one_message: bool
     history: StepPage | None = None  # a page of step records, when asked for
     evaluation: Evaluation | None = None  # the latest recorded
+    checkpoints: tuple[int, ...] = ()  # versions on disk, oldest first
+    incarnation: int = 0  # new whenever the job's state was (re)built

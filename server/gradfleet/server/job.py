@@ -18,6 +18,7 @@ thread-safe; none does disk or network I/O under the lock.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -80,8 +81,9 @@ class Job:
         self,
         snap: JobSnapshot,
         resources: JobResources,
-        last_checkpoint_version: int = -1,
+        on_disk: tuple[int, ...] = (),
     ) -> None:
+        """`on_disk`: the versions the job's checkpoint directory holds."""
         self.job_id, self.layout = snap.job_id, snap.layout
         self.settings = JobSettings.validate(snap.spec)
         self.weights = snap.weights  # (total_elements,), updated in place
@@ -101,7 +103,7 @@ class Job:
         self.counters = snap.counters.copy()
         self.history = StepHistory(*snap.history)
         self.created_at = snap.created_at
-        self.last_checkpoint_version = last_checkpoint_version
+        self.checkpoints_on_disk = on_disk
         self._resources = resources
         self._every = self.settings.spec.checkpoint_every or resources.checkpoint_every
         self._steps_applied = resources.metrics.steps_applied.labels(job=self.job_id)
@@ -116,7 +118,12 @@ class Job:
         self._open = self._new_step()
         self._closed: deque[tuple[int, frozenset[int]]] = deque(maxlen=_KEEP_CLOSED)
         self._seen: dict[int, set[int]] = {}  # async: steps applied per worker, bounded
-        self._checkpoints = JobCheckpoints(resources.checkpoints)
+        # a shard keeps more checkpoints: the newest version every shard holds may be an
+        # older one of its own (shards write at the same versions, up to IN_FLIGHT apart)
+        keep = 2 + 2 * JobCheckpoints.IN_FLIGHT if snap.spec.shard_bounds else 2
+        self._checkpoints = JobCheckpoints(resources.checkpoints, keep)
+        self._retired_to: int | None = None  # RestoreJob replaced this job (at that version)
+        self.incarnation = secrets.randbits(62)  # tells a job rebuilt from disk apart
         self._stopped_because = ""  # why the job stopped itself, when it did
         self._evaluation = snap.evaluation
         self._step_started = time.monotonic()
@@ -131,7 +138,9 @@ class Job:
 
     def check_header(self, h: PushHeader) -> None:
         """Validate a push header against the job's settings; raises InvalidArgument."""
-        check_header(h, self.settings.num_workers, self.layout)
+        spec = self.settings.spec
+        shard = (spec.shard_index, spec.shard_bounds) if spec.shard_bounds else None
+        check_header(h, self.settings.num_workers, self.layout, shard)
 
     def admit(self, h: PushHeader) -> PushOutcome | None:
         """None when the gradient should be received for the sum; a duplicate or late
@@ -140,6 +149,7 @@ class Job:
             return self._classify(h)
 
     def _classify(self, h: PushHeader) -> PushOutcome | None:
+        self._check_not_retired()
         if self.state is JobState.DELETED:  # a push that began before DeleteJob
             raise JobNotFound(f"job {self.job_id!r} was deleted.")
         if self.state is JobState.STOPPED:
@@ -320,6 +330,7 @@ class Job:
         try:
             while True:
                 with self._lock:
+                    self._check_not_retired()
                     if self.version > version or (state is not None and self.state is not state):
                         return True
                     if state is None and self.state is JobState.DELETED:
@@ -391,10 +402,28 @@ class Job:
                 layout=self.layout,
                 counters=self.counters.copy(),
                 created_at=self.created_at,
-                last_checkpoint_version=self.last_checkpoint_version,
+                last_checkpoint_version=max(self.checkpoints_on_disk, default=-1),
                 weights_fit_one_message=self.publisher.fits_one_message,
                 history=page,
                 evaluation=self._evaluation,
+                checkpoints=self.checkpoints_on_disk,
+                incarnation=self.incarnation,
+            )
+
+    def retire(self, version: int) -> None:
+        """This job object was replaced by the job restored at `version`: its calls in
+        flight, and any that still reach it, are told to pull again."""
+        with self._lock:
+            self._retired_to = version
+            self._waiters.wake_all()
+            self._slots.waiters.wake_all()
+
+    def _check_not_retired(self) -> None:
+        if self._retired_to is not None:
+            raise WrongState(
+                f"job {self.job_id} went back to version {self._retired_to}; pull the "
+                "weights again.",
+                Reason.FUTURE_STEP,
             )
 
     def stop(self) -> Future[Checkpointed] | None:
@@ -412,7 +441,7 @@ class Job:
 
     def checkpoint_if_changed(self) -> Future[Checkpointed] | None:
         with self._lock:
-            if self.last_checkpoint_version == self.version:
+            if self.version in self.checkpoints_on_disk:
                 return None
             return self._submit_checkpoint()
 
@@ -422,12 +451,17 @@ class Job:
             self._waiters.wake_all()
             self._slots.waiters.wake_all()
 
-    def checkpoint_written(self, version: int) -> None:
+    def checkpoint_written(self, on_disk: tuple[int, ...]) -> None:
+        """A checkpoint was written; the job's directory now holds these versions."""
         with self._lock:
-            self.last_checkpoint_version = max(self.last_checkpoint_version, version)
+            self.checkpoints_on_disk = on_disk
 
     def _submit_checkpoint(self) -> Future[Checkpointed] | None:
-        if not self._checkpoints.on or self.state is JobState.DELETED:
+        if (
+            not self._checkpoints.on
+            or self.state is JobState.DELETED
+            or self._retired_to is not None
+        ):
             return None
         return self._checkpoints.submit(self._snapshot())
 

@@ -30,8 +30,17 @@ class Gradient:
     slot: bool = False  # whether it counts against the receive slots
 
 
-def check_header(h: PushHeader, num_workers: int, layout: FlatLayout) -> None:
-    """Validate a push header against its job; raises InvalidArgument naming the field."""
+def check_header(
+    h: PushHeader, num_workers: int, layout: FlatLayout, shard: tuple[int, tuple[int, ...]] | None
+) -> None:
+    """Validate a push header against its job (`shard`: its (index, bounds) when it holds
+    one range of a sharded job); raises InvalidArgument naming the field."""
+    if h.shard != shard:
+        raise InvalidArgument(
+            "the push is for another range of the job than this server holds (shard "
+            f"{_shard_name(h.shard)}, this server: {_shard_name(shard)}).",
+            Reason.BAD_LAYOUT,
+        )
     if not 0 <= h.worker < num_workers:
         raise InvalidArgument(
             f"worker {h.worker} is out of range; this job has workers 0..{num_workers - 1}.",
@@ -59,6 +68,10 @@ def check_header(h: PushHeader, num_workers: int, layout: FlatLayout) -> None:
         )
     if h.step < 0:
         raise InvalidArgument(f"step must be 0 or more, got {h.step}.", Reason.BAD_STEP)
+
+
+def _shard_name(shard: tuple[int, tuple[int, ...]] | None) -> str:
+    return "none, the whole job" if shard is None else f"{shard[0]} of {len(shard[1]) - 1}"
 
 
 def _check_finite(values: np.ndarray) -> None:

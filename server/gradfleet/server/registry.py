@@ -9,8 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
-from gradfleet.proto.errors import GradfleetError, JobExists, JobNotFound, Reason, ResourceExhausted
-from gradfleet.proto.wire import FlatLayout
+from gradfleet.proto.errors import (
+    GradfleetError,
+    InvalidArgument,
+    JobExists,
+    JobNotFound,
+    Reason,
+    ResourceExhausted,
+    WrongState,
+)
+from gradfleet.proto.partition import Partition
+from gradfleet.proto.wire import FlatLayout, WireError
 from gradfleet.server import checkpoint
 from gradfleet.server.checkpoint_writer import Checkpointed, CheckpointWriter
 from gradfleet.server.domain import JobSnapshot
@@ -73,11 +82,25 @@ class JobRegistry:
             existing = self._jobs.get(job_id)
         if existing is not None:
             return self._reattach(existing, settings), False
+        partition, shard = settings.spec.partition, settings.spec.shard_index
         if given is None:
-            self.check_size(model_nbytes(settings.model_spec))
+            nbytes = model_nbytes(settings.model_spec)
+            if partition is not None:  # only this shard's range lives here
+                start, stop = partition.range(shard)
+                nbytes = nbytes * (stop - start) // max(1, partition.total_elements)
+            self.check_size(nbytes)
             layout, weights = initial_weights(settings.model_spec)
+            if partition is not None:
+                layout, weights = _shard_of(layout, weights, partition, shard)
         else:
             layout, weights = given
+            if partition is not None:  # the shard's own range, as the client cut it
+                full, _ = initial_weights(settings.model_spec)
+                if layout != _shard_of(full, None, partition, shard)[0]:
+                    raise InvalidArgument(
+                        f"initial_layout is not shard {shard}'s range of the model.",
+                        Reason.BAD_LAYOUT,
+                    )
         self.check_size(layout.nbytes)
         job = Job(JobSnapshot.new(job_id, settings.spec, layout, weights), self.resources)
         with self._lock:
@@ -131,7 +154,8 @@ class JobRegistry:
             return 0
         for snap in checkpoint.scan(self.checkpoint_dir):
             try:
-                job = Job(snap, self.resources, last_checkpoint_version=snap.version)
+                on_disk = checkpoint.versions(self.checkpoint_dir / snap.job_id)
+                job = Job(snap, self.resources, on_disk)
             except GradfleetError as exc:
                 log.warning("cannot resume job %s: %s", snap.job_id, exc.message)
                 continue
@@ -141,11 +165,36 @@ class JobRegistry:
             log.info("resumed job %s at version %d", job.job_id, job.version)
         return len(self._jobs)
 
-    def _written(self, snap: JobSnapshot) -> None:
+    def _written(self, snap: JobSnapshot, on_disk: tuple[int, ...]) -> None:
         with self._lock:
             job = self._jobs.get(snap.job_id)
         if job is not None and job.created_at == snap.created_at:
-            job.checkpoint_written(snap.version)
+            job.checkpoint_written(on_disk)
+
+    def restore(self, job_id: str, version: int) -> Job:
+        """Go back to the job's checkpoint of `version`: the job object in use is retired
+        (its calls pull again), checkpoints after `version` are deleted, and a job built
+        from that checkpoint takes its place."""
+        old = self.get(job_id)
+        if self.checkpoint_dir is None or self.resources.checkpoints is None:
+            raise WrongState(
+                "this server runs without --checkpoint-dir, so it cannot restore a job.",
+                Reason.NO_CHECKPOINT_DIR,
+            )
+        job_dir = self.checkpoint_dir / job_id
+        try:  # checked before anything changes
+            snap = checkpoint.load_version(job_dir, version)
+        except checkpoint.CheckpointError as exc:
+            raise WrongState(f"job {job_id} cannot go back to version {version}: {exc}",
+                             Reason.BAD_VERSION) from None  # fmt: skip
+        old.retire(version)
+        self.resources.checkpoints.rewind(job_id, version)
+        job = Job(snap, self.resources, checkpoint.versions(job_dir))
+        with self._lock:
+            if self._jobs.get(job_id) is old:
+                self._jobs[job_id] = job
+        log.warning("job %s went back to version %d (from %d)", job_id, version, old.version)
+        return job
 
     def wake_all(self) -> None:
         """Wake every waiting call (the server is stopping: they answer UNAVAILABLE)."""
@@ -159,6 +208,21 @@ class JobRegistry:
             _wait(future, final=True)
         if self.resources.checkpoints is not None:
             self.resources.checkpoints.close()
+
+
+def _shard_of(
+    layout: FlatLayout, weights: np.ndarray | None, partition: Partition, shard: int
+) -> tuple[FlatLayout, np.ndarray]:
+    """`shard`'s range of a model: its layout and (a copy of) its weights."""
+    try:
+        shard_layout = partition.layout(layout, shard)
+    except WireError as exc:
+        raise InvalidArgument(
+            f"the job's partition does not fit its model: {exc}", Reason.BAD_CONFIG
+        ) from None
+    start, stop = partition.range(shard)
+    part = weights[start:stop].copy() if weights is not None else np.empty(0, layout.dtype)
+    return shard_layout, part
 
 
 def _wait(future: Future[Checkpointed] | None, final: bool = False) -> Checkpointed | None:

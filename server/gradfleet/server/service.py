@@ -378,6 +378,13 @@ class ParameterService:
         return outcome, header.step
 
     @_status_edge
+    def RestoreJob(
+        self, request: pb.RestoreJobRequest, context: grpc.ServicerContext
+    ) -> pb.JobInfo:
+        job = self.registry.restore(request.job_id, request.version)
+        return translate.job_info(job.info(), self._layout_and_encoder(job)[0])
+
+    @_status_edge
     def RecordEvaluation(
         self, request: pb.RecordEvaluationRequest, context: grpc.ServicerContext
     ) -> pb.RecordEvaluationResponse:
@@ -460,6 +467,7 @@ class ParameterService:
             "PushAndPullUnary": u(
                 self.PushAndPullUnary, request_deserializer=None, response_serializer=None
             ),
+            "RestoreJob": unary(self.RestoreJob, pb.RestoreJobRequest, pb.JobInfo),
             "RecordEvaluation": unary(
                 self.RecordEvaluation, pb.RecordEvaluationRequest, pb.RecordEvaluationResponse
             ),

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from gradfleet.proto.errors import InvalidArgument, Reason
+from gradfleet.proto.partition import Partition
 from gradfleet.proto.wire import FlatLayout, WireError
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -71,12 +72,20 @@ class JobSpec:
     seed: int = 0
     job_config_json: str = ""
     keep_every: int = 0
+    shard_index: int = 0
+    shard_bounds: tuple[int, ...] = ()  # S + 1 element bounds when one of S shards
 
     def to_json(self) -> dict[str, Any]:
         """The form checkpoints store: proto field names, the mode as its proto enum name."""
         out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         out["mode"] = f"MODE_{self.mode.name}"
+        out["shard_bounds"] = list(self.shard_bounds)
         return out
+
+    @property
+    def partition(self) -> Partition | None:
+        """The job's partition over shards, when this server holds one range of it."""
+        return Partition(self.shard_bounds) if self.shard_bounds else None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> JobSpec:
@@ -90,6 +99,8 @@ class JobSpec:
             if key == "mode":
                 name = str(value).removeprefix("MODE_")
                 values[key] = Mode.SYNC if name == "UNSPECIFIED" else Mode[name]
+            elif key == "shard_bounds":
+                values[key] = tuple(int(b) for b in value)
             elif key.endswith("_json"):
                 values[key] = str(value)
             else:
@@ -121,6 +132,13 @@ class JobSettings:
             raise _bad("total_steps must be at least 1.")
         if spec.keep_every < 0:
             raise _bad("keep_every must be 0 (off) or more.")
+        if spec.shard_bounds:
+            try:
+                partition = Partition(spec.shard_bounds)
+            except WireError as exc:
+                raise _bad(str(exc)) from None
+            if not 0 <= spec.shard_index < partition.shards:
+                raise _bad(f"shard {spec.shard_index} is not one of the {partition.shards}.")
         for name in ("num_workers", "backup_workers", "staleness_bound", "checkpoint_every"):
             if getattr(spec, name) > _INT32:
                 raise _bad(f"{name} must be at most {_INT32}.")

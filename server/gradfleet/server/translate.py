@@ -49,6 +49,8 @@ def spec_from_proto(msg: pb.JobSpec) -> JobSpec:
         seed=msg.seed,
         job_config_json=msg.job_config_json,
         keep_every=msg.keep_every,
+        shard_index=msg.shard.index,
+        shard_bounds=tuple(msg.shard.bounds) if msg.HasField("shard") else (),
     )
 
 
@@ -65,6 +67,11 @@ def spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         seed=spec.seed,
         job_config_json=spec.job_config_json,
         keep_every=spec.keep_every,
+        shard=pb.ShardInfo(
+            index=spec.shard_index, count=len(spec.shard_bounds) - 1, bounds=spec.shard_bounds
+        )
+        if spec.shard_bounds
+        else None,
     )
 
 
@@ -102,6 +109,7 @@ def push_header(msg: pb.PushHeader, job_layout: pb.Layout) -> PushHeader:
         dtype=dtype,
         total_bytes=msg.total_bytes,
         layout=layout,
+        shard=(msg.shard.index, tuple(msg.shard.bounds)) if msg.HasField("shard") else None,
     )
 
 
@@ -127,6 +135,8 @@ def job_info(info: JobInfo, layout: pb.Layout) -> pb.JobInfo:
         created_at=info.created_at,
         last_checkpoint_version=info.last_checkpoint_version,
         weights_fit_one_message=info.weights_fit_one_message,
+        checkpoints=info.checkpoints,
+        incarnation=info.incarnation,
     )
     if info.history is not None:
         msg.history.extend(step_records(info.history))

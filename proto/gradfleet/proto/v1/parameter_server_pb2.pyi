@@ -119,7 +119,7 @@ class Layout(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model_spec_json", "optimizer_json", "mode", "num_workers", "backup_workers", "staleness_bound", "checkpoint_every", "total_steps", "seed", "job_config_json", "keep_every")
+    __slots__ = ("model_spec_json", "optimizer_json", "mode", "num_workers", "backup_workers", "staleness_bound", "checkpoint_every", "total_steps", "seed", "job_config_json", "keep_every", "shard")
     MODEL_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class JobSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     JOB_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     KEEP_EVERY_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
     model_spec_json: str
     optimizer_json: str
     mode: Mode
@@ -142,7 +143,18 @@ class JobSpec(_message.Message):
     seed: int
     job_config_json: str
     keep_every: int
-    def __init__(self, model_spec_json: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., job_config_json: _Optional[str] = ..., keep_every: _Optional[int] = ...) -> None: ...
+    shard: ShardInfo
+    def __init__(self, model_spec_json: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., job_config_json: _Optional[str] = ..., keep_every: _Optional[int] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ...) -> None: ...
+
+class ShardInfo(_message.Message):
+    __slots__ = ("index", "count", "bounds")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    count: int
+    bounds: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, index: _Optional[int] = ..., count: _Optional[int] = ..., bounds: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("job_id", "spec", "initial_layout", "initial_weights")
@@ -208,7 +220,7 @@ class JobCounters(_message.Message):
     def __init__(self, received: _Optional[int] = ..., accepted: _Optional[int] = ..., duplicate: _Optional[int] = ..., dropped_late: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "version", "layout", "history", "counters", "created_at", "last_checkpoint_version", "history_more", "weights_fit_one_message", "latest_evaluation")
+    __slots__ = ("job_id", "spec", "state", "version", "layout", "history", "counters", "created_at", "last_checkpoint_version", "history_more", "weights_fit_one_message", "latest_evaluation", "checkpoints", "incarnation")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +233,8 @@ class JobInfo(_message.Message):
     HISTORY_MORE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIT_ONE_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LATEST_EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: JobSpec
     state: JobState
@@ -233,7 +247,17 @@ class JobInfo(_message.Message):
     history_more: bool
     weights_fit_one_message: bool
     latest_evaluation: Evaluation
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., version: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., history: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., counters: _Optional[_Union[JobCounters, _Mapping]] = ..., created_at: _Optional[float] = ..., last_checkpoint_version: _Optional[int] = ..., history_more: _Optional[bool] = ..., weights_fit_one_message: _Optional[bool] = ..., latest_evaluation: _Optional[_Union[Evaluation, _Mapping]] = ...) -> None: ...
+    checkpoints: _containers.RepeatedScalarFieldContainer[int]
+    incarnation: int
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., version: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., history: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., counters: _Optional[_Union[JobCounters, _Mapping]] = ..., created_at: _Optional[float] = ..., last_checkpoint_version: _Optional[int] = ..., history_more: _Optional[bool] = ..., weights_fit_one_message: _Optional[bool] = ..., latest_evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., checkpoints: _Optional[_Iterable[int]] = ..., incarnation: _Optional[int] = ...) -> None: ...
+
+class RestoreJobRequest(_message.Message):
+    __slots__ = ("job_id", "version")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    version: int
+    def __init__(self, job_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Evaluation(_message.Message):
     __slots__ = ("step", "metrics")
@@ -347,7 +371,7 @@ class PullWeightsResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[WeightsHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., padding: _Optional[bytes] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("job_id", "worker", "step", "rows", "loss", "dtype", "total_bytes", "layout")
+    __slots__ = ("job_id", "worker", "step", "rows", "loss", "dtype", "total_bytes", "layout", "shard")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -356,6 +380,7 @@ class PushHeader(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker: int
     step: int
@@ -364,7 +389,8 @@ class PushHeader(_message.Message):
     dtype: DType
     total_bytes: int
     layout: Layout
-    def __init__(self, job_id: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., rows: _Optional[int] = ..., loss: _Optional[float] = ..., dtype: _Optional[_Union[DType, str]] = ..., total_bytes: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ...) -> None: ...
+    shard: ShardInfo
+    def __init__(self, job_id: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., rows: _Optional[int] = ..., loss: _Optional[float] = ..., dtype: _Optional[_Union[DType, str]] = ..., total_bytes: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ...) -> None: ...
 
 class PushGradientRequest(_message.Message):
     __slots__ = ("header", "offset", "data", "padding")

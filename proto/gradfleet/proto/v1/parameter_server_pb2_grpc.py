@@ -99,6 +99,11 @@ class ParameterServiceStub:
                 request_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.RecordEvaluationRequest.SerializeToString,
                 response_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.RecordEvaluationResponse.FromString,
                 _registered_method=True)
+        self.RestoreJob = channel.unary_unary(
+                '/gradfleet.v1.ParameterService/RestoreJob',
+                request_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.RestoreJobRequest.SerializeToString,
+                response_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.JobInfo.FromString,
+                _registered_method=True)
 
 
 class ParameterServiceServicer:
@@ -189,6 +194,12 @@ class ParameterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RestoreJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -256,6 +267,11 @@ def add_ParameterServiceServicer_to_server(servicer, server):
                     servicer.RecordEvaluation,
                     request_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.RecordEvaluationRequest.FromString,
                     response_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.RecordEvaluationResponse.SerializeToString,
+            ),
+            'RestoreJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreJob,
+                    request_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.RestoreJobRequest.FromString,
+                    response_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.JobInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -609,6 +625,33 @@ class ParameterService:
             '/gradfleet.v1.ParameterService/RecordEvaluation',
             gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.RecordEvaluationRequest.SerializeToString,
             gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.RecordEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradfleet.v1.ParameterService/RestoreJob',
+            gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.RestoreJobRequest.SerializeToString,
+            gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.JobInfo.FromString,
             options,
             channel_credentials,
             insecure,
