@@ -104,6 +104,18 @@ def test_evaluations_land_on_the_steps_named_with_the_scores_local_mode_gets() -
         assert ours["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-12)
 
 
+@pytest.mark.parametrize("servers", [2, 3])
+def test_a_job_over_several_servers_trains_the_weights_of_one(servers: int) -> None:
+    job = digits_job(2, steps=40)
+
+    one = train(job, backend="ray")
+    many = train(job, backend="ray", servers=servers)
+
+    assert many.model.flat.tobytes() == one.model.flat.tobytes()
+    assert many.losses == one.losses
+    assert many.final_metrics["server_counters"]["accepted"] == 2 * job.total_steps
+
+
 def test_sync_ray_equals_local_in_float32() -> None:
     job = digits_job(2, dtype="float32")
 
@@ -139,12 +151,13 @@ def test_killed_worker_is_restarted_and_costs_nothing() -> None:
     assert counters["accepted"] == 2 * job.total_steps
 
 
-def test_async_converges_on_mnist_and_rejects_only_stale_gradients(mnist_dir: Path) -> None:
-    # Async order varies from run to run, and on a busy machine one worker may do up to
-    # 84 % of the steps. With 784-256-10 at a constant lr 0.1 the result spread over
-    # 0.929-0.943 (CI once saw 0.9285). This deeper model with a cosine decay, which
-    # averages the order out, ended at 0.9495-0.9605 over 28 runs, quiet and beside one or
-    # two CPU hogs (0.9615 without staleness). Momentum amplifies stale updates: it is off.
+@pytest.mark.parametrize("servers", [1, 2])
+def test_async_converges_on_mnist_and_rejects_only_stale_gradients(
+    mnist_dir: Path, servers: int
+) -> None:
+    # Async order varies from run to run, and on a busy machine one worker may do most
+    # of the steps: a cosine decay averages the order out, so the result stays well above
+    # the bar (benchmarks/RESULTS.md has its spread). Momentum amplifies stale updates.
     job = JobConfig(
         model=nn.MLP([784, 256, 256, 10], seed=0),
         dataset=load_mnist(mnist_dir),
@@ -154,6 +167,7 @@ def test_async_converges_on_mnist_and_rejects_only_stale_gradients(mnist_dir: Pa
         workers=2,
         mode="async",
         staleness_bound=2,
+        servers=servers,
     )
 
     result = train(job, backend="ray")

@@ -140,10 +140,61 @@ def start_server_actor(
 
 @dataclass
 class ServerActorRef:
-    """A running server actor: its first address, and the name to find it again by."""
+    """Running server actors: their first addresses, and the names to find them again by
+    (comma-separated, one per shard of a sharded job)."""
 
     address: str
     name: str
+
+
+@contextlib.contextmanager
+def shard_actors(
+    count: int,
+    token: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    *,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    placement_timeout: float = 60.0,
+) -> Iterator[ServerActorRef]:
+    """Run `count` server actors, one per shard, spread over the cluster's nodes (a
+    placement group with the SPREAD strategy), for the block. With a checkpoint
+    directory, shard s keeps its checkpoints in ``<dir>/shard-<s>`` and Ray restarts it
+    elsewhere when its node dies; the job's client follows it."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = placement_group([{"CPU": 0.01}] * count, strategy="SPREAD")
+    if not group.wait(placement_timeout):
+        remove_placement_group(group)
+        raise RuntimeError(f"the cluster could not place {count} parameter servers")
+    restartable = checkpoint_dir is not None
+    server_class: Any = ray.remote(ServerActor)
+    actors, names = [], []
+    try:
+        for shard in range(count):
+            name = f"gradfleet-shard{shard}-{uuid.uuid4().hex[:8]}"
+            directory = None
+            if checkpoint_dir is not None:
+                directory = str(Path(checkpoint_dir) / f"shard-{shard}")
+            actors.append(
+                server_class.options(
+                    name=name,
+                    namespace=SERVER_ACTOR_NAMESPACE,
+                    num_cpus=0.01,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, shard),
+                    max_restarts=SERVER_MAX_RESTARTS if restartable else 0,
+                    max_task_retries=-1 if restartable else 0,
+                ).remote(token, directory, checkpoint_every)
+            )
+            names.append(name)
+        addresses = ray.get([actor.get_address.remote() for actor in actors])
+        ref = ServerActorRef(",".join(addresses), ",".join(names))
+        logger.info("%d parameter server shards on %s", count, ref.address)
+        yield ref
+    finally:
+        for actor in actors:
+            _stop(actor)
+        remove_placement_group(group)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ import numpy as np
 from gradfleet.nn import MLP
 from gradfleet.proto.client import ParameterServerClient, counters_dict
 from gradfleet.proto.errors import GradfleetError
+from gradfleet.proto.sharded import ShardedClient
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.worker.config import JobConfig
 
@@ -76,7 +77,10 @@ class Client:
 
     Every failure raises a `GradfleetError` subclass with one readable sentence
     (`JobNotFound`, `InvalidArgument`, `ServerUnavailable`, `Unauthenticated`, ...).
-    `server` is the underlying `ParameterServerClient`, for tensor-level calls.
+    `server` is the underlying `ParameterServerClient`, for tensor-level calls (a
+    `ShardedClient` when `address` names the servers of a sharded job, comma-separated:
+    a sharded job is then one handle whose status, model, export and watch assemble its
+    shards).
     """
 
     def __init__(
@@ -87,11 +91,16 @@ class Client:
         timeout: float = 10.0,
     ) -> None:
         self.address = address
-        self.server = ParameterServerClient(
-            address, token=token, tls_root_cert=tls, timeout=timeout
+        clients = [
+            ParameterServerClient(a, token=token, tls_root_cert=tls, timeout=timeout)
+            for a in address.split(",")
+        ]
+        self.server: ParameterServerClient | ShardedClient = (
+            clients[0] if len(clients) == 1 else ShardedClient(clients)
         )
         try:
-            self.server.wait_ready(timeout=timeout)  # gRPC reconnects with backoff meanwhile
+            for client in clients:  # gRPC reconnects with backoff meanwhile
+                client.wait_ready(timeout=timeout)
         except GradfleetError:
             self.server.close()
             raise

@@ -10,6 +10,7 @@ whatever it started — also on Ctrl-C and on error.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -21,11 +22,12 @@ from typing import Any
 from threadpoolctl import threadpool_limits
 
 from gradfleet.nn import MLP
-from gradfleet.proto.client import ParameterServerClient, counters_dict
+from gradfleet.proto.client import counters_dict
 from gradfleet.proto.errors import DeadlineExceeded, GradfleetError, WrongState
 from gradfleet.proto.runtime import long_lived_objects_frozen
+from gradfleet.proto.sharded import ShardedClient
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
-from gradfleet.worker.actor import SERVER_PATIENCE, server_client
+from gradfleet.worker.actor import SERVER_PATIENCE, ServerClient, server_client
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.local import train_local
 from gradfleet.worker.result import TrainResult, evaluate, held_out_metrics
@@ -46,6 +48,7 @@ def train(
     worker_options: Any = None,
     checkpoint_dir: str | None = None,
     server_placement: str = "driver",
+    servers: int | None = None,
 ) -> TrainResult:
     """Train ``job`` and return the trained model, its weights and history.
 
@@ -53,10 +56,16 @@ def train(
     callable gets each step's metrics instead. With ``backend="ray"`` and no ``server``,
     the parameter server runs in this process (``server_placement="driver"``) or as a Ray
     actor: ``"head"`` pins it to the head node, ``"node:<node id>"`` to a given node (see
-    ``gradfleet.client.cluster``).
+    ``gradfleet.client.cluster``). ``servers`` S (default ``job.servers``) spreads the
+    job over S servers: S in this process, or S Ray actors on different nodes; ``server``
+    may name S servers, comma-separated.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose 'local' or 'ray'")
+    if servers is not None:
+        job = dataclasses.replace(job, servers=servers)
+    elif server:
+        job = dataclasses.replace(job, servers=len(server.split(",")))
     job = job.resolve()
     if progress is True:
         from gradfleet.client.reporting import ProgressReporter
@@ -94,7 +103,7 @@ def _train_ray(
     started, started_unix = time.perf_counter(), time.time()
     with (
         _ray_session(address),
-        _server_session(server, token, checkpoint_dir, server_placement) as (
+        _server_session(server, token, checkpoint_dir, server_placement, job.servers) as (
             server_address,
             server_actor,
         ),
@@ -102,7 +111,8 @@ def _train_ray(
     ):
         from gradfleet.worker import ray_runner
 
-        client = ParameterServerClient(server_address, token=token)
+        actor_names = server_actor.name if server_actor else None
+        client = server_client(server_address, token, actor_names, SERVER_PATIENCE)
         group, monitor, job_id, finished = None, None, None, False
         try:
             job_id = client.create_job(**job.server_settings())
@@ -146,7 +156,7 @@ def _stop_abandoned_job(address: str, token: str | None, job_id: str) -> None:
     """Stop a job this call started on a server that outlives it (``server=``) when the
     call fails or is interrupted: its workers are gone, so it would show RUNNING forever."""
     try:
-        with ParameterServerClient(address, token=token, timeout=5.0, patience=0) as client:
+        with server_client(address, token, None, patience=0) as client:
             client.stop_job(job_id)
     except GradfleetError as exc:
         logger.warning("could not stop job %s on %s: %s", job_id, address, exc)
@@ -162,7 +172,7 @@ class _Evaluator:
     that falls so far behind that the job no longer keeps a version skips it.
     """
 
-    def __init__(self, client: ParameterServerClient, job_id: str, job: JobConfig) -> None:
+    def __init__(self, client: ServerClient, job_id: str, job: JobConfig) -> None:
         self.client, self.job_id, self.job = client, job_id, job
         self.model = MLP.from_spec(job.model_spec)
         self.results: list[dict[str, float]] = []
@@ -238,6 +248,7 @@ class _Monitor:
         self.progress, self.started = progress, started
         self.model = MLP.from_spec(job.model_spec)
         self.history: list[dict[str, float]] = []
+        self._incarnations: list[int] = []
         actor_name = server_actor.name if server_actor else None
         self.client = server_client(address, token, actor_name, SERVER_PATIENCE)
         self._evaluator = _Evaluator(
@@ -245,10 +256,21 @@ class _Monitor:
         )
 
     def poll(self) -> None:
+        if isinstance(self.client, ShardedClient):
+            self._keep_shards_agreed(self.client)
         info = self.client.get_job(self.job_id, history_since=len(self.history))
         self._record(info.history)
         if self.progress is not None and self.history:
             self.progress(self.history[-1] | held_out_metrics([self._evaluator.latest()]))
+
+    def _keep_shards_agreed(self, client: ShardedClient) -> None:
+        """When a shard's state was rebuilt from disk (its process or node was lost), bring
+        every shard back to the newest version all of them hold; the workers re-sync."""
+        incarnations = client.incarnations(self.job_id)
+        if self._incarnations and incarnations != self._incarnations:
+            client.agree(self.job_id)
+            incarnations = client.incarnations(self.job_id)
+        self._incarnations = incarnations
 
     def _record(self, records: Iterable[pb.StepRecord]) -> int:
         """Append the records not yet seen; returns how many were new."""
@@ -344,20 +366,33 @@ _RAY_AUTH_NOTICE = "ray._private.authentication.authentication_token_setup"
 
 @contextlib.contextmanager
 def _server_session(
-    server: str | None, token: str | None, checkpoint_dir: str | None, placement: str
+    server: str | None, token: str | None, checkpoint_dir: str | None, placement: str, count: int
 ) -> Iterator[tuple[str, Any]]:
-    """(address, server actor or None): the given server, or a new one in this process or
-    as a Ray actor."""
+    """(address, server actor or None): the given servers, or `count` new ones in this
+    process or as Ray actors (one per shard; comma-separated when several)."""
     if server:
+        if len(server.split(",")) != count:
+            raise ValueError(f"{len(server.split(','))} servers given for a job over {count}")
         yield server, None
         return
     if placement != "driver":
-        from gradfleet.client.cluster import server_actor
+        from gradfleet.client.cluster import server_actor, shard_actors
 
+        if count > 1:
+            with shard_actors(count, token, checkpoint_dir) as actors:
+                yield actors.address, actors
+            return
         with server_actor(placement, token, checkpoint_dir) as actor:
             yield actor.address, actor
         return
     from gradfleet.server import serve
 
-    with serve(host="127.0.0.1", port=0, token=token, checkpoint_dir=checkpoint_dir) as running:
-        yield running.address, None
+    with contextlib.ExitStack() as stack:
+        addresses = []
+        for shard in range(count):
+            directory = checkpoint_dir
+            if checkpoint_dir is not None and count > 1:
+                directory = os.path.join(checkpoint_dir, f"shard-{shard}")
+            running = serve(host="127.0.0.1", port=0, token=token, checkpoint_dir=directory)
+            addresses.append(stack.enter_context(running).address)
+        yield ",".join(addresses), None

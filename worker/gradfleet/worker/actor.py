@@ -36,6 +36,7 @@ from gradfleet.proto.errors import (
     WrongState,
 )
 from gradfleet.proto.runtime import long_lived_objects_frozen
+from gradfleet.proto.sharded import ShardedClient
 from gradfleet.worker.batches import BatchPlan
 from gradfleet.worker.config import JobConfig
 
@@ -68,13 +69,21 @@ def server_locator(actor_name: str | None) -> Callable[[], str] | None:
     return locate
 
 
+ServerClient = ParameterServerClient | ShardedClient  # one server, or the shards of a job
+
+
 def server_client(
     address: str, token: str | None, actor_name: str | None, patience: float
-) -> ParameterServerClient:
-    """A client of the server at ``address`` that follows it if it moves (server actor)."""
-    return ParameterServerClient(
-        address, token=token, patience=patience, locate=server_locator(actor_name)
-    )
+) -> ServerClient:
+    """A client of the server at ``address`` that follows it if it moves (server actor);
+    of every shard when ``address`` (and ``actor_name``) list several, comma-separated."""
+    addresses = address.split(",")
+    names: list[str | None] = list(actor_name.split(",")) if actor_name else [None] * len(addresses)
+    clients = [
+        ParameterServerClient(a, token=token, patience=patience, locate=server_locator(n))
+        for a, n in zip(addresses, names, strict=True)
+    ]
+    return clients[0] if len(clients) == 1 else ShardedClient(clients)
 
 
 def _restarted_by_ray() -> bool:
@@ -93,7 +102,7 @@ def _restarted_by_ray() -> bool:
 class WorkerSpec:
     """What one worker needs besides its rows: the job, the server, how to train."""
 
-    address: str
+    address: str  # host:port, or one per shard, comma-separated
     job_id: str
     worker: int
     num_workers: int

@@ -17,6 +17,7 @@ from typing import Any, TypeAlias
 from gradfleet.nn import MLP
 from gradfleet.nn.losses import LOSSES
 from gradfleet.nn.optim import Optimizer, make_optimizer
+from gradfleet.proto.wire import FlatLayout
 from gradfleet.worker.batches import steps_per_epoch
 from gradfleet.worker.datasets import ArrayDataset, load_dataset
 from gradfleet.worker.ray_data import RayDataset
@@ -60,6 +61,7 @@ class JobConfig:
     seed: int = 0
     dtype: str | None = None
     name: str = "job"
+    servers: int = 1
 
     def __post_init__(self) -> None:
         self.model_spec = _model_spec(self.model, self.dtype, OUTPUT_OF_LOSS.get(self.loss))
@@ -94,7 +96,7 @@ class JobConfig:
             raise ValueError(f"unknown loss {self.loss!r}: choose one of {LOSSES}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be 'sync' or 'async', got {self.mode!r}")
-        for name in ("batch_size", "workers"):
+        for name in ("batch_size", "workers", "servers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -110,6 +112,8 @@ class JobConfig:
                 raise ValueError(f"{name} must be at most {limit}, got {getattr(self, name)}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.servers < 1:
+            raise ValueError(f"servers must be at least 1, got {self.servers}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.batch_size % self.workers:
@@ -217,12 +221,20 @@ class JobConfig:
             "eval_every": self.eval_every,
             "checkpoint_every": self.checkpoint_every,
             "seed": self.seed,
+            "servers": self.servers,
             "validation_split": getattr(data, "validation_split", None),
         }
 
+    def model_layout(self) -> FlatLayout:
+        """The layout of the model's flat buffer (what a sharded job is cut from)."""
+        model = MLP.from_spec(self.model_spec)
+        return FlatLayout.from_arrays(model.unflatten(model.flat))
+
     def server_settings(self) -> dict[str, Any]:
-        """The keyword arguments of ``ParameterServerClient.create_job`` for this job."""
-        return {
+        """The keyword arguments of ``create_job`` (of a ``ShardedClient`` when the job
+        is spread over several servers) for this job."""
+        sharded = {"layout": self.model_layout()} if self.servers > 1 else {}
+        return sharded | {
             "model_spec": self.model_spec,
             "optimizer": self.optimizer_settings,
             "mode": self.mode,
