@@ -166,3 +166,37 @@ def test_server_node_loss_without_checkpoint_dir_fails_clearly(two_worker_nodes:
 
     assert live_actors("ServerActor") == []
     assert live_actors("GradientWorker") == []
+
+
+def test_shards_on_different_nodes_survive_the_loss_of_one(
+    two_worker_nodes: Any, tmp_path: Path
+) -> None:
+    # two shards, spread over the nodes; the node of one of them is removed mid-run
+    job = digits_job(steps=600)
+    shard_nodes: list[set[str]] = []
+    removed: list[str] = []
+
+    def remove_a_shard_node(entry: dict[str, float]) -> None:
+        nodes = {actor.node_id for actor in live_actors("ServerActor")}
+        shard_nodes.append(nodes)
+        workers = {node.node_id for node in two_worker_nodes.worker_nodes()}
+        if not removed and entry["step"] >= 12 and nodes & workers:
+            removed.append(sorted(nodes & workers)[0])
+            two_worker_nodes.cluster.remove_node(two_worker_nodes.node_by_id(removed[0]))
+
+    distributed = train(
+        job,
+        backend="ray",
+        worker_options=two_worker_nodes.worker_options(),
+        server_placement="head",
+        servers=2,
+        checkpoint_dir=str(tmp_path),
+        progress=remove_a_shard_node,
+    )
+    local = train(job, backend="local")
+
+    assert len(shard_nodes[0]) == 2  # one shard per node
+    assert removed and any(removed[0] not in nodes for nodes in shard_nodes[-3:])
+    assert distributed.final_metrics["steps"] == job.total_steps
+    assert distributed.model.flat.tobytes() == local.model.flat.tobytes()
+    assert live_actors("ServerActor") == []

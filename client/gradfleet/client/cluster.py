@@ -163,7 +163,9 @@ def shard_actors(
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    group = placement_group([{"CPU": 0.01}] * count, strategy="SPREAD")
+    # a token of memory per bundle: a server needs no CPU slot (it fits a head node that
+    # offers none) and must not take one a worker needs after a node loss
+    group = placement_group([{"memory": 1}] * count, strategy="SPREAD")
     if not group.wait(placement_timeout):
         remove_placement_group(group)
         raise RuntimeError(f"the cluster could not place {count} parameter servers")
@@ -180,7 +182,7 @@ def shard_actors(
                 server_class.options(
                     name=name,
                     namespace=SERVER_ACTOR_NAMESPACE,
-                    num_cpus=0.01,
+                    num_cpus=0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(group, shard),
                     max_restarts=SERVER_MAX_RESTARTS if restartable else 0,
                     max_task_retries=-1 if restartable else 0,
