@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -28,9 +29,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run(
+    *args: str, cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [GRADFLEET, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False
+        [GRADFLEET, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
+        env=env,
     )
 
 
@@ -217,3 +226,20 @@ def test_server_after_global_flags_takes_its_own_options(flags: list[str], capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err == ["gradfleet server: port must be within 0..65535, got 70000."]
+
+
+# The user's first hour (issue 16)
+
+
+def test_a_taken_port_is_one_line_without_grpc_logs() -> None:
+    environment = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+
+        result = run("server", "--port", str(port), env=environment, timeout=60)
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"gradfleet server: could not listen on 127.0.0.1:{port}: the port is in use "
+        "(another server?); pick another --port."
+    ]

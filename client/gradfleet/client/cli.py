@@ -127,12 +127,14 @@ _GLOBAL_FLAGS = {"--debug": "", "-v": "-v", "--verbose": "-v", "-q": "-q", "--qu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``gradfleet`` command; returns its exit status. Called without ``argv`` it is
+    the command itself, reading ``sys.argv`` (and ``gradfleet server`` may then replace
+    this process, see `_run_server`)."""
+    command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     server_args = _server_command(argv)
     if server_args is not None:  # its own parser: argparse cannot forward "--port 0" intact
-        from gradfleet.server import main as server_main
-
-        return server_main(server_args)
+        return _run_server(server_args, command_line)
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.INFO - 10 * args.verbose + 10 * args.quiet
@@ -163,6 +165,35 @@ def _server_command(argv: list[str]) -> list[str] | None:
         else:
             return None
     return None
+
+
+def _run_server(server_args: list[str], command_line: bool) -> int:
+    """Run `gradfleet server` with `server_args`, without gRPC's own log lines.
+
+    gRPC's C core writes its own lines (a failed bind, say) straight to stderr, at the
+    verbosity it reads from GRPC_VERBOSITY once, when grpc is imported, and importing
+    this package has imported it. So unless the user set GRPC_VERBOSITY or asked for -v,
+    the command starts again in this process (same pid, same signals) with
+    GRPC_VERBOSITY=NONE, and the server says what went wrong in its own one line.
+    """
+    from gradfleet.server import cli as server_cli
+
+    options = server_cli.build_parser().parse_args(server_args)  # --help, bad options: here
+    if (
+        command_line
+        and not options.verbose
+        and "GRPC_VERBOSITY" not in os.environ
+        and "grpc" in sys.modules
+    ):
+        os.environ["GRPC_VERBOSITY"] = "NONE"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # -P: a module in the working directory must not shadow one of ours
+        os.execv(
+            sys.executable,
+            [sys.executable, "-P", "-m", "gradfleet.client.cli", "server", *server_args],
+        )
+    return server_cli.main(server_args)
 
 
 def _one_line(exc: BaseException) -> str:

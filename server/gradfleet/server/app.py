@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -104,6 +106,39 @@ def _read(path: Path | str) -> bytes:
     return Path(path).read_bytes()
 
 
+class PortInUse(OSError):
+    """Another process (another server?) listens on the port a server was to bind."""
+
+
+def _bind_failure(host: str, port: int, bind: str, grpc_says: str, secure: bool) -> OSError:
+    """Why `bind` failed, in words: gRPC says only that it did (its reason goes to its
+    own log), so a plain socket tries the same address and the OS names the reason."""
+    reason = None
+    if port != 0:
+        try:
+            candidates = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        except OSError:
+            candidates = []
+        for family, kind, proto, _, address in candidates:
+            with socket.socket(family, kind, proto) as probe:
+                # as gRPC binds: a closed connection's TIME_WAIT does not hold the port
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(address)
+                except OSError as exc:
+                    reason = reason or exc
+                    if exc.errno == errno.EADDRINUSE:
+                        return PortInUse(
+                            f"could not listen on {bind}: the port is in use (another server?)"
+                        )
+    if reason is not None and reason.strerror:
+        return OSError(f"could not listen on {bind}: {reason.strerror.lower()}")
+    tls = " with the TLS certificate and key given (are they valid PEM?)" * secure
+    return OSError(f"could not listen on {bind}{tls}: {grpc_says}")
+
+
 class ParameterServer:
     """A running (after `start`) gRPC parameter server.
 
@@ -189,10 +224,9 @@ class ParameterServer:
             else:
                 self.port = server.add_insecure_port(bind)
         except RuntimeError as exc:  # grpcio reports a failed bind this way
-            tls = " with the TLS certificate and key given (are they valid PEM?)" * self.secure
-            raise OSError(f"could not listen on {bind}{tls}: {exc}") from None
+            raise _bind_failure(c.host, c.port, bind, str(exc), self.secure) from None
         if self.port == 0:
-            raise OSError(f"could not bind {bind}.")
+            raise _bind_failure(c.host, c.port, bind, "gRPC bound no address", self.secure)
         if c.metrics_port is not None:  # before the gRPC server starts serving
             try:
                 self.metrics_port = self.metrics.serve(c.metrics_port, c.host)

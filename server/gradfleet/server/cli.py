@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gradfleet.proto.runtime import long_lived_objects_frozen
 from gradfleet.proto.wire import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES
-from gradfleet.server.app import ParameterServer, ServerConfig
+from gradfleet.server.app import ParameterServer, PortInUse, ServerConfig
 
 log = logging.getLogger("gradfleet.server")
 
@@ -84,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             grace=args.grace,
         )
         server = ParameterServer(config).start()
+    except PortInUse as exc:
+        print(f"gradfleet server: {exc}; pick another --port.", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as exc:
         print(f"gradfleet server: {exc}", file=sys.stderr)
         return 2
