@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from gradfleet.client import Client
 from gradfleet.client.cli import build_parser, main
 from gradfleet.client.data import load_dataset
 from gradfleet.nn import MLP
+from gradfleet.server.cli import build_parser as build_server_parser
 
 pytestmark = [pytest.mark.integration]
 GRADFLEET = str(Path(sys.executable).with_name("gradfleet"))
@@ -229,6 +232,33 @@ def test_server_after_global_flags_takes_its_own_options(flags: list[str], capsy
 
 
 # The user's first hour (issue 16)
+
+
+def test_version_prints_the_installed_version() -> None:
+    result = run("--version")
+
+    assert result.returncode == 0
+    assert result.stdout == f"gradfleet {metadata.version('gradfleet')}\n"
+
+
+def every_parser() -> Iterator[argparse.ArgumentParser]:
+    """The `gradfleet` parser, each of its subcommands' and `gradfleet server`'s."""
+    parser = build_parser()
+    yield parser
+    yield from parser._subparsers._group_actions[0].choices.values()  # type: ignore[union-attr]
+    yield build_server_parser()
+
+
+def test_every_argument_of_every_command_says_what_it_is_for() -> None:
+    missing = [
+        f"{parser.prog} {'/'.join(action.option_strings) or action.dest}"
+        for parser in every_parser()
+        for action in parser._actions
+        if not isinstance(action, argparse._SubParsersAction)
+        and (not action.help or not action.help.strip())
+    ]
+
+    assert missing == []
 
 
 def test_a_taken_port_is_one_line_without_grpc_logs() -> None:

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gradfleet",
         description="Data-parallel MLP training: parameter server, Ray workers, NumPy core.",
     )
+    parser.add_argument("--version", action="version", version=f"gradfleet {_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
@@ -50,11 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser(
         "server", help="run a parameter server in the foreground", add_help=False
-    ).add_argument("server_args", nargs=argparse.REMAINDER)
+    ).add_argument(
+        "server_args",
+        nargs=argparse.REMAINDER,
+        help="the server's options (see gradfleet server --help)",
+    )
 
     train = commands.add_parser("train", help="train a job (no CONFIG: the embedded default)")
     train.add_argument("config", nargs="?", help="job description in TOML")
-    train.add_argument("--backend", choices=["local", "ray"], default="ray")
+    train.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="ray",
+        help="ray: workers as Ray actors with a parameter server (default); "
+        "local: everything in this process, no Ray",
+    )
     train.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
     train.add_argument("--server", help="parameter server host:port (default: start one)")
     train.add_argument(
@@ -76,11 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="log lines, no progress bar")
 
     status = commands.add_parser("status", help="show one job or list all jobs on a server")
-    status.add_argument("job", nargs="?")
+    status.add_argument("job", nargs="?", help="job id (default: every job)")
     _server_options(status)
 
     watch = commands.add_parser("watch", help="follow a job's progress events")
-    watch.add_argument("job")
+    watch.add_argument("job", help="job id")
     _server_options(watch)
 
     evaluate = commands.add_parser("evaluate", help="held-out loss and accuracy of a saved model")
@@ -96,10 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", help="write predictions here (.npy or .csv); else stdout")
 
     export = commands.add_parser("export", help="save a job's current weights as a model")
-    export.add_argument("job")
+    export.add_argument("job", help="job id")
     export.add_argument("--out", required=True, help="output folder")
     _server_options(export)
     return parser
+
+
+def _version() -> str:
+    try:
+        return metadata.version("gradfleet")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "(not installed)"
 
 
 def _server_options(parser: argparse.ArgumentParser) -> None:

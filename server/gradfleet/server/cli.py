@@ -33,10 +33,30 @@ def build_parser(prog: str = "gradfleet server") -> argparse.ArgumentParser:
     p.add_argument("--tls-client-ca", type=Path, help="require client certificates from this CA")
     p.add_argument("--token-file", type=Path, help=f"bearer token file (or set {TOKEN_ENV})")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    p.add_argument("--max-job-bytes", type=int, default=4 << 30)
-    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
-    p.add_argument("--max-concurrent-streams", type=int, default=64)
-    p.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
+    p.add_argument(
+        "--max-job-bytes",
+        type=int,
+        default=4 << 30,
+        help="refuse a job whose weights take more bytes (default 4 GiB)",
+    )
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="largest gRPC message received or sent (default 64 MiB)",
+    )
+    p.add_argument(
+        "--max-concurrent-streams",
+        type=int,
+        default=64,
+        help="pulls and pushes served at once; more are refused (RESOURCE_EXHAUSTED)",
+    )
+    p.add_argument(
+        "--chunk-bytes",
+        type=int,
+        default=DEFAULT_CHUNK_BYTES,
+        help="size of the pieces weights and gradients are streamed in (default 1 MiB)",
+    )
     p.add_argument(
         "--receive-budget-bytes",
         type=int,
