@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -233,6 +234,18 @@ def test_server_after_global_flags_takes_its_own_options(flags: list[str], capsy
 
 # The user's first hour (issue 16)
 
+IRIS_JOB = (
+    'name = "iris-first-hour"\ndataset = "iris"\nbatch_size = 16\nsteps = 20\nworkers = 2\n'
+    "[model]\nsizes = [4, 8, 3]\n"
+)
+NO_SERVER = "gradfleet: error: no gradfleet server at {} (is `gradfleet server` running?)"
+
+
+def write_job(tmp_path: Path, text: str = IRIS_JOB) -> str:
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    return str(path)
+
 
 def test_version_prints_the_installed_version() -> None:
     result = run("--version")
@@ -261,6 +274,55 @@ def test_every_argument_of_every_command_says_what_it_is_for() -> None:
     assert missing == []
 
 
+@pytest.mark.parametrize(
+    ("flags", "optimizer"),
+    [
+        (["--optimizer", "Adam", "--lr", "0.02"], {"name": "adam", "lr": 0.02}),
+        (["--optimizer", "adamw"], {"name": "adamw", "lr": 0.001}),  # its usual rate
+        (["--lr", "0.3"], {"name": "sgd", "lr": 0.3, "momentum": 0.9}),  # the table's rest
+    ],
+)
+def test_optimizer_and_learning_rate_from_the_command_line(
+    tmp_path: Path, flags: list[str], optimizer: dict
+) -> None:
+    config = write_job(tmp_path, IRIS_JOB + '[optimizer]\nname = "sgd"\nlr = 0.1\nmomentum = 0.9\n')
+
+    result = run("train", config, "--backend", "local", "--out", str(tmp_path / "run"), *flags)
+
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["optimizer"] == optimizer
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--timeout", "0"], "argument --timeout: '0' is not a positive number of seconds"),
+        (["--timeout", "inf"], "argument --timeout: 'inf' is not a positive number of seconds"),
+        (["--lr", "-0.1"], "argument --lr: '-0.1' is not a positive number"),
+        (["--optimizer", "RMSprop"], "argument --optimizer: invalid choice: 'rmsprop'"),
+    ],
+)
+def test_bad_train_options_are_refused_by_name(flags: list[str], message: str) -> None:
+    result = run("train", *flags)
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith(f"gradfleet train: error: {message}")
+
+
+def test_train_against_no_server_fails_in_seconds_before_starting_ray(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+
+    # the embedded default job, the default --timeout of 10 s
+    result = run("train", "--server", address, "--out", str(tmp_path / "run"), timeout=120)
+
+    assert time.monotonic() - started < 20
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [NO_SERVER.format(address)]
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_taken_port_is_one_line_without_grpc_logs() -> None:
     environment = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
     with socket.create_server(("127.0.0.1", 0)) as taken:
@@ -272,4 +334,44 @@ def test_a_taken_port_is_one_line_without_grpc_logs() -> None:
     assert result.stderr.splitlines() == [
         f"gradfleet server: could not listen on 127.0.0.1:{port}: the port is in use "
         "(another server?); pick another --port."
+    ]
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """(address, token file) of a `gradfleet server --token-file` in its own process."""
+    token = tmp_path_factory.mktemp("token") / "token"
+    token.write_text("the-right-token\n")
+    port = free_port()
+    process = subprocess.Popen(
+        [GRADFLEET, "server", "--port", str(port), "--token-file", str(token), "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        Client(address, token="the-right-token", timeout=30).close()  # waits until it answers
+        yield address, token
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("token", ["missing", "wrong"])
+@pytest.mark.parametrize("command", ["status", "train"])
+def test_a_missing_or_wrong_token_is_one_line(
+    token_server: tuple[str, Path], tmp_path: Path, token: str, command: str
+) -> None:
+    address, _ = token_server
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-token\n")
+    flags = ["--token-file", str(wrong)] if token == "wrong" else []
+    extra = [write_job(tmp_path), "--out", str(tmp_path / "run")] if command == "train" else []
+
+    result = run(command, *extra, "--server", address, *flags, timeout=60)
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"gradfleet: error: the server at {address} refused the call: its token is {token}; "
+        "pass the server's token (token= in Python, --token-file on the command line)"
     ]

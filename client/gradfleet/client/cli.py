@@ -8,12 +8,13 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ DEFAULT_JOB: dict[str, Any] = {
     "eval_every": 50,
     "seed": 0,
 }
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 class UsageError(Exception):
@@ -70,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
     train.add_argument("--server", help="parameter server host:port (default: start one)")
     train.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=10.0,
+        help="seconds to wait for the --server to answer (default 10)",
+    )
+    train.add_argument(
         "--server-placement",
         help="where a started server runs: driver (this process), head, or node:<node id> "
         "(default: head when joining a cluster, else driver)",
@@ -83,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, help="steps (replaces epochs)")
     train.add_argument("--batch-size", type=int, help="global batch size")
     train.add_argument("--seed", type=int, help="random seed")
+    train.add_argument(
+        "--optimizer",
+        type=str.lower,
+        choices=OPTIMIZERS,
+        help="optimiser by name, with its usual learning rate unless --lr (replaces the "
+        "config's optimizer table)",
+    )
+    train.add_argument(
+        "--lr", type=_positive_number, help="learning rate (replaces the optimiser's lr)"
+    )
     train.add_argument("--mode", choices=["sync", "async"], help="sync or async updates")
     train.add_argument("--out", help="output folder (default: runs/<name>-<time>)")
     train.add_argument("--no-progress", action="store_true", help="log lines, no progress bar")
@@ -132,14 +152,21 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
+def _positive_float(what: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {what}")
+        return value
+
+    return parse
+
+
+_positive_seconds = _positive_float("number of seconds")
+_positive_number = _positive_float("number")
 
 
 _GLOBAL_FLAGS = {"--debug": "", "-v": "-v", "--verbose": "-v", "-q": "-q", "--quiet": "-q"}
@@ -240,7 +267,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         table = _read_toml(args.config)
     else:
         table = dict(DEFAULT_JOB)
-        logger.info("no config given: training the embedded default (digits, 2 workers)")
     overrides = {
         "workers": args.workers,
         "batch_size": args.batch_size,
@@ -248,6 +274,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "mode": args.mode,
         "epochs": args.epochs,
         "steps": args.steps,
+        "optimizer": args.optimizer,  # a name: its own settings, not the config's
     }
     table.update({k: v for k, v in overrides.items() if v is not None})
     if args.epochs is not None:
@@ -255,6 +282,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.steps is not None:
         table.pop("epochs", None)
     job = JobConfig.from_dict(table, args.config or "default job")
+    if args.lr is not None:
+        job = dataclasses.replace(job, optimizer=job.optimizer_settings | {"lr": args.lr})
+    token = _token(args.token_file)
+    if args.server and args.backend == "ray":
+        _check_server(args.server, token, args.timeout)  # in seconds, not after Ray started
+    if not args.config:
+        logger.info("no config given: training the embedded default (digits, 2 workers)")
     out = Path(args.out or f"runs/{job.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     reporter = ProgressReporter(job.total_steps, job.steps_per_epoch, enabled=not args.no_progress)
     with reporter:
@@ -263,7 +297,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             backend=args.backend,
             address=args.ray_address,
             server=args.server,
-            token=_token(args.token_file),
+            token=token,
             progress=reporter.update,
             checkpoint_dir=args.checkpoint_dir,
             server_placement=_placement(args),
@@ -282,6 +316,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{result.wall_time:.1f}s: {summary}; model saved to {model_path}"
     )
     return 0
+
+
+def _check_server(address: str, token: str | None, timeout: float) -> None:
+    """Raise a one-sentence error unless a gradfleet server answers at `address` within
+    `timeout` seconds and takes `token`: the trainer's own client would keep trying for
+    a minute or more, after Ray had started."""
+    from gradfleet.client.sdk import Client
+
+    with Client(address, token=token, timeout=timeout) as client:
+        client.list_jobs()
 
 
 def _placement(args: argparse.Namespace) -> str:
