@@ -21,6 +21,7 @@ from gradfleet.client import Client
 from gradfleet.client.cli import build_parser, main
 from gradfleet.client.data import load_dataset
 from gradfleet.nn import MLP
+from gradfleet.proto.client import ParameterServerClient
 from gradfleet.server.cli import build_parser as build_server_parser
 
 pytestmark = [pytest.mark.integration]
@@ -335,6 +336,70 @@ def test_a_taken_port_is_one_line_without_grpc_logs() -> None:
         f"gradfleet server: could not listen on 127.0.0.1:{port}: the port is in use "
         "(another server?); pick another --port."
     ]
+
+
+def test_watch_into_a_reader_that_stops_early_exits_quietly(
+    server_address: str, tmp_path: Path
+) -> None:
+    # prepare: a job with more events than a pipe holds
+    steps = 3000
+    with ParameterServerClient(server_address) as client:
+        job = client.create_job(
+            {"type": "MLP", "sizes": [2, 2], "dtype": "float32"},
+            {"name": "sgd", "lr": 0.1},
+            total_steps=steps,
+            num_workers=1,
+        )
+        gradient = np.zeros(client.layout(job).total_elements, np.float32)
+        for step in range(steps):
+            client.push_gradient(job, 0, step, 1, 1.0, gradient)
+    errors = tmp_path / "stderr"
+    # execute: `gradfleet watch JOB | head -1`
+    with open(errors, "w") as stderr:
+        watch = subprocess.Popen(
+            [GRADFLEET, "watch", job, "--server", server_address],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+        )
+        assert watch.stdout is not None
+        first = watch.stdout.readline()
+        watch.stdout.close()
+        code = watch.wait(timeout=60)
+    # assert
+    assert first.startswith(f"{job} step 1 ".encode())
+    assert errors.read_text() == ""
+    assert code == 0
+
+
+def test_quiet_leaves_warnings_and_twice_quiet_only_errors(tmp_path: Path) -> None:
+    # prepare: data whose one row of class 2 warns (it cannot be on both sides of the split)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 2))
+    y = (x[:, 0] > 0).astype(int)
+    y[0] = 2
+    np.savetxt(tmp_path / "odd.csv", np.column_stack([x, y]), delimiter=",", fmt="%g")
+    config = write_job(
+        tmp_path,
+        f'name = "odd"\ndataset = "{tmp_path / "odd.csv"}"\nbatch_size = 8\nsteps = 5\n'
+        "[model]\nsizes = [2, 3]\n",
+    )
+    train = ("train", config, "--backend", "local", "--out", str(tmp_path / "run"))
+    # execute
+    chatty, quiet, after, silent = (
+        run(*train),
+        run("-q", *train),
+        run(*train, "-q"),  # given after the command as well
+        run("-qq", *train),
+    )
+    # assert
+    assert [r.returncode for r in (chatty, quiet, after, silent)] == [0, 0, 0, 0]
+    assert any(line.startswith("INFO ") for line in chatty.stderr.splitlines())
+    assert quiet.stderr == after.stderr
+    assert [line.split(":")[0] for line in quiet.stderr.splitlines()] == [
+        "WARNING gradfleet.worker.datasets"
+    ]
+    assert silent.stderr == ""
+    assert silent.stdout.startswith("trained odd for 5 steps on local")
 
 
 @pytest.fixture(scope="module")

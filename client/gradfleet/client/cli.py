@@ -2,7 +2,8 @@
 
 Bad input (a missing file, an unknown config key, an unreachable server, a model file
 that is not ours) exits with status 2 and one line on stderr; ``--debug`` shows the
-traceback instead.
+traceback instead. ``-q`` leaves only warnings and errors on stderr, ``-qq`` only errors;
+what a command answers goes to stdout.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ DEFAULT_JOB: dict[str, Any] = {
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+AFTER_COMMAND = "_after_command"
 
 
 class UsageError(Exception):
@@ -49,10 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Data-parallel MLP training: parameter server, Ray workers, NumPy core.",
     )
     parser.add_argument("--version", action="version", version=f"gradfleet {_version()}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
+    _output_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    after_command = argparse.ArgumentParser(add_help=False)
+    _output_options(after_command, AFTER_COMMAND)
 
     commands.add_parser(
         "server", help="run a parameter server in the foreground", add_help=False
@@ -62,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the server's options (see gradfleet server --help)",
     )
 
-    train = commands.add_parser("train", help="train a job (no CONFIG: the embedded default)")
+    train = commands.add_parser(
+        "train", help="train a job (no CONFIG: the embedded default)", parents=[after_command]
+    )
     train.add_argument("config", nargs="?", help="job description in TOML")
     train.add_argument(
         "--backend",
@@ -107,31 +111,70 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="output folder (default: runs/<name>-<time>)")
     train.add_argument("--no-progress", action="store_true", help="log lines, no progress bar")
 
-    status = commands.add_parser("status", help="show one job or list all jobs on a server")
+    status = commands.add_parser(
+        "status", help="show one job or list all jobs on a server", parents=[after_command]
+    )
     status.add_argument("job", nargs="?", help="job id (default: every job)")
     _server_options(status)
 
-    watch = commands.add_parser("watch", help="follow a job's progress events")
+    watch = commands.add_parser(
+        "watch", help="follow a job's progress events", parents=[after_command]
+    )
     watch.add_argument("job", help="job id")
     _server_options(watch)
 
-    evaluate = commands.add_parser("evaluate", help="held-out loss and accuracy of a saved model")
+    evaluate = commands.add_parser(
+        "evaluate", help="held-out loss and accuracy of a saved model", parents=[after_command]
+    )
     evaluate.add_argument("model", help="model folder or its model.npz")
     evaluate.add_argument(
         "--data", help="dataset name or path (default: the one the model was trained on)"
     )
     evaluate.add_argument("--labels", help="label file for .npy/IDX features")
 
-    predict = commands.add_parser("predict", help="predict classes for rows of a file")
+    predict = commands.add_parser(
+        "predict", help="predict classes for rows of a file", parents=[after_command]
+    )
     predict.add_argument("model", help="model folder or its model.npz")
     predict.add_argument("--input", required=True, help=".npy, .npz (array x) or .csv features")
     predict.add_argument("--output", help="write predictions here (.npy or .csv); else stdout")
 
-    export = commands.add_parser("export", help="save a job's current weights as a model")
+    export = commands.add_parser(
+        "export", help="save a job's current weights as a model", parents=[after_command]
+    )
     export.add_argument("job", help="job id")
     export.add_argument("--out", required=True, help="output folder")
     _server_options(export)
     return parser
+
+
+def _output_options(parser: argparse.ArgumentParser, suffix: str = "") -> None:
+    """--debug, -v and -q. After the command (their names end in `suffix` there) they add
+    to those given before it: `gradfleet -q train job.toml -q` is -qq."""
+    unset: dict[str, Any] = {"default": argparse.SUPPRESS} if suffix else {}
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        dest=f"debug{suffix}",
+        help="show tracebacks on errors",
+        **unset,
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        dest=f"verbose{suffix}",
+        help="more log output",
+        **(unset or {"default": 0}),
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        dest=f"quiet{suffix}",
+        help="less on stderr: -q warnings and errors only, -qq errors only",
+        **(unset or {"default": 0}),
+    )
 
 
 def _version() -> str:
@@ -183,10 +226,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_server(server_args, command_line)
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name in ("debug", "verbose", "quiet"):  # given after the command: add them up
+        setattr(args, name, getattr(args, name) + getattr(args, name + AFTER_COMMAND, 0))
     level = logging.INFO - 10 * args.verbose + 10 * args.quiet
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # -v: gradfleet's debug lines; -vv: every library's too (matplotlib's fonts, say)
+    others = level if args.verbose > 1 else max(level, logging.INFO)
+    logging.basicConfig(level=others, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("gradfleet").setLevel(level)
+    logging.captureWarnings(True)  # Python warnings obey -q/-qq like log records
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that went away shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # the reader of stdout has seen enough (`gradfleet watch JOB | head -1`): not an
+        # error. Output still buffered would fail again at exit, so it goes nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("gradfleet: interrupted", file=sys.stderr)
         return 130
@@ -199,15 +256,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _server_command(argv: list[str]) -> list[str] | None:
     """The arguments for `gradfleet server` when that is the command (after any global
-    flags, which carry over as the server's -v/-q), else None."""
-    carried: set[str] = set()
+    flags, which carry over as the server's -v/-q, counted), else None."""
+    carried: list[str] = []
     for i, arg in enumerate(argv):
         if arg == "server":
             return sorted(carried) + argv[i + 1 :]
         if arg in _GLOBAL_FLAGS:
-            carried |= {_GLOBAL_FLAGS[arg]} - {""}
+            carried += [_GLOBAL_FLAGS[arg]] if _GLOBAL_FLAGS[arg] else []
         elif arg[:1] == "-" and len(arg) > 1 and set(arg[1:]) <= {"v", "q"}:  # -vv, -vq
-            carried |= {f"-{letter}" for letter in set(arg[1:])}
+            carried += [f"-{letter}" for letter in arg[1:]]
         else:
             return None
     return None
@@ -290,7 +347,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.config:
         logger.info("no config given: training the embedded default (digits, 2 workers)")
     out = Path(args.out or f"runs/{job.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    reporter = ProgressReporter(job.total_steps, job.steps_per_epoch, enabled=not args.no_progress)
+    reporter = ProgressReporter(
+        job.total_steps, job.steps_per_epoch, enabled=not (args.no_progress or args.quiet)
+    )
     with reporter:
         result = train(
             job,

@@ -66,8 +66,20 @@ def build_parser(prog: str = "gradfleet server") -> argparse.ArgumentParser:
         "chunk by chunk and need none)",
     )
     p.add_argument("--grace", type=float, default=5.0, help="seconds to finish calls on stop")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="debug logging, gRPC's own log lines included",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        default=0,
+        help="-q warnings and errors only, -qq errors only",
+    )
     return p
 
 
@@ -83,7 +95,7 @@ def _token(args: argparse.Namespace) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `gradfleet server`; returns the exit code."""
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    level = logging.DEBUG if args.verbose else logging.INFO + 10 * min(args.quiet, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = ServerConfig(
