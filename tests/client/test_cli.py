@@ -20,6 +20,7 @@ import pytest
 from gradfleet.client import Client
 from gradfleet.client.cli import build_parser, main
 from gradfleet.client.data import load_dataset
+from gradfleet.client.model_files import save_model
 from gradfleet.nn import MLP
 from gradfleet.proto.client import ParameterServerClient
 from gradfleet.server.cli import build_parser as build_server_parser
@@ -369,6 +370,77 @@ def test_watch_into_a_reader_that_stops_early_exits_quietly(
     assert first.startswith(f"{job} step 1 ".encode())
     assert errors.read_text() == ""
     assert code == 0
+
+
+@pytest.fixture(scope="module")
+def iris_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("model")
+    save_model(MLP([4, 8, 3], seed=0), folder)
+    return folder
+
+
+def save_rows(path: Path, rows: np.ndarray, archive: bool = False) -> Path:
+    """`rows` in NumPy's format at `path` whatever its suffix (np.save would add one)."""
+    with open(path, "wb") as f:
+        if archive:
+            np.savez(f, x=rows)
+        else:
+            np.save(f, rows)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "archive", "rows"),
+    [
+        ("row.npy", False, np.array([5.1, 3.5, 1.4, 0.2])),  # one 1-D row
+        ("rows.npz", True, np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]])),
+        ("named.npz", False, np.array([[5.1, 3.5, 1.4, 0.2]])),  # an .npy by its content
+    ],
+)
+def test_predict_reads_rows_in_numpy_files(
+    iris_model: Path, tmp_path: Path, name: str, archive: bool, rows: np.ndarray
+) -> None:
+    source = save_rows(tmp_path / name, rows, archive)
+
+    result = run("predict", str(iris_model), "--input", str(source))
+
+    expected = MLP([4, 8, 3], seed=0).predict(rows.reshape(-1, 4)).tolist()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(p) for p in expected]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "text.npy",
+            "5.1,3.5,1.4,0.2\n",
+            "cannot read rows from {}: give a .npy, .npz (array x) or .csv of numbers",
+        ),
+        (
+            "empty.npy",
+            "",
+            "cannot read rows from {}: give a .npy, .npz (array x) or .csv of numbers",
+        ),
+        ("wide.npy", np.ones(5), "{} has rows of 5 features, the model expects 4"),
+        ("words.npy", np.array(["a", "b", "c", "d"]), "{} does not hold rows of numbers"),
+        ("header.csv", "a,b,c,d\n", "{} holds no rows"),
+        ("cells.csv", "1,2,3,4\n1,2,x,4\n", "{}: line 2, column 3 is not a number: 'x'"),
+    ],
+)
+def test_predict_says_what_is_wrong_with_an_input_file(
+    iris_model: Path, tmp_path: Path, name: str, content: str | np.ndarray, message: str
+) -> None:
+    source = tmp_path / name
+    if isinstance(content, str):
+        source.write_text(content)
+    else:
+        save_rows(source, content)
+
+    result = run("predict", str(iris_model), "--input", str(source))
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"gradfleet: error: {message.format(source)}"]
 
 
 def test_quiet_leaves_warnings_and_twice_quiet_only_errors(tmp_path: Path) -> None:

@@ -494,36 +494,49 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _read_rows(path: Path, features: int) -> np.ndarray:
-    """Feature rows from .npy, .npz (array ``x``) or .csv (a trailing label column is dropped)."""
+    """Feature rows from .csv (a trailing label column is dropped) or from a NumPy file,
+    .npy or .npz (its array ``x``), whatever its name says; one row may be 1-D."""
     from gradfleet.worker.datasets import load_csv
 
-    try:
-        if path.suffix == ".csv":
+    if path.suffix == ".csv":
+        try:
             x, last = load_csv(path, label_column=-1)
-            if x.shape[1] == features - 1:  # no label column: the last column is a feature
-                x = np.column_stack([x, last])
-        elif path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                if "x" not in archive.files:
-                    raise UsageError(f"{path} needs an array named 'x'")
-                x = archive["x"]
-        else:
-            x = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        raise UsageError(
-            f"cannot read rows from {path}: give a .npy, .npz (array x) or .csv of numbers"
-        ) from None
-    x = np.asarray(x)
-    if x.ndim == 1 and x.size == features:  # one row
-        x = x[None, :]
+        except ValueError as exc:  # says which line or column
+            raise UsageError(str(exc)) from None
+        if x.shape[1] == features - 1:  # no label column: the last column is a feature
+            x = np.column_stack([x, last])
+    else:
+        x = _numpy_rows(path)
     if x.dtype.kind not in "fiub" or x.ndim < 1:
         raise UsageError(f"{path} does not hold rows of numbers")
+    if x.ndim == 1:  # one row, or a column of one-feature rows
+        x = x[:, None] if features == 1 else x[None, :]
+    if len(x) == 0:
+        raise UsageError(f"{path} holds no rows")
     x = x.reshape(len(x), -1)
     if x.shape[1] != features:
-        raise UsageError(
-            f"{path} has rows of {x.shape[1]} features, the model expects {features} a row"
-        )
+        raise UsageError(f"{path} has rows of {x.shape[1]} features, the model expects {features}")
     return x
+
+
+def _numpy_rows(path: Path) -> np.ndarray:
+    """The array in a .npy file, or the array ``x`` of a .npz archive."""
+    unreadable = UsageError(
+        f"cannot read rows from {path}: give a .npy, .npz (array x) or .csv of numbers"
+    )
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):  # not NumPy's format, or pickled objects
+        raise unreadable from None
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded as archive:
+        if "x" not in archive.files:
+            raise UsageError(f"{path} needs an array named 'x', it holds {archive.files}")
+        try:
+            return np.asarray(archive["x"])
+        except (OSError, ValueError, EOFError):
+            raise unreadable from None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
