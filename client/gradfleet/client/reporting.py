@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -9,59 +10,93 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, TextIO
 
 from gradfleet.client.model_files import save_model
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.result import TrainResult
 
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
 logger = logging.getLogger(__name__)
 
 
 class ProgressReporter:
-    """A tqdm bar on a terminal; periodic log lines when stderr is not one."""
+    """A progress bar on a terminal or in a notebook; periodic log lines elsewhere.
+
+    While the bar is shown, log records go through ``tqdm.write`` so that they appear
+    above the bar instead of breaking into it. In a Jupyter notebook stderr is no
+    terminal, but tqdm's notebook front end (``tqdm.auto``) draws a widget there.
+    """
 
     def __init__(
-        self, total_steps: int, steps_per_epoch: int, enabled: bool = True, log_every: float = 5.0
+        self,
+        total_steps: int,
+        steps_per_epoch: int,
+        enabled: bool = True,
+        log_every: float = 5.0,
+        stream: TextIO | None = None,
     ) -> None:
         self.total, self.steps_per_epoch = total_steps, max(1, steps_per_epoch)
-        self.use_bar = enabled and sys.stderr.isatty()
+        self.stream = sys.stderr if stream is None else stream
+        self.use_bar = enabled and (_is_terminal(self.stream) or in_notebook())
         self.log_every, self.last_log = log_every, 0.0
         self.bar: tqdm | None = None
-        self.done = 0
+        self.done = self.logged = 0
+        self._showing = contextlib.ExitStack()
 
     def __enter__(self) -> ProgressReporter:
         if self.use_bar:
-            self.bar = tqdm(total=self.total, unit="step", dynamic_ncols=True, file=sys.stderr)
+            from tqdm.auto import tqdm as bar_class  # the notebook widget, or the text bar
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self.bar = self._showing.enter_context(
+                bar_class(total=self.total, unit="step", dynamic_ncols=True, file=self.stream)
+            )
+            self._showing.enter_context(logging_redirect_tqdm(tqdm_class=bar_class))
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self._showing.close()  # log records go to their handlers again, then the bar closes
 
     def update(self, entry: dict[str, float]) -> None:
+        """Show the step ``entry`` describes; an entry may repeat a step with new
+        held-out numbers."""
         step = int(entry.get("step", self.done))
-        if step == self.done and step:
-            return  # nothing new since the last call
         fields = {
-            "epoch": (step - 1) // self.steps_per_epoch + 1,
+            "epoch": (max(step, 1) - 1) // self.steps_per_epoch + 1,
             "loss": f"{entry.get('loss', float('nan')):.4f}",
             "samples/s": f"{entry.get('samples_per_s', 0):.0f}",
         }
         if "val_accuracy" in entry:
             fields["val_acc"] = f"{entry['val_accuracy']:.3f}"
         if self.bar is not None:
-            self.bar.update(step - self.done)
+            # the fields first: the bar draws them when it next redraws (update or close)
             self.bar.set_postfix(fields, refresh=False)
-        elif time.monotonic() - self.last_log >= self.log_every or step == self.total:
-            self.last_log = time.monotonic()
+            self.bar.update(max(0, step - self.done))
+        elif step != self.logged and (
+            time.monotonic() - self.last_log >= self.log_every or step == self.total
+        ):
+            self.last_log, self.logged = time.monotonic(), step
             logger.info(
                 "step %d/%d %s", step, self.total, " ".join(f"{k}={v}" for k, v in fields.items())
             )
-        self.done = step
+        self.done = max(self.done, step)
+
+
+def in_notebook() -> bool:
+    """Whether this process is an IPython kernel (Jupyter, VS Code, Colab)."""
+    return "ipykernel" in sys.modules
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
 
 
 def write_run(result: TrainResult, job: JobConfig, out: Path) -> Path:
