@@ -71,7 +71,7 @@ def test_help_lists_every_subcommand() -> None:
     result = run("--help")
 
     assert result.returncode == 0
-    for command in ("server", "train", "status", "watch", "evaluate", "predict", "export"):
+    for command in ("server", "train", "status", "watch", "evaluate", "predict", "export", "plot"):
         assert command in result.stdout
     subcommands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert set(subcommands) == {
@@ -82,6 +82,7 @@ def test_help_lists_every_subcommand() -> None:
         "evaluate",
         "predict",
         "export",
+        "plot",
     }
 
 

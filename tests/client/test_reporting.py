@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import subprocess
 import sys
 import types
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from tqdm.auto import tqdm as auto_tqdm
 
-from gradfleet.client.reporting import ProgressReporter
+from gradfleet.client import JobConfig, train
+from gradfleet.client.reporting import ProgressReporter, curves_figure, read_history, write_run
+from gradfleet.nn import MLP
+
+GRADFLEET = str(Path(sys.executable).with_name("gradfleet"))
 
 
 class Terminal(io.StringIO):
@@ -109,3 +116,77 @@ def test_without_a_terminal_the_reporter_logs_the_last_step(
     assert [m for m in caplog.messages if m.startswith("step 4/4")] == [
         "step 4/4 epoch=2 loss=0.5000 samples/s=100"
     ]
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder as `gradfleet train` writes it: a short local run on iris."""
+    job = JobConfig(
+        model=MLP([4, 8, 3], seed=0),
+        dataset="iris",
+        batch_size=16,
+        steps=40,
+        eval_every=10,
+        name="iris-curves",
+    ).resolve()
+    result = train(job, backend="local")
+    out = tmp_path_factory.mktemp("run")
+    write_run(result, job, out)
+    return out
+
+
+def test_curves_have_a_title_a_legend_and_accuracy_on_0_to_1(run_folder: Path) -> None:
+    # execute
+    history, title = read_history(run_folder)
+    figure = curves_figure(history["steps"], history["evaluations"], title)
+    # assert
+    loss_axis, accuracy_axis = figure.axes
+    labels = [
+        text.get_text()
+        for ax in figure.axes
+        if ax.get_legend()
+        for text in ax.get_legend().get_texts()
+    ]
+    assert (run_folder / "curves.png").stat().st_size > 0
+    assert loss_axis.get_title() == "iris-curves"
+    assert labels == ["training loss", "held-out loss", "held-out accuracy"]
+    assert accuracy_axis.get_ylim() == (0.0, 1.0)
+    assert loss_axis.get_yscale() == "linear"
+    assert curves_figure(history["steps"], [], title, log_loss=True).axes[0].get_yscale() == "log"
+
+
+def test_plot_redraws_a_run_folder(run_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "again.png"
+
+    done = subprocess.run(
+        [GRADFLEET, "plot", str(run_folder), "--log", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"wrote {out}\n"
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_refuses_a_folder_without_history_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a run")
+
+    done = subprocess.run(
+        [GRADFLEET, "plot", str(tmp_path)], capture_output=True, text=True, timeout=120, check=False
+    )
+
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"gradfleet: error: {tmp_path} holds no history.json: give the --out folder of a "
+        "training run"
+    ]
+
+
+def test_history_json_of_a_run_holds_the_evaluations(run_folder: Path) -> None:
+    history = json.loads((run_folder / "history.json").read_text())
+
+    assert [e["step"] for e in history["evaluations"]] == [10, 20, 30, 40]
+    assert {"val_loss", "val_accuracy"} <= set(history["evaluations"][0])

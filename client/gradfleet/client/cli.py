@@ -1,4 +1,4 @@
-"""The ``gradfleet`` command: server, train, status, watch, evaluate, predict, export.
+"""The ``gradfleet`` command: server, train, status, watch, evaluate, predict, export, plot.
 
 Bad input (a missing file, an unknown config key, an unreachable server, a model file
 that is not ours) exits with status 2 and one line on stderr; ``--debug`` shows the
@@ -145,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("job", help="job id")
     export.add_argument("--out", required=True, help="output folder")
     _server_options(export)
+
+    plot = commands.add_parser(
+        "plot", help="draw a run's loss and accuracy curves again", parents=[after_command]
+    )
+    plot.add_argument("run", help="a training run's output folder (holding history.json)")
+    plot.add_argument("--out", help="write the picture here (default: RUN/curves.png)")
+    plot.add_argument("--log", action="store_true", help="log-scale loss axis")
     return parser
 
 
@@ -551,6 +558,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from gradfleet.client.reporting import PLOT_EXTRA, plot_run
+
+    run = Path(args.run)
+    if not run.is_dir():
+        raise UsageError(f"{run} is not a folder: give the --out folder of a training run")
+    try:
+        path = plot_run(run, Path(args.out) if args.out else None, log_loss=args.log)
+    except ImportError:
+        raise UsageError(f"plotting needs matplotlib: {PLOT_EXTRA}") from None
+    print(f"wrote {path}")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "status": cmd_status,
@@ -558,6 +579,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
     "export": cmd_export,
+    "plot": cmd_plot,
 }
 
 

@@ -10,16 +10,18 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from gradfleet.client.model_files import save_model
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.result import TrainResult
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
+PLOT_EXTRA = "pip install 'gradfleet[plot]'"
 
 
 class ProgressReporter:
@@ -134,7 +136,12 @@ def write_run(result: TrainResult, job: JobConfig, out: Path) -> Path:
         )
         writer.writeheader()
         writer.writerows(result.history)
-    _plot(result, out / "curves.png")
+    try:
+        figure = curves_figure(result.history, result.evaluations, job.name)
+    except ImportError:
+        logger.info("matplotlib is not installed: skipping curves.png (%s)", PLOT_EXTRA)
+    else:
+        _save(figure, out / "curves.png")
     return model_path
 
 
@@ -142,36 +149,103 @@ def _plain(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
 
 
-def _plot(result: TrainResult, path: Path) -> None:
-    try:
-        import matplotlib
+def plot_run(run: Path, out: Path | None = None, log_loss: bool = False) -> Path:
+    """Draw the curves of the run folder ``run`` (its history.json, as ``write_run``
+    wrote it) into ``out`` (default ``run/curves.png``); returns the path written.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.info(
-            "matplotlib is not installed: skipping %s (pip install 'gradfleet[plot]')", path.name
-        )
-        return
-    fig, loss_axis = plt.subplots(figsize=(7, 4))
+    Raises ValueError naming the folder when it holds no readable history, ImportError
+    when matplotlib is not installed.
+    """
+    history, title = read_history(run)
+    figure = curves_figure(history["steps"], history["evaluations"], title, log_loss)
+    path = run / "curves.png" if out is None else out
+    _save(figure, path)
+    return path
+
+
+def read_history(run: Path) -> tuple[dict[str, Any], str]:
+    """(history, title) of a run folder: its history.json, and the job's name from its
+    config.json (else the folder's name)."""
+    source = run / "history.json"
+    if not source.is_file():
+        raise ValueError(f"{run} holds no history.json: give the --out folder of a training run")
+    try:
+        history = json.loads(source.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{source} is not a readable run history: {exc}") from None
+    if not (
+        isinstance(history, dict)
+        and isinstance(history.get("steps"), list)
+        and isinstance(history.get("evaluations", []), list)
+    ):
+        raise ValueError(f"{source} is not a run history (a 'steps' list is missing)")
+    history.setdefault("evaluations", [])
+    try:
+        title = str(json.loads((run / "config.json").read_text())["name"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        title = run.resolve().name
+    return history, title
+
+
+def curves_figure(
+    steps: list[dict[str, float]],
+    evaluations: list[dict[str, float]],
+    title: str,
+    log_loss: bool = False,
+) -> Figure:
+    """Training and held-out loss on the left axis (log-scaled with ``log_loss``),
+    held-out accuracy on the right one, fixed to 0..1 so runs compare at a glance.
+
+    ``steps`` are a run's history entries (step, loss); ``evaluations`` its held-out
+    scores (step, val_loss, val_accuracy). Raises ImportError without matplotlib.
+    """
+    from matplotlib.figure import Figure  # not pyplot: no global state, no GUI backend
+
+    figure = Figure(figsize=(7, 4))
+    loss_axis = figure.add_subplot()
     loss_axis.plot(
-        [h["step"] for h in result.history],
-        [h["loss"] for h in result.history],
+        [h["step"] for h in steps],
+        [h["loss"] for h in steps],
         label="training loss",
         color="tab:blue",
+        linewidth=1,
     )
+    held_out_loss = [e for e in evaluations if "val_loss" in e]
+    if held_out_loss:
+        loss_axis.plot(
+            [e["step"] for e in held_out_loss],
+            [e["val_loss"] for e in held_out_loss],
+            label="held-out loss",
+            color="tab:green",
+            marker="o",
+        )
     loss_axis.set_xlabel("step")
     loss_axis.set_ylabel("loss")
-    if result.evaluations:
-        acc_axis = loss_axis.twinx()
-        acc_axis.plot(
-            [e["step"] for e in result.evaluations],
-            [e.get("val_accuracy", float("nan")) for e in result.evaluations],
+    if log_loss:
+        loss_axis.set_yscale("log")
+    lines, labels = loss_axis.get_legend_handles_labels()
+    top_axis = loss_axis  # the legend goes on the axis drawn last, so no line hides it
+    accuracy = [e for e in evaluations if "val_accuracy" in e]
+    if accuracy:
+        accuracy_axis = top_axis = loss_axis.twinx()
+        accuracy_axis.plot(
+            [e["step"] for e in accuracy],
+            [e["val_accuracy"] for e in accuracy],
             label="held-out accuracy",
             color="tab:orange",
             marker="o",
         )
-        acc_axis.set_ylabel("held-out accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        accuracy_axis.set_ylim(0, 1)
+        accuracy_axis.set_ylabel("held-out accuracy")
+        more_lines, more_labels = accuracy_axis.get_legend_handles_labels()
+        lines, labels = lines + more_lines, labels + more_labels
+    # one legend for both axes, where falling loss and rising accuracy leave room
+    top_axis.legend(lines, labels, loc="center right")
+    loss_axis.set_title(title)
+    figure.tight_layout()
+    return figure
+
+
+def _save(figure: Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
