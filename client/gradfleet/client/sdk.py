@@ -197,7 +197,7 @@ class JobHandle:
         """A ready ``gradfleet.nn.MLP`` holding the job's current weights."""
         info = self._info()
         model = MLP.from_spec(json.loads(info.spec.model_spec_json))
-        self.client.server.pull_weights(self.job_id, 0, out=model.flat)
+        self.client.server.pull_weights(self.job_id, 0, out=model.flat, full_precision=True)
         return model
 
     def config(self) -> dict[str, Any]:

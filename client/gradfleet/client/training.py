@@ -311,7 +311,9 @@ class _Monitor:
 
     def result(self, timings: list[dict[str, float]]) -> TrainResult:
         self.catch_up()
-        version, _ = self.client.pull_weights(self.job_id, min_version=0, out=self.model.flat)
+        version, _ = self.client.pull_weights(
+            self.job_id, min_version=0, out=self.model.flat, full_precision=True
+        )
         counters = self.client.get_job(self.job_id, history=False).counters
         data = self.job.data
         metrics: dict[str, Any] = {

@@ -29,6 +29,19 @@ class GradientSum:
                 np.add(self.total, grad, out=self.total)
         self.count += 1
 
+    def add_parts(self, parts: list[tuple[slice | np.ndarray, np.ndarray]], dense: bool) -> None:
+        """total += a gradient given as (place, values): blocks covering every element
+        (`dense`), or values at distinct indices and zeros elsewhere (as `add` sums)."""
+        first, self.count = self.count == 0, self.count + 1
+        if first and not dense:
+            self.total.fill(0)
+        with np.errstate(over="ignore"):
+            for place, values in parts:
+                if first:
+                    self.total[place] = values
+                else:
+                    self.total[place] += values
+
     def mean(self, last: np.ndarray | None = None) -> np.ndarray | None:
         """(total + last) / count, in place, block by block in one pass; None if the sum of
         finite gradients overflowed.

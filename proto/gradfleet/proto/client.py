@@ -16,6 +16,11 @@ Retries: the channel's gRPC retry policy retries a call that found no server
 now, so a server that moved (a Ray actor restarted on another node) is followed. Every
 call is idempotent (a push per (job, worker, step), a create by its job id), so retrying
 is safe.
+
+Compression: a job whose `compression` names a lossy codec gets each gradient as that
+codec's payload, encoded here with an error-feedback residual per (job, worker); pulled
+weights are decoded from the job's `pull_compression`. A new client starts with a zero
+residual (see `gradfleet.proto.codecs`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -34,6 +40,7 @@ import grpc
 import numpy as np
 from grpc_status import rpc_status
 
+from gradfleet.proto.codecs import NO_CODEC, Codec, Residual
 from gradfleet.proto.errors import (
     DataLoss,
     GradfleetError,
@@ -134,6 +141,7 @@ class _JobWire:
     layout_msg: pb.Layout
     weights_fit_one_message: bool
     shard: pb.ShardInfo | None = None
+    codec: Codec = NO_CODEC  # the job's gradient compression
 
 
 class ParameterServerClient:
@@ -182,6 +190,8 @@ class ParameterServerClient:
                 certificate_chain=_pem(tls_client_cert),
             )
         self._jobs: dict[str, _JobWire] = {}
+        self._residuals: dict[tuple[str, int], Residual] = {}  # (job, worker) -> feedback
+        self._residuals_lock = threading.Lock()
         self._connect(address)
 
     def _connect(self, address: str) -> None:
@@ -281,10 +291,14 @@ class ParameterServerClient:
         initial_weights: Mapping[str, np.ndarray] | None = None,
         keep_every: int = 0,
         shard: pb.ShardInfo | None = None,
+        compression: str = "none",
+        pull_compression: str = "none",
     ) -> str:
         """Create a job (or re-attach to an identical one with the same `job_id`).
         `keep_every` K: the job keeps every K-th version's weights for exact pulls;
-        `shard`: this server holds one range of the job (see `ShardedClient`)."""
+        `shard`: this server holds one range of the job (see `ShardedClient`);
+        `compression` / `pull_compression`: the codecs of gradients and pulled weights
+        (`gradfleet.proto.codecs`)."""
         if mode not in MODES:
             raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}.")
         spec = pb.JobSpec(
@@ -300,6 +314,8 @@ class ParameterServerClient:
             job_config_json=json.dumps(dict(job_config), sort_keys=True) if job_config else "",
             keep_every=keep_every,
             shard=shard,
+            compression=_codec_name(compression),
+            pull_compression=_codec_name(pull_compression),
         )
         # a client-chosen id makes a retried create re-attach instead of creating twice
         request = pb.CreateJobRequest(job_id=job_id or uuid.uuid4().hex[:12], spec=spec)
@@ -308,15 +324,17 @@ class ParameterServerClient:
             request.initial_layout.CopyFrom(layout.to_proto())
             request.initial_weights = layout.flatten(initial_weights).tobytes()
         response = self._unary("CreateJob", request)
-        self._learn(response.job_id, response.layout, response.weights_fit_one_message, shard)
+        self._learn(response.job_id, response.layout, response.weights_fit_one_message, spec)
         return str(response.job_id)
 
     def _learn(
-        self, job_id: str, layout: pb.Layout, one_message: bool, shard: pb.ShardInfo | None
+        self, job_id: str, layout: pb.Layout, one_message: bool, spec: pb.JobSpec
     ) -> _JobWire:
+        shard = spec.shard if spec.HasField("shard") else None
+        codec = Codec.parse(spec.compression)
         known = self._jobs.get(job_id)
-        if known is None or known.layout_msg != layout or known.shard != shard:
-            known = _JobWire(FlatLayout.from_proto(layout), layout, one_message, shard)
+        if known is None or (known.layout_msg, known.shard, known.codec) != (layout, shard, codec):
+            known = _JobWire(FlatLayout.from_proto(layout), layout, one_message, shard, codec)
             self._jobs[job_id] = known
         return known
 
@@ -325,8 +343,7 @@ class ParameterServerClient:
 
     def _describe(self, job_id: str) -> _JobWire:
         info = self.get_job(job_id, history=False)
-        shard = info.spec.shard if info.spec.HasField("shard") else None
-        return self._learn(job_id, info.layout, info.weights_fit_one_message, shard)
+        return self._learn(job_id, info.layout, info.weights_fit_one_message, info.spec)
 
     def get_job(self, job_id: str, history_since: int = 0, history: bool = True) -> pb.JobInfo:
         """State, version, layout, counters and the step records of a job from step
@@ -343,6 +360,9 @@ class ParameterServerClient:
     def delete_job(self, job_id: str) -> None:
         self._unary("DeleteJob", pb.DeleteJobRequest(job_id=job_id))
         self._jobs.pop(job_id, None)
+        with self._residuals_lock:
+            for key in [key for key in self._residuals if key[0] == job_id]:
+                del self._residuals[key]
 
     def stop_job(self, job_id: str) -> pb.JobInfo:
         return self._unary("StopJob", pb.StopJobRequest(job_id=job_id))
@@ -381,14 +401,19 @@ class ParameterServerClient:
         out: np.ndarray | None = None,
         timeout: float | None = None,
         exact: bool = False,
+        full_precision: bool = False,
     ) -> tuple[int, np.ndarray]:
         """Wait until version >= min_version, then return (version, flat weights).
 
         With `out` (a flat, C-contiguous array of the job's dtype and size) the chunks
         are written straight into it; otherwise a new array is allocated. With `exact`,
         the weights of min_version itself (a version the job keeps: see `keep_every`).
+        Weights come through the job's pull_compression unless `exact` or
+        `full_precision`.
         """
-        request = pb.PullWeightsRequest(job_id=job_id, min_version=min_version, exact=exact)
+        request = pb.PullWeightsRequest(
+            job_id=job_id, min_version=min_version, exact=exact, full_precision=full_precision
+        )
         deadline = timeout or self.timeout
         wire = self._wire(job_id)
         if wire.weights_fit_one_message:
@@ -408,8 +433,11 @@ class ParameterServerClient:
     def _weights(
         self, wire: _JobWire, messages: Iterator[bytes], out: np.ndarray | None
     ) -> tuple[int, np.ndarray]:
-        """Assemble a pull's messages into `out` (or a new array); returns (version, out)."""
-        version, assembler = -1, None
+        """Assemble a pull's messages into `out` (or a new array), decoding a codec's
+        payload; returns (version, out)."""
+        version, assembler, codec = -1, None, NO_CODEC
+        size, dtype = 0, np.dtype(np.uint8)
+        target = _out(out, wire.layout)
         try:
             for raw in messages:
                 header_bytes, offset, data = decode_chunk_message(raw)
@@ -417,18 +445,27 @@ class ParameterServerClient:
                     header = pb.WeightsHeader.FromString(bytes(header_bytes))
                     if header.layout != wire.layout_msg:
                         raise WireError("the weights' layout is not the job's.")
-                    version, assembler = header.version, ChunkAssembler(_out(out, wire.layout))
+                    codec = _parse_codec(header.codec)
+                    size, dtype = wire.layout.total_elements, wire.layout.dtype
+                    if header.total_bytes != codec.payload_bytes(size, dtype):
+                        raise WireError(f"{header.total_bytes} bytes of {codec} weights.")
+                    lossless = codec.name == "none"
+                    buffer = target if lossless else np.empty(header.total_bytes, np.uint8)
+                    version, assembler = header.version, ChunkAssembler(buffer)
                 if assembler is None:
                     raise WireError("the server sent weights before their header.")
                 assembler.add(offset, data)
             if assembler is None:
                 raise WireError("the server sent no weights.")
             assembler.finish()
+            if codec.name != "none":
+                for place, values in codec.parts(assembler.out, size, dtype):
+                    target[place] = values
         except WireError as exc:
             if hasattr(messages, "cancel"):
                 messages.cancel()
             raise DataLoss(f"the weights from {self.address} are malformed: {exc}") from None
-        return int(version), assembler.out
+        return int(version), target
 
     def push_gradient(
         self,
@@ -442,9 +479,8 @@ class ParameterServerClient:
     ) -> pb.PushAck:
         """Send one gradient; idempotent per (job, worker, step), so retries are safe.
         Returns the PushAck (outcome ACCEPTED, DUPLICATE or DROPPED_LATE, and version)."""
-        grad, header = self._push_header(job_id, worker, step, rows, loss, flat_grad)
-        data = as_bytes_view(grad)
-        chunk = plan_chunk_bytes(grad.nbytes, self.chunk_bytes, grad.dtype.itemsize)
+        data, itemsize, header = self._push_message(job_id, worker, step, rows, loss, flat_grad)
+        chunk = plan_chunk_bytes(data.nbytes, self.chunk_bytes, itemsize)
         deadline = timeout or self.timeout
         if data.nbytes <= chunk:  # one message: a unary call is cheaper than a stream
             message = encode_chunk_message(0, data, header)
@@ -477,12 +513,12 @@ class ParameterServerClient:
         `push_gradient` then `pull_weights(min_version=step + 1)`. Idempotent like the push.
         """
         wire = self._wire(job_id)
-        grad, header = self._push_header(job_id, worker, step, rows, loss, flat_grad)
-        one = plan_chunk_bytes(grad.nbytes, self.chunk_bytes, grad.dtype.itemsize)
-        if not (wire.weights_fit_one_message and grad.nbytes <= one):
-            self.push_gradient(job_id, worker, step, rows, loss, grad, timeout=timeout)
+        data, itemsize, header = self._push_message(job_id, worker, step, rows, loss, flat_grad)
+        one = plan_chunk_bytes(data.nbytes, self.chunk_bytes, itemsize)
+        if not (wire.weights_fit_one_message and data.nbytes <= one):
+            self.push_gradient(job_id, worker, step, rows, loss, flat_grad, timeout=timeout)
             return self.pull_weights(job_id, min_version=step + 1, out=out, timeout=timeout)
-        message = encode_chunk_message(0, as_bytes_view(grad), header)
+        message = encode_chunk_message(0, data, header)
         deadline = timeout or self.timeout
         return self._call(
             lambda: self._weights(
@@ -492,11 +528,13 @@ class ParameterServerClient:
             )
         )
 
-    def _push_header(
+    def _push_message(
         self, job_id: str, worker: int, step: int, rows: int, loss: float, flat_grad: np.ndarray
-    ) -> tuple[np.ndarray, bytes]:
-        """The flat C-contiguous gradient and its serialised PushHeader."""
+    ) -> tuple[memoryview, int, bytes]:
+        """What a push sends: its bytes (the gradient's, or the job codec's payload of it),
+        their alignment, and the serialised PushHeader."""
         grad = np.ascontiguousarray(flat_grad).reshape(-1)
+        known = self._wire(job_id)
         header = pb.PushHeader(
             job_id=job_id,
             worker=worker,
@@ -504,13 +542,34 @@ class ParameterServerClient:
             rows=rows,
             loss=float(loss),
             dtype=dtype_to_proto(grad.dtype),
-            total_bytes=grad.nbytes,
         )
-        known = self._wire(job_id)
         header.layout.CopyFrom(known.layout_msg)
         if known.shard is not None:
             header.shard.CopyFrom(known.shard)
-        return grad, header.SerializeToString()
+        if known.codec.name == "none" or grad.dtype != known.layout.dtype:
+            header.total_bytes = grad.nbytes  # a wrong dtype is for the server to refuse
+            return as_bytes_view(grad), grad.dtype.itemsize, header.SerializeToString()
+        with self._residuals_lock:
+            residual = self._residuals.get((job_id, worker))
+            if residual is None or residual.size != grad.size:
+                residual = Residual(known.codec, grad.size, grad.dtype)
+                self._residuals[job_id, worker] = residual
+        payload = residual.encode(grad, step)
+        header.codec, header.total_bytes = str(known.codec), payload.nbytes
+        return as_bytes_view(payload), 1, header.SerializeToString()
+
+
+def _codec_name(text: str) -> str:
+    """A codec's canonical name for the job spec ("" for none); ValueError if unknown."""
+    codec = Codec.parse(text)
+    return "" if codec.name == "none" else str(codec)
+
+
+def _parse_codec(text: str) -> Codec:
+    try:
+        return Codec.parse(text)
+    except ValueError as exc:
+        raise WireError(str(exc)) from None
 
 
 def _out(out: np.ndarray | None, layout: FlatLayout) -> np.ndarray:

@@ -188,6 +188,7 @@ class ShardedClient:
         out: np.ndarray | None = None,
         timeout: float | None = None,
         exact: bool = False,
+        full_precision: bool = False,
     ) -> tuple[int, np.ndarray]:
         """Every range of version >= min_version into `out` (a new flat array if None);
         returns (version, out). In sync mode every shard's range is of one version."""
@@ -198,7 +199,7 @@ class ShardedClient:
 
             def pull(s: int, c: ParameterServerClient, version: int = target) -> int:
                 into = self._range(flat, job, s)
-                return c.pull_weights(job_id, version, into, timeout, exact)[0]
+                return c.pull_weights(job_id, version, into, timeout, exact, full_precision)[0]
 
             versions = self._each(pull)
             if not job.sync or exact or len(set(versions)) == 1:

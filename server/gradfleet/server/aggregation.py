@@ -4,9 +4,10 @@ Complete gradients arrive in any order. One whose worker is next in order is add
 sum at once; an early one is held (keeping its receive slot) until the workers before it
 are in. When the quorum is in, the step closes: what is still held is added in worker
 order (workers that never came, with backup workers, are skipped), the last one fused
-with the division (`GradientSum.mean`). So the sum is reproducible, and equal to local
-mode's, whatever the arrival order. Only when the receive slots run out does the step
-give up that order and add what it holds at once (`flush`), so memory stays bounded.
+with the division (`GradientSum.mean`; a codec's payloads are all decoded into the sum
+first). So the sum is reproducible, and equal to local mode's, whatever the arrival
+order. Only when the receive slots run out does the step give up that order and add what
+it holds at once (`flush`), so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class SyncStep:
             self._next_worker += 1
 
     def _sum_in(self, gradient: Gradient) -> None:
-        self._sum.add(gradient.data)
+        self._slots.format.add(self._sum, gradient.data)
         self._slots.release(gradient)
 
     def close(self) -> ClosedStep:
@@ -98,9 +99,10 @@ class SyncStep:
         sum's buffer: use it before calling `release`.
         """
         workers = sorted(self._held)
-        for worker in workers[:-1]:
+        fused = workers[-1:] if not self._slots.format.encoded else []
+        for worker in workers[: len(workers) - len(fused)]:
             self._sum_in(self._held.pop(worker))
-        last = self._held[workers[-1]].data if workers else None
+        last = self._held[fused[0]].data if fused else None
         mean = self._sum.mean(last)
         rows = sum(r for r, _ in self.contributors.values())
         if rows > 0:

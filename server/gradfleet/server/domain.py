@@ -45,6 +45,7 @@ class PushHeader:
     total_bytes: int
     layout: FlatLayout | None  # None: the sender's layout is the job's (or was not sent)
     shard: tuple[int, tuple[int, ...]] | None = None  # (index, bounds) of a sharded push
+    codec: str = ""  # what the data is: the payload of this codec ("": the values)
 
 
 @dataclass

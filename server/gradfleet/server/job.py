@@ -52,7 +52,7 @@ from gradfleet.server.domain import (
 from gradfleet.server.history import StepHistory
 from gradfleet.server.metrics import ServerMetrics
 from gradfleet.server.publishing import Encode, WeightsPublisher
-from gradfleet.server.receive import Gradient, ReceiveSlots, check_header
+from gradfleet.server.receive import Gradient, PushFormat, ReceiveSlots, check_header
 from gradfleet.server.settings import JobSettings, Mode, build_optimizer
 from gradfleet.server.update import WholeBufferOptimizer
 from gradfleet.server.waiting import VersionWaiters, Waiter
@@ -110,10 +110,18 @@ class Job:
         self._lock = threading.Lock()
         self._waiters = VersionWaiters()
         self.publisher = WeightsPublisher(
-            snap.layout, self.weights, resources.chunk_bytes, self._lock, self._version_state
+            snap.layout,
+            self.weights,
+            resources.chunk_bytes,
+            self._lock,
+            self._version_state,
+            self.settings.pull_codec,
         )
-        slots = max(1, resources.receive_budget_bytes // max(1, snap.layout.nbytes))
-        self._slots = ReceiveSlots(slots, snap.layout)
+        self.push_format = PushFormat(
+            self.settings.codec, snap.layout.total_elements, snap.layout.dtype
+        )
+        slots = max(1, resources.receive_budget_bytes // max(1, self.push_format.nbytes))
+        self._slots = ReceiveSlots(slots, self.push_format)
         self._sum = GradientSum(snap.layout.total_elements, snap.layout.dtype)
         self._open = self._new_step()
         self._closed: deque[tuple[int, frozenset[int]]] = deque(maxlen=_KEEP_CLOSED)
@@ -140,7 +148,7 @@ class Job:
         """Validate a push header against the job's settings; raises InvalidArgument."""
         spec = self.settings.spec
         shard = (spec.shard_index, spec.shard_bounds) if spec.shard_bounds else None
-        check_header(h, self.settings.num_workers, self.layout, shard)
+        check_header(h, self.settings.num_workers, self.layout, shard, self.push_format)
 
     def admit(self, h: PushHeader) -> PushOutcome | None:
         """None when the gradient should be received for the sum; a duplicate or late
@@ -274,7 +282,12 @@ class Job:
     def _apply_async(self, h: PushHeader, gradient: Gradient) -> None:
         self._resources.metrics.staleness.observe(self.version - h.step)
         self.publisher.before_update(self.version)
-        self._optimizer.step(gradient.data)
+        if self.push_format.encoded:  # decoded into the sum's buffer: no array per push
+            self._sum.clear()
+            self.push_format.add(self._sum, gradient.data)
+            self._optimizer.step(self._sum.total)
+        else:
+            self._optimizer.step(gradient.data)
         self._slots.release(gradient)
         seen = self._seen.setdefault(h.worker, set())
         seen.add(h.step)
@@ -375,6 +388,11 @@ class Job:
                     Reason.BAD_VERSION,
                 )
             return kept, self.state
+
+    def current_weights(self) -> tuple[int, np.ndarray, JobState]:
+        """(version, a copy of the weights, state), in full precision."""
+        with self._lock:
+            return self.version, self.weights.copy(), self.state
 
     def record_evaluation(self, evaluation: Evaluation) -> None:
         """Keep the newest held-out metrics the trainer reports (shown by status)."""

@@ -4,6 +4,9 @@ Weights that fit one message are encoded once per version and every puller gets 
 bytes. Larger weights stream chunk by chunk from the live buffer; when an update is about
 to change it while a stream still reads the old version, that version is copied first
 (copy-on-write), so a stream never mixes two versions and nobody copies otherwise.
+
+A job that pulls through a codec (bf16 or fp16) gets the codec's payload of the weights,
+encoded once per version; the weights themselves stay in full precision.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from gradfleet.proto.codecs import NO_CODEC, Codec
 from gradfleet.proto.wire import FlatLayout, as_bytes_view, plan_chunk_bytes
 
 # (version, state, byte offset, piece) -> one wire message; the first carries the header
@@ -33,8 +37,12 @@ class WeightsPublisher:
         chunk_bytes: int,
         lock: threading.Lock,
         current: Callable[[], tuple[int, Any]],
+        codec: Codec = NO_CODEC,
     ) -> None:
         self.layout, self.weights, self._lock, self._current = layout, weights, lock, current
+        self.codec = codec
+        self.nbytes = codec.payload_bytes(layout.total_elements, layout.dtype)
+        self._payload: tuple[int, np.ndarray] | None = None  # (version, codec payload)
         self.chunk_bytes = plan_chunk_bytes(layout.nbytes, chunk_bytes, layout.dtype.itemsize)
         self.fits_one_message = layout.nbytes <= self.chunk_bytes
         self._cached: tuple[tuple[int, Any], bytes] | None = None  # ((version, state), message)
@@ -47,20 +55,35 @@ class WeightsPublisher:
         with self._lock:
             key = self._current()
             if self._cached is None or self._cached[0] != key:
-                self._cached = (key, encode(*key, 0, as_bytes_view(self.weights)))
+                self._cached = (key, encode(*key, 0, self._source(key[0])))
             return self._cached[1]
+
+    def _source(self, version: int) -> memoryview:
+        """The bytes pulls of `version` read (call under the lock): the weights, or their
+        payload, encoded once per version; a payload is never written after."""
+        if self.codec.name == "none":
+            return as_bytes_view(self._kept.get(version, self.weights))
+        if self._payload is None or self._payload[0] != version:
+            self._payload = (version, self.codec.encode(self.weights))
+        return as_bytes_view(self._payload[1])
 
     def stream(self, encode: Encode) -> Iterator[bytes]:
         """The current weights chunk by chunk, all of the version current at the first
         chunk; each is encoded under the lock, so an update in between never tears it."""
+        if self.codec.name != "none":
+            with self._lock:
+                version, state = self._current()
+                payload = self._source(version)  # this version's, never written again
+            for start in range(0, self.nbytes, self.chunk_bytes):
+                yield encode(version, state, start, payload[start : start + self.chunk_bytes])
+            return
         with self._lock:
             version, state = self._current()
             self._readers[version] = self._readers.get(version, 0) + 1
         try:
-            for start in range(0, self.layout.nbytes, self.chunk_bytes):
+            for start in range(0, self.nbytes, self.chunk_bytes):
                 with self._lock:
-                    source = as_bytes_view(self._kept.get(version, self.weights))
-                    piece = source[start : start + self.chunk_bytes]
+                    piece = self._source(version)[start : start + self.chunk_bytes]
                     message = encode(version, state, start, piece)
                 yield message
         finally:

@@ -1,10 +1,12 @@
 """Receiving gradients: checking a push's chunks, and the memory whole gradients may use.
 
-A gradient that came as one message is used where it lies (a read-only view of the
-message). A streamed one is received whole into a buffer of the job's `ReceiveSlots`
-before anything is added to a sum, so a push that fails half-way touches nothing and an
-acknowledged gradient is never revoked. The slots bound that memory: at most `limit`
-gradients are being received or held for their turn at once (`receive_budget_bytes`).
+A push's bytes are the gradient's values, or the payload of the job's codec
+(`PushFormat`). A gradient that came as one message is used where it lies (a read-only
+view of the message). A streamed one is received whole into a buffer of the job's
+`ReceiveSlots` before anything is added to a sum, so a push that fails half-way touches
+nothing and an acknowledged gradient is never revoked. The slots bound that memory: at
+most `limit` gradients are being received or held for their turn at once
+(`receive_budget_bytes`).
 """
 
 from __future__ import annotations
@@ -15,26 +17,78 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gradfleet.nn.reduce import GradientSum
+from gradfleet.proto.codecs import Codec
 from gradfleet.proto.errors import InvalidArgument, Reason
 from gradfleet.proto.wire import ChunkPlacement, FlatLayout, WireError, decode_chunk_message
 from gradfleet.server.domain import PushHeader
 from gradfleet.server.waiting import FifoWaiters, Waiter
 
 
+@dataclass(frozen=True)
+class PushFormat:
+    """What a job's pushes carry: `size` values of `dtype`, or their `codec` payload."""
+
+    codec: Codec
+    size: int
+    dtype: np.dtype
+
+    @property
+    def encoded(self) -> bool:
+        return self.codec.name != "none"
+
+    @property
+    def nbytes(self) -> int:
+        return self.codec.payload_bytes(self.size, self.dtype)
+
+    @property
+    def element(self) -> np.dtype:
+        """The dtype of the data's elements: the values', or bytes for a payload."""
+        return np.dtype(np.uint8) if self.encoded else self.dtype
+
+    def view(self, data: memoryview) -> np.ndarray:
+        return np.frombuffer(data, dtype=self.element)
+
+    def empty(self) -> np.ndarray:
+        return np.empty(self.nbytes // self.element.itemsize, self.element)
+
+    def check_piece(self, values: np.ndarray) -> None:
+        """Refuse values that are not finite as soon as their chunk arrives."""
+        if not self.encoded and not np.isfinite(values).all():
+            raise InvalidArgument("the gradient contains NaN or Inf values.", Reason.NON_FINITE)
+
+    def check_whole(self, data: np.ndarray) -> None:
+        """Refuse a malformed payload once all of it is in (values are checked per piece)."""
+        if self.encoded:
+            self.codec.check(data, self.size, self.dtype)
+
+    def add(self, total: GradientSum, data: np.ndarray) -> None:
+        """total += the gradient `data` stands for, decoded block by block."""
+        if self.encoded:
+            total.add_parts(self.codec.parts(data, self.size, self.dtype), self.codec.dense)
+        else:
+            total.add(data)
+
+
 @dataclass
 class Gradient:
     """A complete, checked gradient, and the memory it occupies until it is summed."""
 
-    data: np.ndarray  # flat, the job's dtype
+    data: np.ndarray  # flat: the values in the job's dtype, or a codec's payload
     buffer: np.ndarray | None = None  # a slots buffer to hand back, or None (a message view)
     slot: bool = False  # whether it counts against the receive slots
 
 
 def check_header(
-    h: PushHeader, num_workers: int, layout: FlatLayout, shard: tuple[int, tuple[int, ...]] | None
+    h: PushHeader,
+    num_workers: int,
+    layout: FlatLayout,
+    shard: tuple[int, tuple[int, ...]] | None,
+    fmt: PushFormat,
 ) -> None:
     """Validate a push header against its job (`shard`: its (index, bounds) when it holds
-    one range of a sharded job); raises InvalidArgument naming the field."""
+    one range of a sharded job; `fmt`: what its pushes carry); raises InvalidArgument
+    naming the field."""
     if h.shard != shard:
         raise InvalidArgument(
             "the push is for another range of the job than this server holds (shard "
@@ -61,9 +115,18 @@ def check_header(
         raise InvalidArgument(
             "the gradient's layout does not match the job's layout.", Reason.BAD_LAYOUT
         )
-    if h.total_bytes != layout.nbytes:
+    try:
+        codec = Codec.parse(h.codec)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc), Reason.BAD_HEADER) from None
+    if codec != fmt.codec:
         raise InvalidArgument(
-            f"gradient declares {h.total_bytes} bytes, expected {layout.nbytes}.",
+            f"the gradient is encoded as {codec}, but this job's compression is {fmt.codec}.",
+            Reason.BAD_HEADER,
+        )
+    if h.total_bytes != fmt.nbytes:
+        raise InvalidArgument(
+            f"gradient declares {h.total_bytes} bytes, expected {fmt.nbytes}.",
             Reason.BAD_BYTES,
         )
     if h.step < 0:
@@ -74,36 +137,34 @@ def _shard_name(shard: tuple[int, tuple[int, ...]] | None) -> str:
     return "none, the whole job" if shard is None else f"{shard[0]} of {len(shard[1]) - 1}"
 
 
-def _check_finite(values: np.ndarray) -> None:
-    if not np.isfinite(values).all():
-        raise InvalidArgument("the gradient contains NaN or Inf values.", Reason.NON_FINITE)
-
-
-def whole_message(layout: FlatLayout, offset: int, data: memoryview) -> np.ndarray | None:
-    """The gradient as a read-only view when this one chunk is all of it, checked finite."""
-    if offset != 0 or data.nbytes != layout.nbytes:
+def whole_message(fmt: PushFormat, offset: int, data: memoryview) -> np.ndarray | None:
+    """The gradient as a read-only view when this one chunk is all of it, checked."""
+    if offset != 0 or data.nbytes != fmt.nbytes:
         return None
-    grad = np.frombuffer(data, dtype=layout.dtype)
-    _check_finite(grad)
+    grad = fmt.view(data)
+    fmt.check_piece(grad)
+    fmt.check_whole(grad)
     return grad
 
 
 def read_chunks(
-    layout: FlatLayout,
+    fmt: PushFormat,
     offset: int,
     data: memoryview,
     rest: Iterator[bytes],
     out: np.ndarray | None,
 ) -> None:
-    """Check every chunk of a push (placement, exact tiling, finiteness), copying each into
-    `out` when given; raises InvalidArgument on the first bad one."""
-    placement = ChunkPlacement(layout.nbytes, layout.dtype.itemsize)
+    """Check every chunk of a push (placement, exact tiling, finite values), copying each
+    into `out` when given, then the whole payload in `out`; raises InvalidArgument on the
+    first bad one. Without `out` (a push answered without its data) a payload's content
+    goes unchecked: only its tiling is."""
+    placement = ChunkPlacement(fmt.nbytes, fmt.element.itemsize)
     try:
         while True:
             if data.nbytes:
                 place = placement.place(offset, data.nbytes)
-                chunk = np.frombuffer(data, dtype=layout.dtype)
-                _check_finite(chunk)
+                chunk = fmt.view(data)
+                fmt.check_piece(chunk)
                 if out is not None:
                     out[place] = chunk
             raw = next(rest, None)
@@ -117,6 +178,8 @@ def read_chunks(
         placement.finish()
     except WireError as exc:
         raise InvalidArgument(str(exc), Reason.BAD_BYTES) from None
+    if out is not None:
+        fmt.check_whole(out)
 
 
 class ReceiveSlots:
@@ -127,8 +190,8 @@ class ReceiveSlots:
     it under its lock, and waiters sleep outside it.
     """
 
-    def __init__(self, limit: int, layout: FlatLayout) -> None:
-        self.limit, self.layout = limit, layout
+    def __init__(self, limit: int, fmt: PushFormat) -> None:
+        self.limit, self.format = limit, fmt
         self.used = 0
         self._spare: list[np.ndarray] = []
         self.waiters = FifoWaiters()
@@ -142,7 +205,7 @@ class ReceiveSlots:
 
     def buffer(self) -> np.ndarray:
         """A buffer for a stream that holds a slot (kept buffers are reused)."""
-        return self._spare.pop() if self._spare else self.layout.empty()
+        return self._spare.pop() if self._spare else self.format.empty()
 
     def release(self, gradient: Gradient) -> None:
         """Give back what `gradient` occupies and wake the longest waiting stream."""

@@ -15,6 +15,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -105,6 +106,16 @@ class StreamLimiter:
             self.active -= 1
 
 
+@dataclass(frozen=True)
+class _Wire:
+    """A job's layout as sent, and how its pulls are encoded: through the job's pull
+    codec (`encode`), and in full precision (`exact`, pulls of a kept version)."""
+
+    layout: pb.Layout
+    encode: Encode
+    exact: Encode
+
+
 class ParameterService:
     """Implements every RPC of `gradfleet.v1.ParameterService` over a `JobRegistry`."""
 
@@ -116,9 +127,7 @@ class ParameterService:
         self._stopping = False
         self._waiters: weakref.WeakSet[Waiter] = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._wire: weakref.WeakKeyDictionary[Job, tuple[pb.Layout, Encode]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._wires: weakref.WeakKeyDictionary[Job, _Wire] = weakref.WeakKeyDictionary()
 
     def begin_shutdown(self) -> None:
         """Cancel every waiting call, so each answers UNAVAILABLE promptly."""
@@ -139,11 +148,15 @@ class ParameterService:
             waiter.cancel()
         return waiter
 
-    def _layout_and_encoder(self, job: Job) -> tuple[pb.Layout, Encode]:
-        wire = self._wire.get(job)
+    def _wire(self, job: Job) -> _Wire:
+        wire = self._wires.get(job)
         if wire is None:
-            layout = job.layout.to_proto()
-            wire = self._wire[job] = (layout, translate.weights_encoder(job.layout, layout))
+            layout, codec = job.layout.to_proto(), job.publisher.codec
+            encode = translate.weights_encoder(
+                layout, "" if codec.name == "none" else str(codec), job.publisher.nbytes
+            )
+            exact = translate.weights_encoder(layout, "", job.layout.nbytes)
+            wire = self._wires[job] = _Wire(layout, encode, exact)
         return wire
 
     # jobs
@@ -162,7 +175,7 @@ class ParameterService:
         return pb.CreateJobResponse(
             job_id=job_id,
             created=created,
-            layout=self._layout_and_encoder(job)[0],
+            layout=self._wire(job).layout,
             version=info.version,
             weights_fit_one_message=info.weights_fit_one_message,
         )
@@ -188,14 +201,14 @@ class ParameterService:
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.JobInfo:
         job = self.registry.get(request.job_id)
         since = None if request.omit_history else request.history_since_step
-        return translate.job_info(job.info(since), self._layout_and_encoder(job)[0])
+        return translate.job_info(job.info(since), self._wire(job).layout)
 
     @_status_edge
     def ListJobs(
         self, request: pb.ListJobsRequest, context: grpc.ServicerContext
     ) -> pb.ListJobsResponse:
         jobs = self.registry.all()
-        infos = [translate.job_info(j.info(), self._layout_and_encoder(j)[0]) for j in jobs]
+        infos = [translate.job_info(j.info(), self._wire(j).layout) for j in jobs]
         return pb.ListJobsResponse(jobs=infos)
 
     @_status_edge
@@ -209,7 +222,7 @@ class ParameterService:
     def StopJob(self, request: pb.StopJobRequest, context: grpc.ServicerContext) -> pb.JobInfo:
         job = self.registry.get(request.job_id)
         self._checkpointed(job, job.stop())
-        return translate.job_info(job.info(), self._layout_and_encoder(job)[0])
+        return translate.job_info(job.info(), self._wire(job).layout)
 
     @_status_edge
     def CheckpointJob(
@@ -249,14 +262,16 @@ class ParameterService:
         job = self.registry.get(request.job_id)
         with self.streams:
             self._wait(job, request.min_version, context)
-            encode = self._layout_and_encoder(job)[1]
-            if request.exact:
-                yield from self._exact(job, request.min_version, encode)
-            elif job.publisher.fits_one_message:
-                yield job.weights_message(encode)
+            wire = self._wire(job)
+            if request.exact or (request.full_precision and job.publisher.codec.name != "none"):
+                yield from self._exact(job, request, wire.exact)
+                self.metrics.weight_bytes_out.inc(job.layout.nbytes)
+                return
+            if job.publisher.fits_one_message:
+                yield job.weights_message(wire.encode)
             else:
-                yield from job.publisher.stream(encode)
-            self.metrics.weight_bytes_out.inc(job.layout.nbytes)
+                yield from job.publisher.stream(wire.encode)
+            self.metrics.weight_bytes_out.inc(job.publisher.nbytes)
 
     @_status_edge
     def PullWeightsUnary(
@@ -266,16 +281,21 @@ class ParameterService:
         self._fits_one_message(job)
         with self.streams:
             self._wait(job, request.min_version, context)
-        if request.exact:
-            (message,) = self._exact(job, request.min_version, self._layout_and_encoder(job)[1])
+        if request.exact or (request.full_precision and job.publisher.codec.name != "none"):
+            (message,) = self._exact(job, request, self._wire(job).exact)
             self.metrics.weight_bytes_out.inc(job.layout.nbytes)
             return message
         return self._weights_message(job)
 
     @staticmethod
-    def _exact(job: Job, version: int, encode: Encode) -> Iterator[bytes]:
-        """The messages of exactly `version`'s weights (kept by the job)."""
-        weights, state = job.exact_weights(version)
+    def _exact(job: Job, request: pb.PullWeightsRequest, encode: Encode) -> Iterator[bytes]:
+        """The messages of exactly min_version's weights (kept by the job), or of the
+        current weights in full precision."""
+        if request.exact:
+            version = request.min_version
+            weights, state = job.exact_weights(version)
+        else:
+            version, weights, state = job.current_weights()
         data = as_bytes_view(weights)
         step = job.publisher.chunk_bytes
         for start in range(0, len(data), step):
@@ -290,8 +310,8 @@ class ParameterService:
             )
 
     def _weights_message(self, job: Job) -> bytes:
-        self.metrics.weight_bytes_out.inc(job.layout.nbytes)
-        return job.weights_message(self._layout_and_encoder(job)[1])
+        self.metrics.weight_bytes_out.inc(job.publisher.nbytes)
+        return job.weights_message(self._wire(job).encode)
 
     def _wait(self, job: Job, min_version: int, context: grpc.ServicerContext) -> None:
         """Wait (within the call's deadline) for `min_version`."""
@@ -351,29 +371,29 @@ class ParameterService:
         msg, offset, data = decoded
         gradient: Gradient | None = None
         try:
-            header = translate.push_header(msg, self._layout_and_encoder(job)[0])
+            header = translate.push_header(msg, self._wire(job).layout)
             job.check_header(header)
             early = job.admit(header)
             second = next(rest, None)
-            whole = whole_message(job.layout, offset, data) if second is None else None
+            whole = whole_message(job.push_format, offset, data) if second is None else None
             chunks = rest if second is None else itertools.chain([second], rest)
             if early is not None:  # checked, then answered without adding it
                 if whole is None:
-                    read_chunks(job.layout, offset, data, chunks, None)
+                    read_chunks(job.push_format, offset, data, chunks, None)
                 outcome = job.count_early(early)
             else:
                 if whole is not None:
                     gradient = Gradient(whole)
                 else:
                     gradient = job.receive_buffer(_remaining(context), self._waiter(context))
-                    read_chunks(job.layout, offset, data, chunks, gradient.data)
+                    read_chunks(job.push_format, offset, data, chunks, gradient.data)
                 outcome, gradient = job.commit(header, gradient), None
         except GradfleetError as exc:
             if gradient is not None:
                 job.release(gradient)
             job.count_rejected(exc.reason or Reason.BAD_HEADER)
             raise
-        self.metrics.gradient_bytes_in.inc(job.layout.nbytes)
+        self.metrics.gradient_bytes_in.inc(job.push_format.nbytes)
         self.metrics.pushed(translate.OUTCOME_LABELS[outcome])
         return outcome, header.step
 
@@ -382,7 +402,7 @@ class ParameterService:
         self, request: pb.RestoreJobRequest, context: grpc.ServicerContext
     ) -> pb.JobInfo:
         job = self.registry.restore(request.job_id, request.version)
-        return translate.job_info(job.info(), self._layout_and_encoder(job)[0])
+        return translate.job_info(job.info(), self._wire(job).layout)
 
     @_status_edge
     def RecordEvaluation(

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from gradfleet.proto.codecs import Codec
 from gradfleet.proto.errors import InvalidArgument, Reason
 from gradfleet.proto.partition import Partition
 from gradfleet.proto.wire import FlatLayout, WireError
@@ -74,6 +75,8 @@ class JobSpec:
     keep_every: int = 0
     shard_index: int = 0
     shard_bounds: tuple[int, ...] = ()  # S + 1 element bounds when one of S shards
+    compression: str = ""  # the gradients' codec (gradfleet.proto.codecs); "" is none
+    pull_compression: str = ""  # the pulled weights' codec
 
     def to_json(self) -> dict[str, Any]:
         """The form checkpoints store: proto field names, the mode as its proto enum name."""
@@ -101,7 +104,7 @@ class JobSpec:
                 values[key] = Mode.SYNC if name == "UNSPECIFIED" else Mode[name]
             elif key == "shard_bounds":
                 values[key] = tuple(int(b) for b in value)
-            elif key.endswith("_json"):
+            elif key.endswith("_json") or key.endswith("compression"):
                 values[key] = str(value)
             else:
                 values[key] = int(value)
@@ -139,6 +142,13 @@ class JobSettings:
                 raise _bad(str(exc)) from None
             if not 0 <= spec.shard_index < partition.shards:
                 raise _bad(f"shard {spec.shard_index} is not one of the {partition.shards}.")
+        try:
+            Codec.parse(spec.compression)
+            pull = Codec.parse(spec.pull_compression)
+        except ValueError as exc:
+            raise _bad(str(exc)) from None
+        if pull.name not in ("none", "bf16", "fp16"):
+            raise _bad(f"pull_compression must be none, bf16 or fp16, got {pull}.")
         for name in ("num_workers", "backup_workers", "staleness_bound", "checkpoint_every"):
             if getattr(spec, name) > _INT32:
                 raise _bad(f"{name} must be at most {_INT32}.")
@@ -163,6 +173,14 @@ class JobSettings:
     @property
     def mode(self) -> Mode:
         return self.spec.mode
+
+    @property
+    def codec(self) -> Codec:
+        return Codec.parse(self.spec.compression)
+
+    @property
+    def pull_codec(self) -> Codec:
+        return Codec.parse(self.spec.pull_compression)
 
     @property
     def num_workers(self) -> int:

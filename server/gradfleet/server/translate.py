@@ -51,6 +51,8 @@ def spec_from_proto(msg: pb.JobSpec) -> JobSpec:
         keep_every=msg.keep_every,
         shard_index=msg.shard.index,
         shard_bounds=tuple(msg.shard.bounds) if msg.HasField("shard") else (),
+        compression=msg.compression,
+        pull_compression=msg.pull_compression,
     )
 
 
@@ -72,6 +74,8 @@ def spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         )
         if spec.shard_bounds
         else None,
+        compression=spec.compression,
+        pull_compression=spec.pull_compression,
     )
 
 
@@ -110,6 +114,7 @@ def push_header(msg: pb.PushHeader, job_layout: pb.Layout) -> PushHeader:
         total_bytes=msg.total_bytes,
         layout=layout,
         shard=(msg.shard.index, tuple(msg.shard.bounds)) if msg.HasField("shard") else None,
+        codec=msg.codec,
     )
 
 
@@ -161,8 +166,9 @@ def step_records(page: StepPage) -> list[pb.StepRecord]:
     ]
 
 
-def weights_encoder(layout: FlatLayout, layout_msg: pb.Layout) -> Encode:
-    """Encodes pull messages: each chunk, the first with its WeightsHeader."""
+def weights_encoder(layout_msg: pb.Layout, codec: str, total_bytes: int) -> Encode:
+    """Encodes pull messages (of `total_bytes`, the `codec`'s payload of the weights):
+    each chunk, the first with its WeightsHeader."""
 
     def encode(version: int, state: JobState, offset: int, piece: memoryview) -> bytes:
         header = b""
@@ -170,8 +176,9 @@ def weights_encoder(layout: FlatLayout, layout_msg: pb.Layout) -> Encode:
             header = pb.WeightsHeader(
                 version=version,
                 layout=layout_msg,
-                total_bytes=layout.nbytes,
+                total_bytes=total_bytes,
                 state=STATES[state],
+                codec=codec,
             ).SerializeToString()
         return encode_chunk_message(offset, piece, header)
 

@@ -17,6 +17,7 @@ from typing import Any, TypeAlias
 from gradfleet.nn import MLP
 from gradfleet.nn.losses import LOSSES
 from gradfleet.nn.optim import Optimizer, make_optimizer
+from gradfleet.proto.codecs import Codec
 from gradfleet.proto.wire import FlatLayout
 from gradfleet.worker.batches import steps_per_epoch
 from gradfleet.worker.datasets import ArrayDataset, load_dataset
@@ -41,6 +42,9 @@ class JobConfig:
     ``batch_size`` is the global batch: each of ``workers`` workers computes on
     ``batch_size / workers`` rows of its own shard per step. Give ``epochs`` or ``steps``.
     ``optimizer`` is a name ("adam") or a table ({"name": "sgd", "lr": 0.1, ...}).
+    ``compression`` is how gradients travel: "none", "bf16", "fp16", "sign" or
+    "topk:<fraction>" (see ``gradfleet.proto.codecs``); ``pull_compression`` how the
+    weights travel to the workers: "none", "bf16" or "fp16".
     """
 
     model: MLP | dict[str, Any]
@@ -62,11 +66,14 @@ class JobConfig:
     dtype: str | None = None
     name: str = "job"
     servers: int = 1
+    compression: str = "none"
+    pull_compression: str = "none"
 
     def __post_init__(self) -> None:
         self.model_spec = _model_spec(self.model, self.dtype, OUTPUT_OF_LOSS.get(self.loss))
         self.dtype = self.model_spec["dtype"]
         self.optimizer = _optimizer_settings(self.optimizer)
+        self.compression, self.pull_compression = _codecs(self.compression, self.pull_compression)
         self._check_numbers()
         self.dataset = _as_dataset(self.dataset, self.seed)
         if isinstance(self.dataset, Dataset):
@@ -222,6 +229,8 @@ class JobConfig:
             "checkpoint_every": self.checkpoint_every,
             "seed": self.seed,
             "servers": self.servers,
+            "compression": self.compression,
+            "pull_compression": self.pull_compression,
             "validation_split": getattr(data, "validation_split", None),
         }
 
@@ -246,6 +255,8 @@ class JobConfig:
             "seed": self.seed,
             "job_config": self.summary(),
             "keep_every": self.eval_every,  # the trainer evaluates exactly these versions
+            "compression": self.compression,
+            "pull_compression": self.pull_compression,
         }
 
     @classmethod
@@ -282,6 +293,21 @@ class JobConfig:
         if not isinstance(dataset, str | dict):
             raise ValueError(f"{source}: dataset must be a name, a path or a table")
         return cls(**table).resolve()
+
+
+def _codecs(compression: Any, pull_compression: Any) -> tuple[str, str]:
+    """The two codecs' canonical names; ValueError naming the setting when unknown."""
+    names = []
+    for setting, value in (("compression", compression), ("pull_compression", pull_compression)):
+        if not isinstance(value, str):
+            raise ValueError(f"{setting} must be a string such as 'bf16', got {value!r}")
+        try:
+            names.append(str(Codec.parse(value)))
+        except ValueError as exc:
+            raise ValueError(f"{setting}: {exc}") from None
+    if names[1] not in ("none", "bf16", "fp16"):
+        raise ValueError(f"pull_compression must be none, bf16 or fp16, got {names[1]!r}")
+    return names[0], names[1]
 
 
 def _model_spec(model: Any, dtype: Any, output: str | None) -> dict[str, Any]:

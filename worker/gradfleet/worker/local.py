@@ -3,8 +3,8 @@
 N virtual workers compute on the same per-worker batches as Ray workers would
 (``BatchPlan``), and their gradients are averaged by the parameter server's own kernel
 (``GradientSum``: summed in the model's dtype in worker order, then divided by the
-count), then the same optimiser code. So a sync job gives the same weights here and on a
-cluster.
+count; through the job's codecs as ``LocalExchange`` does), then the same optimiser code.
+So a sync job gives the same weights here and on a cluster.
 
 Async mode runs as async training with no staleness: update v applies the gradient of
 worker v mod N on its batch number v // N (its own step count, as a Ray worker counts),
@@ -21,11 +21,12 @@ from collections.abc import Callable
 import numpy as np
 
 from gradfleet.nn import MLP, make_optimizer
-from gradfleet.nn.reduce import GradientSum
 from gradfleet.proto.errors import TrainingDiverged
+from gradfleet.proto.wire import FlatLayout
 from gradfleet.worker.batches import BatchPlan, shard_rows
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.datasets import ArrayDataset
+from gradfleet.worker.local_exchange import LocalExchange
 from gradfleet.worker.ray_data import RayDataset
 from gradfleet.worker.result import TrainResult, evaluate, held_out_metrics
 
@@ -42,6 +43,12 @@ def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResu
     started = time.perf_counter()
     model = MLP.from_spec(job.model_spec)
     params = model.unflatten(model.flat)
+    layout = FlatLayout.from_arrays(params)
+    exchange = LocalExchange(
+        layout, job.workers, job.servers, job.compression, job.pull_compression
+    )
+    # the model the workers compute with: the master weights as a pull delivers them
+    seen = model if job.pull_compression == "none" else MLP.from_spec(job.model_spec)
     optimizer = make_optimizer(job.optimizer_settings)
     shards = []
     for worker in range(job.workers):
@@ -49,24 +56,23 @@ def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResu
         plan = BatchPlan(job.seed, worker, stop - start, job.rows_per_worker)
         shards.append((data.x[start:stop], data.y[start:stop], plan))
     grad = np.empty_like(model.flat)
-    total = GradientSum(model.flat.size, model.dtype)
     result = TrainResult(model=model, backend="local")
     evaluating = 0.0  # time spent on held-out evaluation, left out of wall_time
     for step in range(job.total_steps):
         step_started = time.perf_counter()
         weighted_loss, rows_used = 0.0, 0
-        total.clear()
+        exchange.begin()
+        if seen is not model:
+            exchange.weights_seen(model.flat, out=seen.flat)
         contributions = _contributions(job, step)
         for i, (worker, batch_step) in enumerate(contributions):
             x, y, plan = shards[worker]
             rows = plan.indices(batch_step)
             with np.errstate(all="ignore"):  # a diverging step is reported below, once
-                loss, _ = model.loss_and_grads(x[rows], y[rows], job.loss, out=grad)
+                loss, _ = seen.loss_and_grads(x[rows], y[rows], job.loss, out=grad)
             weighted_loss += loss * len(rows)
             rows_used += len(rows)
-            if i < len(contributions) - 1:
-                total.add(grad)
-        mean = total.mean(last=grad)  # the last gradient is added as the server adds it
+            mean = exchange.add(worker, grad, last=i == len(contributions) - 1)
         if not math.isfinite(weighted_loss):
             raise TrainingDiverged.at_step(step + 1, "loss")
         if mean is None:

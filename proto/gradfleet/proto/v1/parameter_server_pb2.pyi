@@ -119,7 +119,7 @@ class Layout(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model_spec_json", "optimizer_json", "mode", "num_workers", "backup_workers", "staleness_bound", "checkpoint_every", "total_steps", "seed", "job_config_json", "keep_every", "shard")
+    __slots__ = ("model_spec_json", "optimizer_json", "mode", "num_workers", "backup_workers", "staleness_bound", "checkpoint_every", "total_steps", "seed", "job_config_json", "keep_every", "shard", "compression", "pull_compression")
     MODEL_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,8 @@ class JobSpec(_message.Message):
     JOB_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     KEEP_EVERY_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    PULL_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     model_spec_json: str
     optimizer_json: str
     mode: Mode
@@ -144,7 +146,9 @@ class JobSpec(_message.Message):
     job_config_json: str
     keep_every: int
     shard: ShardInfo
-    def __init__(self, model_spec_json: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., job_config_json: _Optional[str] = ..., keep_every: _Optional[int] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ...) -> None: ...
+    compression: str
+    pull_compression: str
+    def __init__(self, model_spec_json: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., job_config_json: _Optional[str] = ..., keep_every: _Optional[int] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., compression: _Optional[str] = ..., pull_compression: _Optional[str] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
     __slots__ = ("index", "count", "bounds")
@@ -337,26 +341,30 @@ class CheckpointJobResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
 
 class PullWeightsRequest(_message.Message):
-    __slots__ = ("job_id", "min_version", "exact")
+    __slots__ = ("job_id", "min_version", "exact", "full_precision")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     EXACT_FIELD_NUMBER: _ClassVar[int]
+    FULL_PRECISION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     min_version: int
     exact: bool
-    def __init__(self, job_id: _Optional[str] = ..., min_version: _Optional[int] = ..., exact: _Optional[bool] = ...) -> None: ...
+    full_precision: bool
+    def __init__(self, job_id: _Optional[str] = ..., min_version: _Optional[int] = ..., exact: _Optional[bool] = ..., full_precision: _Optional[bool] = ...) -> None: ...
 
 class WeightsHeader(_message.Message):
-    __slots__ = ("version", "layout", "total_bytes", "state")
+    __slots__ = ("version", "layout", "total_bytes", "state", "codec")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
     version: int
     layout: Layout
     total_bytes: int
     state: JobState
-    def __init__(self, version: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., total_bytes: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ...) -> None: ...
+    codec: str
+    def __init__(self, version: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., total_bytes: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., codec: _Optional[str] = ...) -> None: ...
 
 class PullWeightsResponse(_message.Message):
     __slots__ = ("header", "offset", "data", "padding")
@@ -371,7 +379,7 @@ class PullWeightsResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[WeightsHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., padding: _Optional[bytes] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("job_id", "worker", "step", "rows", "loss", "dtype", "total_bytes", "layout", "shard")
+    __slots__ = ("job_id", "worker", "step", "rows", "loss", "dtype", "total_bytes", "layout", "shard", "codec")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -381,6 +389,7 @@ class PushHeader(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker: int
     step: int
@@ -390,7 +399,8 @@ class PushHeader(_message.Message):
     total_bytes: int
     layout: Layout
     shard: ShardInfo
-    def __init__(self, job_id: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., rows: _Optional[int] = ..., loss: _Optional[float] = ..., dtype: _Optional[_Union[DType, str]] = ..., total_bytes: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ...) -> None: ...
+    codec: str
+    def __init__(self, job_id: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., rows: _Optional[int] = ..., loss: _Optional[float] = ..., dtype: _Optional[_Union[DType, str]] = ..., total_bytes: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., codec: _Optional[str] = ...) -> None: ...
 
 class PushGradientRequest(_message.Message):
     __slots__ = ("header", "offset", "data", "padding")
