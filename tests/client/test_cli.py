@@ -242,6 +242,10 @@ IRIS_JOB = (
     "[model]\nsizes = [4, 8, 3]\n"
 )
 NO_SERVER = "gradfleet: error: no gradfleet server at {} (is `gradfleet server` running?)"
+DIVERGED = re.compile(
+    r"gradfleet: error: (loss became NaN|the gradients overflowed) at step \d+; "
+    r"try a lower learning rate"
+)
 
 
 def write_job(tmp_path: Path, text: str = IRIS_JOB) -> str:
@@ -475,6 +479,25 @@ def test_quiet_leaves_warnings_and_twice_quiet_only_errors(tmp_path: Path) -> No
     assert silent.stdout.startswith("trained odd for 5 steps on local")
 
 
+@pytest.mark.parametrize(
+    "backend", ["local", pytest.param("ray", marks=[pytest.mark.ray, pytest.mark.slow])]
+)
+def test_divergence_is_one_line_and_saves_no_model(tmp_path: Path, backend: str) -> None:
+    config = write_job(
+        tmp_path,
+        'name = "boom"\ndataset = "digits"\nbatch_size = 64\nsteps = 50\nworkers = 2\n'
+        '[model]\nsizes = [64, 32, 10]\n[optimizer]\nname = "sgd"\nlr = 1000.0\n',
+    )
+    out = tmp_path / "run"
+
+    result = run("train", config, "--backend", backend, "--out", str(out), "--no-progress")
+
+    said = [line for line in result.stderr.splitlines() if not line.startswith("INFO ")]
+    assert result.returncode == 2
+    assert len(said) == 1 and DIVERGED.fullmatch(said[0]), result.stderr
+    assert not (out / "model.npz").exists()
+
+
 @pytest.fixture(scope="module")
 def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """(address, token file) of a `gradfleet server --token-file` in its own process."""
@@ -513,3 +536,25 @@ def test_a_missing_or_wrong_token_is_one_line(
         f"gradfleet: error: the server at {address} refused the call: its token is {token}; "
         "pass the server's token (token= in Python, --token-file on the command line)"
     ]
+
+
+def test_evaluate_without_data_scores_the_rows_training_held_out(tmp_path: Path) -> None:
+    # prepare: a split and a seed that are not the defaults
+    config = write_job(
+        tmp_path,
+        'name = "wine"\nbatch_size = 32\nsteps = 40\nworkers = 2\nseed = 3\n'
+        'dataset = { source = "wine", validation_split = 0.3 }\n[model]\nsizes = [13, 16, 3]\n',
+    )
+    run_folder = tmp_path / "run"
+    trained = run("train", config, "--backend", "local", "--out", str(run_folder))
+    printed = re.search(r"held-out accuracy ([\d.]+)%", trained.stdout)
+    assert trained.returncode == 0 and printed is not None, trained.stderr
+
+    # execute
+    evaluated = run("evaluate", str(run_folder))
+
+    # assert
+    scores = re.fullmatch(r"val_loss=[\d.]+ val_accuracy=([\d.]+)\n", evaluated.stdout)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert scores is not None
+    assert float(scores.group(1)) == pytest.approx(float(printed.group(1)) / 100, abs=1e-4)
