@@ -31,7 +31,8 @@ class GradientSum:
 
     def add_parts(self, parts: list[tuple[slice | np.ndarray, np.ndarray]], dense: bool) -> None:
         """total += a gradient given as (place, values): blocks covering every element
-        (`dense`), or values at distinct indices and zeros elsewhere (as `add` sums)."""
+        (`dense`), or values at distinct indices and zeros elsewhere (the sum `add` gives,
+        except that an element left alone keeps the sign of a zero)."""
         first, self.count = self.count == 0, self.count + 1
         if first and not dense:
             self.total.fill(0)
