@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 NN = Path(__file__).resolve().parents[2] / "nn" / "gradfleet" / "nn"
-BUDGET = 1860  # lines of gradfleet.nn, docstrings and comments included
+BUDGET = 1870  # lines of gradfleet.nn, docstrings and comments included
 
 
 def test_the_core_stays_within_its_line_budget() -> None:

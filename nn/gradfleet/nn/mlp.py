@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -202,11 +202,16 @@ class MLP(Module):
         y: np.ndarray,
         loss: str = "cross_entropy",
         out: np.ndarray | None = None,
+        before_layer: Callable[[int], None] | None = None,
+        grads_ready: Callable[[float, int], None] | None = None,
     ) -> tuple[float, np.ndarray]:
         """Mean loss on (x, y) and its gradient as one flat array laid out like ``flat``.
 
         The fused fast path: one matrix product per layer forward and two backward (none
         for the input's gradient), each activation's derivative from what its forward kept.
+        Hooks let communication overlap the computation: ``before_layer(i)`` runs before
+        layer i's forward (to wait for its weights), ``grads_ready(loss, i)`` as soon as
+        layer i's gradient is written (the last layer first).
         """
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}: choose one of {LOSSES}")
@@ -223,6 +228,8 @@ class MLP(Module):
         saved: list[Any] = []  # what each activation's derivative needs
         last = len(self.linears) - 1
         for i, layer in enumerate(self.linears):
+            if before_layer is not None:
+                before_layer(i)
             inputs.append(h)
             h = h @ layer.weight.data.T  # (B, out)
             h += layer.bias.data
@@ -239,6 +246,8 @@ class MLP(Module):
             layer = self.linears[i]
             np.matmul(g.T, inputs[i], out=views[2 * i])  # (out, in)
             np.sum(g, axis=0, out=views[2 * i + 1])
+            if grads_ready is not None:
+                grads_ready(value, i)
             if i > 0:
                 g = g @ layer.weight.data  # (B, in)
                 g *= activation.derivative(inputs[i], saved[i - 1])

@@ -49,6 +49,7 @@ from gradfleet.proto.errors import (
     Unauthenticated,
     error_for,
 )
+from gradfleet.proto.exchange import StreamedExchange
 from gradfleet.proto.runtime import keep_message_buffers_mapped
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.proto.v1 import parameter_server_pb2_grpc as pb_grpc
@@ -223,6 +224,7 @@ class ParameterServerClient:
             response_deserializer=pb.PushAck.FromString,
         )
         self._exchange = self._channel.unary_unary(f"/{_SERVICE}/PushAndPullUnary", **raw)
+        self._push_and_pull = self._channel.stream_stream(f"/{_SERVICE}/PushAndPull", **raw)
 
     def _call(self, attempt: Callable[[], _T]) -> _T:
         """Run `attempt()`; while no server answers (gRPC's own retries spent), ask
@@ -384,6 +386,16 @@ class ParameterServerClient:
         """The job's tensor layout (asked once, then known)."""
         return self._wire(job_id).layout
 
+    def exchanges_in_one_message(self, job_id: str) -> bool:
+        """Whether a step's gradient and weights each travel as one message: then one
+        unary `push_and_pull` is the cheapest exchange, and nothing could overlap."""
+        wire = self._wire(job_id)
+        size, dtype = wire.layout.total_elements, wire.layout.dtype
+        payload = wire.codec.payload_bytes(size, dtype)
+        return wire.weights_fit_one_message and payload <= plan_chunk_bytes(
+            payload, self.chunk_bytes, 1
+        )
+
     def watch(self, job_id: str, from_version: int = 0) -> Iterator[pb.JobEvent]:
         """Progress events (closed steps, state changes) until the job ends."""
         request = pb.WatchJobRequest(job_id=job_id, from_version=from_version)
@@ -528,6 +540,45 @@ class ParameterServerClient:
             )
         )
 
+    def begin_exchange(
+        self,
+        job_id: str,
+        worker: int,
+        step: int,
+        flat_grad: np.ndarray,
+        out: np.ndarray | None = None,
+        timeout: float | None = None,
+    ) -> StreamedExchange:
+        """Start worker `worker`'s step `step` as one PushAndPull stream: `send` ranges of
+        `flat_grad` as they become final, then read the next weights into `out` as they
+        arrive (see `gradfleet.proto.exchange`). Idempotent like `push_and_pull`, which
+        is the way to retry a failed exchange of the same step."""
+        known = self._wire(job_id)
+        grad = flat_grad.reshape(-1)
+        if grad.dtype != known.layout.dtype or not grad.flags.c_contiguous:
+            raise ValueError(f"the gradient must be a flat {known.layout.dtype.name} array.")
+        total = known.codec.payload_bytes(grad.size, grad.dtype)
+        residual = None if known.codec.name == "none" else self._residual(job_id, worker, grad)
+        deadline = timeout or self.timeout
+
+        def header(rows: int, loss: float) -> bytes:
+            return self._header(known, job_id, worker, step, rows, loss, grad.dtype, total)
+
+        return StreamedExchange(
+            start=lambda requests: self._push_and_pull(
+                requests, timeout=deadline, metadata=self._metadata
+            ),
+            header=header,
+            grad=grad,
+            out=_out(out, known.layout),
+            step=step,
+            codec=known.codec,
+            residual=residual,
+            pull_layout=known.layout_msg,
+            chunk_bytes=self.chunk_bytes,
+            error=lambda exc: _error(exc, self.address),
+        )
+
     def _push_message(
         self, job_id: str, worker: int, step: int, rows: int, loss: float, flat_grad: np.ndarray
     ) -> tuple[memoryview, int, bytes]:
@@ -535,28 +586,51 @@ class ParameterServerClient:
         their alignment, and the serialised PushHeader."""
         grad = np.ascontiguousarray(flat_grad).reshape(-1)
         known = self._wire(job_id)
+        if known.codec.name == "none" or grad.dtype != known.layout.dtype:
+            # a wrong dtype is for the server to refuse
+            header = self._header(known, job_id, worker, step, rows, loss, grad.dtype, grad.nbytes)
+            return as_bytes_view(grad), grad.dtype.itemsize, header
+        payload = self._residual(job_id, worker, grad).encode(grad, step)
+        header = self._header(known, job_id, worker, step, rows, loss, grad.dtype, payload.nbytes)
+        return as_bytes_view(payload), 1, header
+
+    def _residual(self, job_id: str, worker: int, grad: np.ndarray) -> Residual:
+        """Worker `worker`'s error feedback for this job (zero when new)."""
+        with self._residuals_lock:
+            residual = self._residuals.get((job_id, worker))
+            if residual is None or residual.size != grad.size:
+                codec = self._wire(job_id).codec
+                residual = self._residuals[job_id, worker] = Residual(codec, grad.size, grad.dtype)
+            return residual
+
+    @staticmethod
+    def _header(
+        known: _JobWire,
+        job_id: str,
+        worker: int,
+        step: int,
+        rows: int,
+        loss: float,
+        dtype: np.dtype,
+        total_bytes: int,
+    ) -> bytes:
+        """A serialised PushHeader: the data is `known.codec`'s payload unless the dtype
+        is not the job's (a push the server will refuse)."""
         header = pb.PushHeader(
             job_id=job_id,
             worker=worker,
             step=step,
             rows=rows,
             loss=float(loss),
-            dtype=dtype_to_proto(grad.dtype),
+            dtype=dtype_to_proto(dtype),
+            total_bytes=total_bytes,
         )
         header.layout.CopyFrom(known.layout_msg)
         if known.shard is not None:
             header.shard.CopyFrom(known.shard)
-        if known.codec.name == "none" or grad.dtype != known.layout.dtype:
-            header.total_bytes = grad.nbytes  # a wrong dtype is for the server to refuse
-            return as_bytes_view(grad), grad.dtype.itemsize, header.SerializeToString()
-        with self._residuals_lock:
-            residual = self._residuals.get((job_id, worker))
-            if residual is None or residual.size != grad.size:
-                residual = Residual(known.codec, grad.size, grad.dtype)
-                self._residuals[job_id, worker] = residual
-        payload = residual.encode(grad, step)
-        header.codec, header.total_bytes = str(known.codec), payload.nbytes
-        return as_bytes_view(payload), 1, header.SerializeToString()
+        if known.codec.name != "none" and dtype == known.layout.dtype:
+            header.codec = str(known.codec)
+        return header.SerializeToString()
 
 
 def _codec_name(text: str) -> str:

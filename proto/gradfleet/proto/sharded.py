@@ -22,6 +22,7 @@ import numpy as np
 
 from gradfleet.proto.client import ParameterServerClient
 from gradfleet.proto.errors import WrongState
+from gradfleet.proto.exchange import StreamedExchange
 from gradfleet.proto.partition import Partition, partition
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.proto.wire import FlatLayout
@@ -41,6 +42,71 @@ class _ShardedJob:
     sync: bool
     versions: list[int] = field(default_factory=list)  # of the last pull, per shard
     incarnations: list[int] = field(default_factory=list)
+
+
+class ShardedExchange:
+    """A `StreamedExchange` per shard, used as one over the whole flat buffer."""
+
+    def __init__(
+        self,
+        client: ShardedClient,
+        job_id: str,
+        job: _ShardedJob,
+        exchanges: list[StreamedExchange],
+        step: int,
+        out: np.ndarray,
+        timeout: float | None,
+    ) -> None:
+        self._client, self._job_id, self._job = client, job_id, job
+        self._exchanges, self.step, self.out, self._timeout = exchanges, step, out, timeout
+        self.rows, self.loss = 0, 0.0
+        self.version: int | None = None
+
+    def _pieces(self, start: int, stop: int) -> Iterator[tuple[StreamedExchange, int, int]]:
+        """(shard exchange, start, stop in its range) of each shard [start, stop) covers."""
+        for s, exchange in enumerate(self._exchanges):
+            lo, hi = self._job.partition.range(s)
+            if max(start, lo) < min(stop, hi):
+                yield exchange, max(start, lo) - lo, min(stop, hi) - lo
+
+    def send(self, start: int, stop: int, rows: int, loss: float) -> None:
+        self.rows, self.loss = rows, loss
+        for exchange, lo, hi in self._pieces(start, stop):
+            exchange.send(lo, hi, rows, loss)
+
+    def close(self) -> None:
+        for exchange in self._exchanges:
+            exchange.close()
+
+    def wait_version(self) -> int:
+        """The next version every shard is at (sync); a shard that closed the step
+        without this worker (backup workers) makes it pull the newest whole."""
+        if self.version is None:
+            versions = [exchange.wait_version() for exchange in self._exchanges]
+            self._job.versions = versions
+            self.version = min(versions)
+            if self._job.sync and len(set(versions)) > 1:
+                for exchange in self._exchanges:
+                    exchange.finish()
+                self.version, _ = self._client.pull_weights(
+                    self._job_id, max(versions), self.out, self._timeout
+                )
+        return self.version
+
+    def wait(self, start: int, stop: int) -> None:
+        self.wait_version()
+        for exchange, lo, hi in self._pieces(start, stop):
+            exchange.wait(lo, hi)
+
+    def finish(self) -> tuple[int, np.ndarray]:
+        version = self.wait_version()
+        for exchange in self._exchanges:
+            exchange.finish()
+        return version, self.out
+
+    def cancel(self) -> None:
+        for exchange in self._exchanges:
+            exchange.cancel()
 
 
 class ShardedClient:
@@ -179,6 +245,9 @@ class ShardedClient:
         """The layout of shard 0's range (the model's layout comes from its spec)."""
         return self.clients[0].layout(job_id)
 
+    def exchanges_in_one_message(self, job_id: str) -> bool:
+        return all(client.exchanges_in_one_message(job_id) for client in self.clients)
+
     # tensors
 
     def pull_weights(
@@ -235,6 +304,28 @@ class ShardedClient:
             return self.pull_weights(job_id, max(versions), flat, timeout)
         job.versions = versions
         return min(versions), flat
+
+    def begin_exchange(
+        self,
+        job_id: str,
+        worker: int,
+        step: int,
+        flat_grad: np.ndarray,
+        out: np.ndarray | None = None,
+        timeout: float | None = None,
+    ) -> ShardedExchange:
+        """`ParameterServerClient.begin_exchange` on every shard, each with its range."""
+        job = self._job(job_id)
+        flat = np.empty(job.partition.total_elements, job.dtype) if out is None else out
+        steps = job.versions if not job.sync and min(job.versions or [-1]) == step else None
+        exchanges = [
+            client.begin_exchange(
+                job_id, worker, steps[s] if steps else step, self._range(flat_grad, job, s),
+                out=self._range(flat, job, s), timeout=timeout,
+            )
+            for s, client in enumerate(self.clients)
+        ]  # fmt: skip
+        return ShardedExchange(self, job_id, job, exchanges, step, flat, timeout)
 
     def push_gradient(
         self, job_id: str, worker: int, step: int, rows: int, loss: float, flat_grad: np.ndarray

@@ -268,6 +268,11 @@ class ChunkPlacement:
             starts.insert(i, start)
             ends.insert(i, end)
 
+    @property
+    def prefix(self) -> int:
+        """Bytes received from the start of the buffer without a gap."""
+        return self._ends[0] if self._starts and self._starts[0] == 0 else 0
+
     def finish(self) -> None:
         """Raise unless the chunks covered the whole buffer exactly."""
         if self.received != self.nbytes:

@@ -359,6 +359,28 @@ class ParameterService:
             self._wait(job, min(step + 1, job.settings.total_steps), context)
         return self._weights_message(job)
 
+    @_status_edge
+    def PushAndPull(
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        """Receive a push whole, then stream the weights of version >= step + 1."""
+        with self.streams:
+            first = next(request_iterator, None)
+            if first is None:
+                raise InvalidArgument(
+                    "the push stream is empty; send a header first.", Reason.BAD_HEADER
+                )
+            decoded = translate.first_push_message(first)
+            job = self.registry.get(decoded[0].job_id)
+            _, step = self._push(job, decoded, request_iterator, context)
+            self._wait(job, min(step + 1, job.settings.total_steps), context)
+            encode = self._wire(job).encode
+            if job.publisher.fits_one_message:
+                yield job.weights_message(encode)
+            else:
+                yield from job.publisher.stream(encode)
+            self.metrics.weight_bytes_out.inc(job.publisher.nbytes)
+
     def _push(
         self,
         job: Job,
@@ -486,6 +508,9 @@ class ParameterService:
             ),
             "PushAndPullUnary": u(
                 self.PushAndPullUnary, request_deserializer=None, response_serializer=None
+            ),
+            "PushAndPull": grpc.stream_stream_rpc_method_handler(
+                self.PushAndPull, request_deserializer=None, response_serializer=None
             ),
             "RestoreJob": unary(self.RestoreJob, pb.RestoreJobRequest, pb.JobInfo),
             "RecordEvaluation": unary(

@@ -5,6 +5,12 @@ thread. It talks to the parameter server only over gRPC. Its batches depend only
 (seed, v, worker), so a restarted worker asks the server for its current version and
 carries on: in sync mode nothing is lost and nothing is counted twice.
 
+With ``overlap`` each step is one PushAndPull stream (``gradfleet.proto.exchange``): the
+backward pass sends each layer's gradient as soon as it is written, and the next forward
+pass starts on the first layer while the later layers' weights are still arriving. An
+exchange that fails is redone as a plain ``push_and_pull`` of the same step. A model
+whose gradient and weights each fit one message keeps the one unary call per step.
+
 When the server runs as a named Ray actor (``gradfleet.client.cluster``), the worker's
 client asks that actor where the server is whenever it stops answering: after a node
 loss Ray restarts the server elsewhere, it resumes from its last checkpoint, and the
@@ -28,6 +34,7 @@ from gradfleet.nn import MLP
 from gradfleet.proto.client import ParameterServerClient
 from gradfleet.proto.errors import (
     DeadlineExceeded,
+    GradfleetError,
     InvalidArgument,
     JobStopped,
     Reason,
@@ -35,8 +42,9 @@ from gradfleet.proto.errors import (
     TrainingDiverged,
     WrongState,
 )
+from gradfleet.proto.exchange import StreamedExchange
 from gradfleet.proto.runtime import long_lived_objects_frozen
-from gradfleet.proto.sharded import ShardedClient
+from gradfleet.proto.sharded import ShardedClient, ShardedExchange
 from gradfleet.worker.batches import BatchPlan
 from gradfleet.worker.config import JobConfig
 
@@ -70,6 +78,23 @@ def server_locator(actor_name: str | None) -> Callable[[], str] | None:
 
 
 ServerClient = ParameterServerClient | ShardedClient  # one server, or the shards of a job
+Exchange = StreamedExchange | ShardedExchange
+
+
+class _ExchangeFailed(Exception):
+    """The stream of an overlapped step failed (`cause`), seen while the next computed."""
+
+    def __init__(self, exchange: Exchange, cause: GradfleetError) -> None:
+        super().__init__(str(cause))
+        self.exchange, self.cause = exchange, cause
+
+
+def _settled(exchange: Exchange, wait: Callable[[], Any]) -> Any:
+    """`wait()` on an overlapped step's exchange; its failure as `_ExchangeFailed`."""
+    try:
+        return wait()
+    except GradfleetError as exc:
+        raise _ExchangeFailed(exchange, exc) from None
 
 
 def server_client(
@@ -117,6 +142,7 @@ class WorkerSpec:
     server_actor_name: str | None = None
     server_patience: float = SERVER_PATIENCE
     pull_wait: float = 10.0  # longest wait for a new version before re-syncing
+    overlap: bool = False  # push layer by layer during backward; see the module docstring
 
     @classmethod
     def for_job(
@@ -135,6 +161,7 @@ class WorkerSpec:
             seed=job.seed,
             total_steps=job.total_steps,
             mode=job.mode,
+            overlap=job.overlap,
             **settings,
         )
 
@@ -177,10 +204,15 @@ class GradientWorker:
 
     def _train_loop(self) -> dict[str, float]:
         spec, version, synced = self.spec, 0, False
+        # a one-message exchange is one unary call: cheapest, and nothing to overlap
+        overlap = spec.overlap and not self.client.exchanges_in_one_message(spec.job_id)
+        pending: Exchange | None = None  # overlap: the last step's, its weights coming
         while True:
             try:
                 started = time.perf_counter()
-                if not synced:
+                if pending is not None:
+                    version = _settled(pending, pending.wait_version)
+                elif not synced:
                     version, _ = self.client.pull_weights(
                         spec.job_id,
                         min_version=version,
@@ -192,16 +224,27 @@ class GradientWorker:
                         self._own_steps = version // spec.num_workers
                 pulled = time.perf_counter()
                 if version >= spec.total_steps:
+                    if pending is not None:
+                        _settled(pending, pending.finish)
                     break
                 rows = self.plan.indices(self._batch_step(version))
-                with np.errstate(all="ignore"):  # a diverging step is reported below, once
-                    loss, _ = self.model.loss_and_grads(
-                        self.x[rows], self.y[rows], spec.loss, out=self.grad
-                    )
-                if not math.isfinite(loss):
-                    raise TrainingDiverged.at_step(version + 1, "loss")
-                computed = time.perf_counter()
-                version, _ = self._exchange(version, len(rows), loss)
+                if overlap:
+                    loss, pending = self._overlapped(version, rows, pending)
+                    computed = exchanged = time.perf_counter()
+                else:
+                    with np.errstate(all="ignore"):  # a diverging step is reported below, once
+                        loss, _ = self.model.loss_and_grads(
+                            self.x[rows], self.y[rows], spec.loss, out=self.grad
+                        )
+                    if not math.isfinite(loss):
+                        raise TrainingDiverged.at_step(version + 1, "loss")
+                    computed = time.perf_counter()
+                    version, _ = self._exchange(version, len(rows), loss)
+                    exchanged = time.perf_counter()
+            except _ExchangeFailed as failed:  # the last step's stream: redo it plainly
+                pending = None
+                version, synced = self._redo(failed)
+                continue
             except JobStopped:
                 raise  # stopped by a user, or because training diverged
             except (DeadlineExceeded, WrongState) as exc:
@@ -212,14 +255,72 @@ class GradientWorker:
                 self.timings["stale"] += spec.mode == "async" and not isinstance(
                     exc, DeadlineExceeded
                 )
-                version, synced = 0, False
+                version, synced, pending = 0, False, None
                 continue
             self._own_steps += 1
             self.timings["pull"] += pulled - started
             self.timings["compute"] += computed - pulled
-            self.timings["exchange"] += time.perf_counter() - computed
+            self.timings["exchange"] += exchanged - computed
             self.timings["steps"] += 1
         return dict(self.timings)
+
+    def _overlapped(
+        self, version: int, rows: np.ndarray, pending: Exchange | None
+    ) -> tuple[float, Exchange]:
+        """Compute step `version` while `pending`'s weights still arrive, sending each
+        layer's gradient as it is written; returns (loss, this step's exchange)."""
+        spec, ranges = self.spec, self._layer_ranges
+        exchange = self.client.begin_exchange(
+            spec.job_id, spec.worker, version, self.grad, out=self.model.flat,
+            timeout=spec.pull_wait,
+        )  # fmt: skip
+
+        def before_layer(i: int) -> None:
+            if pending is not None:
+                _settled(pending, lambda: pending.wait(*ranges[i]))
+                if i == len(ranges) - 1:  # all weights in before backward reuses `grad`
+                    _settled(pending, pending.finish)
+
+        def grads_ready(loss: float, i: int) -> None:
+            if not math.isfinite(loss):
+                raise TrainingDiverged.at_step(version + 1, "loss")
+            exchange.send(*ranges[i], len(rows), loss)
+
+        try:
+            with np.errstate(all="ignore"):
+                loss, _ = self.model.loss_and_grads(
+                    self.x[rows], self.y[rows], spec.loss, out=self.grad,
+                    before_layer=before_layer, grads_ready=grads_ready,
+                )  # fmt: skip
+        except BaseException:
+            exchange.cancel()
+            raise
+        exchange.close()
+        return loss, exchange
+
+    def _redo(self, failed: _ExchangeFailed) -> tuple[int, bool]:
+        """Redo a step whose stream failed as a plain exchange (the same payload: pushes
+        are idempotent); returns (version, synced). `grad` still holds its gradient."""
+        exc, exchange = failed.cause, failed.exchange
+        if isinstance(exc, JobStopped):
+            raise exc
+        if isinstance(exc, InvalidArgument) and exc.reason is Reason.NON_FINITE:
+            raise TrainingDiverged.at_step(exchange.step + 1, "gradients") from None
+        if isinstance(exc, DeadlineExceeded | WrongState):
+            logger.debug("worker %d re-syncs: %s", self.spec.worker, exc)
+            return 0, False
+        logger.debug("worker %d redoes step %d: %s", self.spec.worker, exchange.step, exc)
+        version, _ = self._exchange(exchange.step, exchange.rows, exchange.loss)
+        return version, True
+
+    @property
+    def _layer_ranges(self) -> list[tuple[int, int]]:
+        """The flat element range [start, stop) of each layer's weight and bias."""
+        entries = self.model.layout
+        return [
+            (entries[2 * i][2], entries[2 * i + 1][2] + int(np.prod(entries[2 * i + 1][1])))
+            for i in range(len(entries) // 2)
+        ]
 
     def _exchange(self, version: int, rows: int, loss: float) -> tuple[int, np.ndarray]:
         """Push this step's gradient and take the next weights into the model."""

@@ -44,7 +44,9 @@ class JobConfig:
     ``optimizer`` is a name ("adam") or a table ({"name": "sgd", "lr": 0.1, ...}).
     ``compression`` is how gradients travel: "none", "bf16", "fp16", "sign" or
     "topk:<fraction>" (see ``gradfleet.proto.codecs``); ``pull_compression`` how the
-    weights travel to the workers: "none", "bf16" or "fp16".
+    weights travel to the workers: "none", "bf16" or "fp16". ``overlap`` makes each
+    worker send a layer's gradient as soon as backward has produced it and start the next
+    forward on the first layer's weights (the numbers do not change).
     """
 
     model: MLP | dict[str, Any]
@@ -68,6 +70,7 @@ class JobConfig:
     servers: int = 1
     compression: str = "none"
     pull_compression: str = "none"
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         self.model_spec = _model_spec(self.model, self.dtype, OUTPUT_OF_LOSS.get(self.loss))
@@ -121,6 +124,8 @@ class JobConfig:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
         if self.servers < 1:
             raise ValueError(f"servers must be at least 1, got {self.servers}")
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap must be true or false, got {self.overlap!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.batch_size % self.workers:
@@ -231,6 +236,7 @@ class JobConfig:
             "servers": self.servers,
             "compression": self.compression,
             "pull_compression": self.pull_compression,
+            "overlap": self.overlap,
             "validation_split": getattr(data, "validation_split", None),
         }
 

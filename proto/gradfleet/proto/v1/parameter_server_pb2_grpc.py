@@ -89,6 +89,11 @@ class ParameterServiceStub:
                 request_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PushGradientRequest.SerializeToString,
                 response_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PullWeightsResponse.FromString,
                 _registered_method=True)
+        self.PushAndPull = channel.stream_stream(
+                '/gradfleet.v1.ParameterService/PushAndPull',
+                request_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PushGradientRequest.SerializeToString,
+                response_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PullWeightsResponse.FromString,
+                _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/gradfleet.v1.ParameterService/WatchJob',
                 request_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.WatchJobRequest.SerializeToString,
@@ -182,6 +187,16 @@ class ParameterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushAndPull(self, request_iterator, context):
+        """A worker's whole step as one stream each way, so communication overlaps compute: the
+        push's messages as PushGradient takes them (chunks in any order, sent while the
+        backward pass still runs), then, once the step has closed, the weights of version
+        >= step + 1 as PullWeights sends them, the first layer first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -255,6 +270,11 @@ def add_ParameterServiceServicer_to_server(servicer, server):
             ),
             'PushAndPullUnary': grpc.unary_unary_rpc_method_handler(
                     servicer.PushAndPullUnary,
+                    request_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PushGradientRequest.FromString,
+                    response_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PullWeightsResponse.SerializeToString,
+            ),
+            'PushAndPull': grpc.stream_stream_rpc_method_handler(
+                    servicer.PushAndPull,
                     request_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PushGradientRequest.FromString,
                     response_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PullWeightsResponse.SerializeToString,
             ),
@@ -569,6 +589,33 @@ class ParameterService:
             request,
             target,
             '/gradfleet.v1.ParameterService/PushAndPullUnary',
+            gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PushGradientRequest.SerializeToString,
+            gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PullWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushAndPull(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradfleet.v1.ParameterService/PushAndPull',
             gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PushGradientRequest.SerializeToString,
             gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.PullWeightsResponse.FromString,
             options,
