@@ -515,6 +515,7 @@ def test_garbage_bytes_to_every_method_get_an_error_and_the_server_stays_healthy
             (False, False): channel.unary_unary,
             (False, True): channel.unary_stream,
             (True, False): channel.stream_unary,
+            (True, True): channel.stream_stream,
         }[kind]
         call = make(SERVICE + method.name, request_serializer=None, response_deserializer=None)
         before = fuzz_server.state()

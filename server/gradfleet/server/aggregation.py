@@ -1,13 +1,14 @@
 """The open sync step: who has contributed, and their gradients summed in worker order.
 
-Complete gradients arrive in any order. One whose worker is next in order is added to the
-sum at once; an early one is held (keeping its receive slot) until the workers before it
-are in. When the quorum is in, the step closes: what is still held is added in worker
-order (workers that never came, with backup workers, are skipped), the last one fused
-with the division (`GradientSum.mean`; a codec's payloads are all decoded into the sum
-first). So the sum is reproducible, and equal to local mode's, whatever the arrival
-order. Only when the receive slots run out does the step give up that order and add what
-it holds at once (`flush`), so memory stays bounded.
+Complete gradients arrive in any order. One whose worker is next in order (the step's
+members, by worker id) is added to the sum at once; an early one is held (keeping its
+receive slot) until the workers before it are in. When the quorum is in, the step
+closes: what is still held is added in worker order (workers that never came, with
+backup workers, are skipped), the last one fused with the division (`GradientSum.mean`;
+a codec's payloads are all decoded into the sum first). So the sum is reproducible, and
+equal to local mode's, whatever the arrival order. Only when the receive slots run out
+does the step give up that order and add what it holds at once (`flush`), so memory
+stays bounded.
 """
 
 from __future__ import annotations
@@ -35,14 +36,40 @@ class ClosedStep:
 class SyncStep:
     """Collects step `step` of a sync job; not thread-safe (the job's lock guards it)."""
 
-    def __init__(self, step: int, total: GradientSum, quorum: int, slots: ReceiveSlots) -> None:
-        self.step, self.quorum = step, quorum
+    def __init__(
+        self,
+        step: int,
+        total: GradientSum,
+        members: tuple[int, ...],
+        backup_workers: int,
+        slots: ReceiveSlots,
+    ) -> None:
+        self.step, self.members, self.backup_workers = step, members, backup_workers
         self._sum, self._slots = total, slots
         self._sum.clear()
         self.contributors: dict[int, tuple[int, float]] = {}  # worker -> (rows, loss)
         self._held: dict[int, Gradient] = {}
-        self._next_worker = 0  # workers below it are in the sum (or never came)
+        self._next = 0  # members[:_next] are in the sum (or never came)
         self.ordered = True
+
+    @property
+    def quorum(self) -> int:
+        """Gradients that close the step: members - backup workers."""
+        return len(self.members) - self.backup_workers
+
+    @property
+    def _next_worker(self) -> int | None:
+        return self.members[self._next] if self._next < len(self.members) else None
+
+    def set_members(self, members: tuple[int, ...]) -> bool:
+        """Close over `members` instead (the workers removed have not contributed);
+        True when the step now has its quorum (call `close`)."""
+        self.members = members
+        summed = set(self.contributors) - set(self._held)
+        self._next = next((i for i, w in enumerate(members) if w not in summed), len(members))
+        if self.ordered:
+            self._drain()
+        return bool(self.contributors) and len(self.contributors) >= self.quorum
 
     def __contains__(self, worker: int) -> bool:
         return worker in self.contributors
@@ -60,7 +87,7 @@ class SyncStep:
         else:
             self._sum_in(gradient)
             if self.ordered:
-                self._next_worker += 1
+                self._next += 1
                 self._drain()
         return complete
 
@@ -84,9 +111,9 @@ class SyncStep:
             self._sum_in(self._held.pop(worker))
 
     def _drain(self) -> None:
-        while self._next_worker in self._held:
-            self._sum_in(self._held.pop(self._next_worker))
-            self._next_worker += 1
+        while (worker := self._next_worker) is not None and worker in self._held:
+            self._sum_in(self._held.pop(worker))
+            self._next += 1
 
     def _sum_in(self, gradient: Gradient) -> None:
         self._slots.format.add(self._sum, gradient.data)

@@ -30,6 +30,7 @@ import numpy as np
 from gradfleet.proto.wire import FlatLayout
 from gradfleet.server.domain import Counters, Evaluation, JobSnapshot, JobState
 from gradfleet.server.history import StepHistory
+from gradfleet.server.membership import MembershipState
 from gradfleet.server.settings import JobSpec
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,11 @@ def write_checkpoint(root: Path, snap: JobSnapshot, keep: int = _KEEP) -> Path:
             "duplicate": c.duplicate,
             "dropped_late": c.dropped_late,
             "rejected": dict(c.rejected),
+            "dropped_removed": c.dropped_removed,
         },
     }
+    if snap.membership is not None:
+        meta["membership"] = snap.membership.to_json()
     if snap.evaluation is not None:
         meta["evaluation"] = {"step": snap.evaluation.step, "metrics": snap.evaluation.metrics}
     meta["checksum"] = _meta_checksum(meta)
@@ -248,7 +252,11 @@ def _parse(json_path: Path) -> JobSnapshot:
         int(c["duplicate"]),
         int(c["dropped_late"]),
         {str(k): int(v) for k, v in dict(c["rejected"]).items()},
+        int(c.get("dropped_removed", 0)),
     )
+    membership = None
+    if "membership" in meta:
+        membership = MembershipState.from_json(meta["membership"])
     return JobSnapshot(
         job_id=meta["job_id"],
         spec=JobSpec.from_json(meta["spec"]),
@@ -261,6 +269,7 @@ def _parse(json_path: Path) -> JobSnapshot:
         history=history.arrays(),
         created_at=float(meta["created_at"]),
         evaluation=evaluation,
+        membership=membership,
     )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from gradfleet.proto.errors import InvalidArgument, Reason
 from gradfleet.proto.wire import FlatLayout
 from gradfleet.server.history import StepHistory, StepPage
+from gradfleet.server.membership import MembershipState
 from gradfleet.server.settings import JobSpec
 
 
@@ -30,6 +31,7 @@ class PushOutcome(enum.Enum):
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"  # (job, worker, step) already counted; ignored
     DROPPED_LATE = "dropped_late"  # the step already closed (backup workers) or the job ended
+    DROPPED_REMOVED = "dropped_removed"  # the worker is not a member of that step
 
 
 @dataclass(frozen=True)
@@ -50,13 +52,15 @@ class PushHeader:
 
 @dataclass
 class Counters:
-    """Pushes of a job: received == accepted + duplicate + dropped_late + sum(rejected)."""
+    """Pushes of a job: received == accepted + duplicate + dropped_late + dropped_removed
+    + sum(rejected)."""
 
     received: int = 0
     accepted: int = 0
     duplicate: int = 0
     dropped_late: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    dropped_removed: int = 0
 
     def count(self, outcome: PushOutcome) -> None:
         self.received += 1
@@ -64,6 +68,8 @@ class Counters:
             self.accepted += 1
         elif outcome is PushOutcome.DUPLICATE:
             self.duplicate += 1
+        elif outcome is PushOutcome.DROPPED_REMOVED:
+            self.dropped_removed += 1
         else:
             self.dropped_late += 1
 
@@ -78,7 +84,12 @@ class Counters:
 
     def copy(self) -> Counters:
         return Counters(
-            self.received, self.accepted, self.duplicate, self.dropped_late, dict(self.rejected)
+            self.received,
+            self.accepted,
+            self.duplicate,
+            self.dropped_late,
+            dict(self.rejected),
+            self.dropped_removed,
         )
 
 
@@ -127,6 +138,7 @@ class JobSnapshot:
     history: tuple[np.ndarray, np.ndarray]  # StepHistory.arrays()
     created_at: float
     evaluation: Evaluation | None = None
+    membership: MembershipState | None = None  # None: the spec's num_workers, unchanged
 
     @classmethod
     def new(
@@ -164,3 +176,4 @@ class JobInfo:
     evaluation: Evaluation | None = None  # the latest recorded
     checkpoints: tuple[int, ...] = ()  # versions on disk, oldest first
     incarnation: int = 0  # new whenever the job's state was (re)built
+    membership: MembershipState | None = None

@@ -11,8 +11,10 @@ A sync step, as the code runs it:
    the history record (`history.py`), a snapshot for the `CheckpointWriter` when one is
    due, and the waiters of the new version woken (`waiting.py`).
 
-An async push does 1-3, and `commit` applies it to the weights at once. Every method is
-thread-safe; none does disk or network I/O under the lock.
+An async push does 1-3, and `commit` applies it to the weights at once. A sync step
+closes over its members (`membership.py`): `set_members` changes them, at once for the
+open step when only workers that have not pushed to it leave, else from the next step.
+Every method is thread-safe; none does disk or network I/O under the lock.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from gradfleet.server.domain import (
     PushOutcome,
 )
 from gradfleet.server.history import StepHistory
+from gradfleet.server.membership import Membership, MembershipState
 from gradfleet.server.metrics import ServerMetrics
 from gradfleet.server.publishing import Encode, WeightsPublisher
 from gradfleet.server.receive import Gradient, PushFormat, ReceiveSlots, check_header
@@ -109,6 +112,15 @@ class Job:
         self._steps_applied = resources.metrics.steps_applied.labels(job=self.job_id)
         self._lock = threading.Lock()
         self._waiters = VersionWaiters()
+        settings = self.settings
+        self.membership = Membership(
+            snap.membership or MembershipState.initial(settings.num_workers),
+            settings.min_workers,
+            settings.max_workers,
+            settings.spec.backup_workers,
+            settings.spec.global_batch,
+            settings.spec.member_grace_seconds,
+        )
         self.publisher = WeightsPublisher(
             snap.layout,
             self.weights,
@@ -137,10 +149,11 @@ class Job:
         self._step_started = time.monotonic()
 
     def _new_step(self) -> SyncStep:
-        return SyncStep(self.version, self._sum, self.settings.quorum, self._slots)
+        members, backup = self.membership.members, self.settings.spec.backup_workers
+        return SyncStep(self.version, self._sum, members, backup, self._slots)
 
-    def _version_state(self) -> tuple[int, JobState]:
-        return self.version, self.state
+    def _version_state(self) -> tuple[int, JobState, int]:
+        return self.version, self.state, len(self.membership.events)
 
     # pushes
 
@@ -148,12 +161,14 @@ class Job:
         """Validate a push header against the job's settings; raises InvalidArgument."""
         spec = self.settings.spec
         shard = (spec.shard_index, spec.shard_bounds) if spec.shard_bounds else None
-        check_header(h, self.settings.num_workers, self.layout, shard, self.push_format)
+        check_header(h, self.settings.max_workers, self.layout, shard, self.push_format)
 
     def admit(self, h: PushHeader) -> PushOutcome | None:
         """None when the gradient should be received for the sum; a duplicate or late
         outcome when it is only to be checked; raises when the job refuses it."""
         with self._lock:
+            if self.settings.mode is Mode.SYNC and self.state is JobState.RUNNING:
+                self._remove_lost()
             return self._classify(h)
 
     def _classify(self, h: PushHeader) -> PushOutcome | None:
@@ -172,12 +187,18 @@ class Job:
             )
         if self.settings.mode is Mode.SYNC:
             if h.step == self.version and self.state is JobState.RUNNING:
-                return PushOutcome.DUPLICATE if h.worker in self._open else None
+                if h.worker in self._open:
+                    return PushOutcome.DUPLICATE
+                return None if h.worker in self._open.members else PushOutcome.DROPPED_REMOVED
             if any(step == h.step and h.worker in who for step, who in self._closed):
                 return PushOutcome.DUPLICATE
+            if h.worker not in self.membership.members_of(h.step):
+                return PushOutcome.DROPPED_REMOVED
             return PushOutcome.DROPPED_LATE
         if h.step in self._seen.get(h.worker, ()):
             return PushOutcome.DUPLICATE
+        if h.worker not in self.membership.members:
+            return PushOutcome.DROPPED_REMOVED
         if self.state is JobState.COMPLETED:
             return PushOutcome.DROPPED_LATE
         bound = self.settings.spec.staleness_bound
@@ -235,12 +256,56 @@ class Job:
                 self._slots.release(gradient)
                 return outcome
             self.counters.count(PushOutcome.ACCEPTED)
+            self.membership.heard(h.worker)
             if self.settings.mode is Mode.ASYNC:
                 self._apply_async(h, gradient)
             elif self._open.add(h.worker, h.rows, h.loss, gradient):
                 self._close_step()
+            else:
+                self._remove_lost()
         self._checkpoints.keep_up()  # the push that asked for a checkpoint waits, if any
         return PushOutcome.ACCEPTED
+
+    # membership
+
+    def set_members(self, members: tuple[int, ...], reason: str) -> None:
+        """Make `members` the job's workers (see the module docstring); InvalidArgument
+        when the job cannot have them."""
+        with self._lock:
+            self._check_not_retired()
+            self._change_members(tuple(sorted(members)), reason or "set")
+        self._checkpoints.keep_up()
+
+    def _change_members(self, members: tuple[int, ...], reason: str) -> None:
+        if self.settings.mode is Mode.ASYNC:
+            self.membership.check(members)
+            if members != self.membership.members:
+                self.membership.apply(self.version, members, reason)
+                self._waiters.wake_all()
+            return
+        contributed = frozenset(self._open.contributors)
+        if self.membership.request(members, reason, contributed):
+            self.membership.apply(self.version, members, reason)
+            if self.state is JobState.RUNNING and self._open.set_members(members):
+                self._close_step()
+            self._waiters.wake_all()  # watchers see the change
+
+    def _remove_lost(self) -> None:
+        """Remove members not heard of within the grace period while the step waits."""
+        lost = self.membership.lost(frozenset(self._open.contributors))
+        if lost and self.state is JobState.RUNNING:
+            remaining = tuple(w for w in self.membership.members if w not in lost)
+            try:
+                self._change_members(remaining, f"lost: {len(lost)} silent past the grace")
+            except InvalidArgument as exc:  # fewer than min_workers would remain
+                log.warning("job %s: members %s are silent but stay: %s", self.job_id, lost, exc)
+
+    def scale(self, workers: int) -> None:
+        """Record a request for `workers` workers (the Ray trainer acts on it)."""
+        with self._lock:
+            self.membership.check_size(workers)
+            self.membership.requested = workers
+            self._waiters.wake_all()
 
     def count_early(self, outcome: PushOutcome) -> PushOutcome:
         """Count a push answered without adding its data (duplicate or late)."""
@@ -309,6 +374,10 @@ class Job:
         self._resources.metrics.step_latency.observe(elapsed)
         self.version += 1
         self._steps_applied.inc()
+        if self.membership.pending is not None:  # a change that waited for this boundary
+            members, reason = self.membership.pending
+            self.membership.pending = None
+            self.membership.apply(self.version, members, reason)
         keep_every = self.settings.spec.keep_every
         if keep_every and self.version % keep_every == 0:
             self.publisher.keep(self.version)
@@ -334,17 +403,25 @@ class Job:
         return self.wait_for_change(min_version - 1, None, timeout, waiter)
 
     def wait_for_change(
-        self, version: int, state: JobState | None, timeout: float | None, waiter: Waiter
+        self,
+        version: int,
+        state: JobState | None,
+        timeout: float | None,
+        waiter: Waiter,
+        events: int | None = None,
     ) -> bool:
         """Block until the job passes `version` (True); with `state`, also until it
-        leaves that state (True); False on timeout or cancellation. Without `state`, a
-        stopped or deleted job raises."""
+        leaves that state, with `events`, until it has had more membership events (True);
+        False on timeout or cancellation. Without `state`, a stopped or deleted job
+        raises."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
                 with self._lock:
                     self._check_not_retired()
                     if self.version > version or (state is not None and self.state is not state):
+                        return True
+                    if events is not None and len(self.membership.events) != events:
                         return True
                     if state is None and self.state is JobState.DELETED:
                         raise JobNotFound(f"job {self.job_id!r} was deleted.")
@@ -426,6 +503,7 @@ class Job:
                 evaluation=self._evaluation,
                 checkpoints=self.checkpoints_on_disk,
                 incarnation=self.incarnation,
+                membership=self.membership.state(),
             )
 
     def retire(self, version: int) -> None:
@@ -503,4 +581,5 @@ class Job:
             history=self.history.arrays(),
             created_at=self.created_at,
             evaluation=self._evaluation,
+            membership=self.membership.state(),
         )

@@ -20,14 +20,16 @@ import numpy as np
 from gradfleet.proto.codecs import NO_CODEC, Codec
 from gradfleet.proto.wire import FlatLayout, as_bytes_view, plan_chunk_bytes
 
-# (version, state, byte offset, piece) -> one wire message; the first carries the header
-Encode = Callable[[int, Any, int, memoryview], bytes]
+# (version, state, membership events, byte offset, piece) -> one wire message; the first
+# carries the header
+Encode = Callable[[int, Any, int, int, memoryview], bytes]
 
 
 class WeightsPublisher:
     """Serves the weights of the current version to pulls, and of kept older versions.
 
-    `lock` is the job's lock; `current()`, called under it, gives (version, state).
+    `lock` is the job's lock; `current()`, called under it, gives (version, state, the
+    number of membership events).
     """
 
     def __init__(
@@ -36,7 +38,7 @@ class WeightsPublisher:
         weights: np.ndarray,
         chunk_bytes: int,
         lock: threading.Lock,
-        current: Callable[[], tuple[int, Any]],
+        current: Callable[[], tuple[int, Any, int]],
         codec: Codec = NO_CODEC,
     ) -> None:
         self.layout, self.weights, self._lock, self._current = layout, weights, lock, current
@@ -45,13 +47,13 @@ class WeightsPublisher:
         self._payload: tuple[int, np.ndarray] | None = None  # (version, codec payload)
         self.chunk_bytes = plan_chunk_bytes(layout.nbytes, chunk_bytes, layout.dtype.itemsize)
         self.fits_one_message = layout.nbytes <= self.chunk_bytes
-        self._cached: tuple[tuple[int, Any], bytes] | None = None  # ((version, state), message)
+        self._cached: tuple[tuple[int, Any, int], bytes] | None = None  # (current(), message)
         self._readers: dict[int, int] = {}  # version -> streams reading it
         self._kept: dict[int, np.ndarray] = {}  # version -> its weights, while still read
         self._saved: dict[int, np.ndarray] = {}  # version -> its weights, asked to be kept
 
     def one_message(self, encode: Encode) -> bytes:
-        """The current weights as one message, encoded once per (version, state)."""
+        """The current weights as one message, encoded once per `current()`."""
         with self._lock:
             key = self._current()
             if self._cached is None or self._cached[0] != key:
@@ -72,19 +74,20 @@ class WeightsPublisher:
         chunk; each is encoded under the lock, so an update in between never tears it."""
         if self.codec.name != "none":
             with self._lock:
-                version, state = self._current()
+                version, state, events = self._current()
                 payload = self._source(version)  # this version's, never written again
             for start in range(0, self.nbytes, self.chunk_bytes):
-                yield encode(version, state, start, payload[start : start + self.chunk_bytes])
+                piece = payload[start : start + self.chunk_bytes]
+                yield encode(version, state, events, start, piece)
             return
         with self._lock:
-            version, state = self._current()
+            version, state, events = self._current()
             self._readers[version] = self._readers.get(version, 0) + 1
         try:
             for start in range(0, self.nbytes, self.chunk_bytes):
                 with self._lock:
                     piece = self._source(version)[start : start + self.chunk_bytes]
-                    message = encode(version, state, start, piece)
+                    message = encode(version, state, events, start, piece)
                 yield message
         finally:
             with self._lock:

@@ -296,10 +296,10 @@ class ParameterService:
             weights, state = job.exact_weights(version)
         else:
             version, weights, state = job.current_weights()
-        data = as_bytes_view(weights)
+        data, events = as_bytes_view(weights), len(job.membership.events)
         step = job.publisher.chunk_bytes
         for start in range(0, len(data), step):
-            yield encode(version, state, start, data[start : start + step])
+            yield encode(version, state, events, start, data[start : start + step])
 
     def _fits_one_message(self, job: Job) -> None:
         if not job.publisher.fits_one_message:
@@ -427,6 +427,20 @@ class ParameterService:
         return translate.job_info(job.info(), self._wire(job).layout)
 
     @_status_edge
+    def SetMembers(
+        self, request: pb.SetMembersRequest, context: grpc.ServicerContext
+    ) -> pb.JobInfo:
+        job = self.registry.get(request.job_id)
+        job.set_members(tuple(request.members), request.reason)
+        return translate.job_info(job.info(), self._wire(job).layout)
+
+    @_status_edge
+    def ScaleJob(self, request: pb.ScaleJobRequest, context: grpc.ServicerContext) -> pb.JobInfo:
+        job = self.registry.get(request.job_id)
+        job.scale(request.workers)
+        return translate.job_info(job.info(), self._wire(job).layout)
+
+    @_status_edge
     def RecordEvaluation(
         self, request: pb.RecordEvaluationRequest, context: grpc.ServicerContext
     ) -> pb.RecordEvaluationResponse:
@@ -446,12 +460,13 @@ class ParameterService:
     def _job_events(
         self, job: Job, next_step: int, context: grpc.ServicerContext
     ) -> Iterator[pb.JobEvent]:
-        """Step records from `next_step` on, then each state change, until the job ends."""
+        """Step records from `next_step` on, then each change of members or state, until
+        the job ends."""
         waiter = self._waiter(context)
-        last_state = None
+        last_state, events_seen = None, 0
         while not waiter.cancelled:
             info = job.info(history_since=max(next_step, 0))
-            assert info.history is not None
+            assert info.history is not None and info.membership is not None
             records = translate.step_records(info.history)
             state = translate.STATES[info.state]
             for record in records:
@@ -461,12 +476,20 @@ class ParameterService:
                 next_step = record.step + 1
             if records and next_step < info.version:
                 continue  # more pages of records before the state they led to
+            for event in info.membership.events[events_seen:]:
+                membership = translate.membership_event(event)
+                yield pb.JobEvent(
+                    job_id=job.job_id, version=event.version, state=state, membership=membership
+                )
+            events_seen = len(info.membership.events)
             if info.state is not last_state:
                 yield pb.JobEvent(job_id=job.job_id, version=info.version, state=state)
                 last_state = info.state
             if info.state in _TERMINAL:
                 return
-            job.wait_for_change(max(next_step, info.version), info.state, None, waiter)
+            job.wait_for_change(
+                max(next_step, info.version), info.state, None, waiter, events=events_seen
+            )
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         """Handlers with raw-bytes framing for the tensor messages."""
@@ -513,6 +536,8 @@ class ParameterService:
                 self.PushAndPull, request_deserializer=None, response_serializer=None
             ),
             "RestoreJob": unary(self.RestoreJob, pb.RestoreJobRequest, pb.JobInfo),
+            "SetMembers": unary(self.SetMembers, pb.SetMembersRequest, pb.JobInfo),
+            "ScaleJob": unary(self.ScaleJob, pb.ScaleJobRequest, pb.JobInfo),
             "RecordEvaluation": unary(
                 self.RecordEvaluation, pb.RecordEvaluationRequest, pb.RecordEvaluationResponse
             ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 import uuid
 from dataclasses import dataclass, field, fields
@@ -77,6 +78,10 @@ class JobSpec:
     shard_bounds: tuple[int, ...] = ()  # S + 1 element bounds when one of S shards
     compression: str = ""  # the gradients' codec (gradfleet.proto.codecs); "" is none
     pull_compression: str = ""  # the pulled weights' codec
+    min_workers: int = 0  # elastic membership bounds; 0 = num_workers
+    max_workers: int = 0
+    global_batch: int = 0  # rows every step's members split evenly; 0 = rows per worker
+    member_grace_seconds: float = 0.0  # a silent member is removed after this; 0 = never
 
     def to_json(self) -> dict[str, Any]:
         """The form checkpoints store: proto field names, the mode as its proto enum name."""
@@ -106,6 +111,8 @@ class JobSpec:
                 values[key] = tuple(int(b) for b in value)
             elif key.endswith("_json") or key.endswith("compression"):
                 values[key] = str(value)
+            elif key == "member_grace_seconds":
+                values[key] = float(value)
             else:
                 values[key] = int(value)
         return cls(**values)
@@ -152,6 +159,14 @@ class JobSettings:
         for name in ("num_workers", "backup_workers", "staleness_bound", "checkpoint_every"):
             if getattr(spec, name) > _INT32:
                 raise _bad(f"{name} must be at most {_INT32}.")
+        low = spec.min_workers or spec.num_workers
+        high = spec.max_workers or spec.num_workers
+        if not 1 <= low <= spec.num_workers <= high:
+            raise _bad("min_workers <= num_workers <= max_workers must hold (0: num_workers).")
+        if spec.global_batch < 0 or (spec.global_batch and spec.global_batch % spec.num_workers):
+            raise _bad("global_batch must be 0 (rows per worker) or a multiple of num_workers.")
+        if not (math.isfinite(spec.member_grace_seconds) and spec.member_grace_seconds >= 0):
+            raise _bad("member_grace_seconds must be 0 (never) or a positive number.")
         return cls(
             spec=spec,
             model_spec=_json_object(spec.model_spec_json, "model_spec_json", required=True),
@@ -187,9 +202,12 @@ class JobSettings:
         return self.spec.num_workers
 
     @property
-    def quorum(self) -> int:
-        """Gradients that close a sync step: N - b."""
-        return self.spec.num_workers - self.spec.backup_workers
+    def min_workers(self) -> int:
+        return self.spec.min_workers or self.spec.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.spec.max_workers or self.spec.num_workers
 
     @property
     def total_steps(self) -> int:

@@ -19,6 +19,7 @@ from gradfleet.proto.wire import (
 )
 from gradfleet.server.domain import JobInfo, JobState, PushHeader, PushOutcome
 from gradfleet.server.history import StepPage
+from gradfleet.server.membership import MembershipEvent
 from gradfleet.server.publishing import Encode
 from gradfleet.server.settings import JobSpec, Mode
 
@@ -53,6 +54,10 @@ def spec_from_proto(msg: pb.JobSpec) -> JobSpec:
         shard_bounds=tuple(msg.shard.bounds) if msg.HasField("shard") else (),
         compression=msg.compression,
         pull_compression=msg.pull_compression,
+        min_workers=msg.min_workers,
+        max_workers=msg.max_workers,
+        global_batch=msg.global_batch,
+        member_grace_seconds=msg.member_grace_seconds,
     )
 
 
@@ -76,6 +81,10 @@ def spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         else None,
         compression=spec.compression,
         pull_compression=spec.pull_compression,
+        min_workers=spec.min_workers,
+        max_workers=spec.max_workers,
+        global_batch=spec.global_batch,
+        member_grace_seconds=spec.member_grace_seconds,
     )
 
 
@@ -126,6 +135,7 @@ def counters_to_proto(info: JobInfo) -> pb.JobCounters:
         duplicate=c.duplicate,
         dropped_late=c.dropped_late,
         rejected=c.rejected,
+        dropped_removed=c.dropped_removed,
     )
 
 
@@ -149,7 +159,20 @@ def job_info(info: JobInfo, layout: pb.Layout) -> pb.JobInfo:
     if info.evaluation is not None:
         msg.latest_evaluation.step = info.evaluation.step
         msg.latest_evaluation.metrics.update(info.evaluation.metrics)
+    if info.membership is not None:
+        m = info.membership
+        msg.members.extend(m.members)
+        if m.pending is not None:
+            msg.next_members.extend(m.pending[0])
+        msg.membership.extend(membership_event(e) for e in m.events)
+        msg.requested_workers = m.requested
     return msg
+
+
+def membership_event(event: MembershipEvent) -> pb.MembershipEvent:
+    return pb.MembershipEvent(
+        version=event.version, old=event.old, new=event.new, reason=event.reason
+    )
 
 
 def step_records(page: StepPage) -> list[pb.StepRecord]:
@@ -170,7 +193,7 @@ def weights_encoder(layout_msg: pb.Layout, codec: str, total_bytes: int) -> Enco
     """Encodes pull messages (of `total_bytes`, the `codec`'s payload of the weights):
     each chunk, the first with its WeightsHeader."""
 
-    def encode(version: int, state: JobState, offset: int, piece: memoryview) -> bytes:
+    def encode(version: int, state: JobState, events: int, offset: int, piece: memoryview) -> bytes:
         header = b""
         if offset == 0:
             header = pb.WeightsHeader(
@@ -179,6 +202,7 @@ def weights_encoder(layout_msg: pb.Layout, codec: str, total_bytes: int) -> Enco
                 total_bytes=total_bytes,
                 state=STATES[state],
                 codec=codec,
+                membership_events=events,
             ).SerializeToString()
         return encode_chunk_message(offset, piece, header)
 

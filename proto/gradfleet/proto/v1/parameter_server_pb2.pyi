@@ -33,6 +33,7 @@ class PushOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PUSH_OUTCOME_ACCEPTED: _ClassVar[PushOutcome]
     PUSH_OUTCOME_DUPLICATE: _ClassVar[PushOutcome]
     PUSH_OUTCOME_DROPPED_LATE: _ClassVar[PushOutcome]
+    PUSH_OUTCOME_DROPPED_REMOVED: _ClassVar[PushOutcome]
 
 class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -75,6 +76,7 @@ PUSH_OUTCOME_UNSPECIFIED: PushOutcome
 PUSH_OUTCOME_ACCEPTED: PushOutcome
 PUSH_OUTCOME_DUPLICATE: PushOutcome
 PUSH_OUTCOME_DROPPED_LATE: PushOutcome
+PUSH_OUTCOME_DROPPED_REMOVED: PushOutcome
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_NOT_FOUND: ErrorReason
 ERROR_REASON_BAD_CONFIG: ErrorReason
@@ -119,7 +121,7 @@ class Layout(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model_spec_json", "optimizer_json", "mode", "num_workers", "backup_workers", "staleness_bound", "checkpoint_every", "total_steps", "seed", "job_config_json", "keep_every", "shard", "compression", "pull_compression")
+    __slots__ = ("model_spec_json", "optimizer_json", "mode", "num_workers", "backup_workers", "staleness_bound", "checkpoint_every", "total_steps", "seed", "job_config_json", "keep_every", "shard", "compression", "pull_compression", "min_workers", "max_workers", "global_batch", "member_grace_seconds")
     MODEL_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +136,10 @@ class JobSpec(_message.Message):
     SHARD_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     PULL_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model_spec_json: str
     optimizer_json: str
     mode: Mode
@@ -148,7 +154,11 @@ class JobSpec(_message.Message):
     shard: ShardInfo
     compression: str
     pull_compression: str
-    def __init__(self, model_spec_json: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., job_config_json: _Optional[str] = ..., keep_every: _Optional[int] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., compression: _Optional[str] = ..., pull_compression: _Optional[str] = ...) -> None: ...
+    min_workers: int
+    max_workers: int
+    global_batch: int
+    member_grace_seconds: float
+    def __init__(self, model_spec_json: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., job_config_json: _Optional[str] = ..., keep_every: _Optional[int] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., compression: _Optional[str] = ..., pull_compression: _Optional[str] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., global_batch: _Optional[int] = ..., member_grace_seconds: _Optional[float] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
     __slots__ = ("index", "count", "bounds")
@@ -203,7 +213,7 @@ class StepRecord(_message.Message):
     def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., rows: _Optional[int] = ..., samples_per_sec: _Optional[float] = ..., wall_time: _Optional[float] = ..., contributors: _Optional[int] = ...) -> None: ...
 
 class JobCounters(_message.Message):
-    __slots__ = ("received", "accepted", "duplicate", "dropped_late", "rejected")
+    __slots__ = ("received", "accepted", "duplicate", "dropped_late", "rejected", "dropped_removed")
     class RejectedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -216,15 +226,29 @@ class JobCounters(_message.Message):
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     DROPPED_LATE_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_REMOVED_FIELD_NUMBER: _ClassVar[int]
     received: int
     accepted: int
     duplicate: int
     dropped_late: int
     rejected: _containers.ScalarMap[str, int]
-    def __init__(self, received: _Optional[int] = ..., accepted: _Optional[int] = ..., duplicate: _Optional[int] = ..., dropped_late: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    dropped_removed: int
+    def __init__(self, received: _Optional[int] = ..., accepted: _Optional[int] = ..., duplicate: _Optional[int] = ..., dropped_late: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., dropped_removed: _Optional[int] = ...) -> None: ...
+
+class MembershipEvent(_message.Message):
+    __slots__ = ("version", "old", "new", "reason")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    OLD_FIELD_NUMBER: _ClassVar[int]
+    NEW_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    old: _containers.RepeatedScalarFieldContainer[int]
+    new: _containers.RepeatedScalarFieldContainer[int]
+    reason: str
+    def __init__(self, version: _Optional[int] = ..., old: _Optional[_Iterable[int]] = ..., new: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "version", "layout", "history", "counters", "created_at", "last_checkpoint_version", "history_more", "weights_fit_one_message", "latest_evaluation", "checkpoints", "incarnation")
+    __slots__ = ("job_id", "spec", "state", "version", "layout", "history", "counters", "created_at", "last_checkpoint_version", "history_more", "weights_fit_one_message", "latest_evaluation", "checkpoints", "incarnation", "members", "next_members", "membership", "requested_workers")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +263,10 @@ class JobInfo(_message.Message):
     LATEST_EVALUATION_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_WORKERS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: JobSpec
     state: JobState
@@ -253,7 +281,29 @@ class JobInfo(_message.Message):
     latest_evaluation: Evaluation
     checkpoints: _containers.RepeatedScalarFieldContainer[int]
     incarnation: int
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., version: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., history: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., counters: _Optional[_Union[JobCounters, _Mapping]] = ..., created_at: _Optional[float] = ..., last_checkpoint_version: _Optional[int] = ..., history_more: _Optional[bool] = ..., weights_fit_one_message: _Optional[bool] = ..., latest_evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., checkpoints: _Optional[_Iterable[int]] = ..., incarnation: _Optional[int] = ...) -> None: ...
+    members: _containers.RepeatedScalarFieldContainer[int]
+    next_members: _containers.RepeatedScalarFieldContainer[int]
+    membership: _containers.RepeatedCompositeFieldContainer[MembershipEvent]
+    requested_workers: int
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., version: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., history: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., counters: _Optional[_Union[JobCounters, _Mapping]] = ..., created_at: _Optional[float] = ..., last_checkpoint_version: _Optional[int] = ..., history_more: _Optional[bool] = ..., weights_fit_one_message: _Optional[bool] = ..., latest_evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., checkpoints: _Optional[_Iterable[int]] = ..., incarnation: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., next_members: _Optional[_Iterable[int]] = ..., membership: _Optional[_Iterable[_Union[MembershipEvent, _Mapping]]] = ..., requested_workers: _Optional[int] = ...) -> None: ...
+
+class SetMembersRequest(_message.Message):
+    __slots__ = ("job_id", "members", "reason")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    members: _containers.RepeatedScalarFieldContainer[int]
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., members: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ScaleJobRequest(_message.Message):
+    __slots__ = ("job_id", "workers")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    workers: int
+    def __init__(self, job_id: _Optional[str] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class RestoreJobRequest(_message.Message):
     __slots__ = ("job_id", "version")
@@ -353,18 +403,20 @@ class PullWeightsRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., min_version: _Optional[int] = ..., exact: _Optional[bool] = ..., full_precision: _Optional[bool] = ...) -> None: ...
 
 class WeightsHeader(_message.Message):
-    __slots__ = ("version", "layout", "total_bytes", "state", "codec")
+    __slots__ = ("version", "layout", "total_bytes", "state", "codec", "membership_events")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_EVENTS_FIELD_NUMBER: _ClassVar[int]
     version: int
     layout: Layout
     total_bytes: int
     state: JobState
     codec: str
-    def __init__(self, version: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., total_bytes: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., codec: _Optional[str] = ...) -> None: ...
+    membership_events: int
+    def __init__(self, version: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., total_bytes: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., codec: _Optional[str] = ..., membership_events: _Optional[int] = ...) -> None: ...
 
 class PullWeightsResponse(_message.Message):
     __slots__ = ("header", "offset", "data", "padding")
@@ -433,16 +485,18 @@ class WatchJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., from_version: _Optional[int] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "version", "state", "step")
+    __slots__ = ("job_id", "version", "state", "step", "membership")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     version: int
     state: JobState
     step: StepRecord
-    def __init__(self, job_id: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[_Union[StepRecord, _Mapping]] = ...) -> None: ...
+    membership: MembershipEvent
+    def __init__(self, job_id: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[_Union[StepRecord, _Mapping]] = ..., membership: _Optional[_Union[MembershipEvent, _Mapping]] = ...) -> None: ...
 
 class ErrorDetail(_message.Message):
     __slots__ = ("reason",)

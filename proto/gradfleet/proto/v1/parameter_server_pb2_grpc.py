@@ -109,6 +109,16 @@ class ParameterServiceStub:
                 request_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.RestoreJobRequest.SerializeToString,
                 response_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.JobInfo.FromString,
                 _registered_method=True)
+        self.SetMembers = channel.unary_unary(
+                '/gradfleet.v1.ParameterService/SetMembers',
+                request_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.SetMembersRequest.SerializeToString,
+                response_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.JobInfo.FromString,
+                _registered_method=True)
+        self.ScaleJob = channel.unary_unary(
+                '/gradfleet.v1.ParameterService/ScaleJob',
+                request_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.ScaleJobRequest.SerializeToString,
+                response_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.JobInfo.FromString,
+                _registered_method=True)
 
 
 class ParameterServiceServicer:
@@ -215,6 +225,18 @@ class ParameterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetMembers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScaleJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -291,6 +313,16 @@ def add_ParameterServiceServicer_to_server(servicer, server):
             'RestoreJob': grpc.unary_unary_rpc_method_handler(
                     servicer.RestoreJob,
                     request_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.RestoreJobRequest.FromString,
+                    response_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.JobInfo.SerializeToString,
+            ),
+            'SetMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMembers,
+                    request_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.SetMembersRequest.FromString,
+                    response_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.JobInfo.SerializeToString,
+            ),
+            'ScaleJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleJob,
+                    request_deserializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.ScaleJobRequest.FromString,
                     response_serializer=gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.JobInfo.SerializeToString,
             ),
     }
@@ -698,6 +730,60 @@ class ParameterService:
             target,
             '/gradfleet.v1.ParameterService/RestoreJob',
             gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.RestoreJobRequest.SerializeToString,
+            gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradfleet.v1.ParameterService/SetMembers',
+            gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.SetMembersRequest.SerializeToString,
+            gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScaleJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradfleet.v1.ParameterService/ScaleJob',
+            gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.ScaleJobRequest.SerializeToString,
             gradfleet_dot_proto_dot_v1_dot_parameter__server__pb2.JobInfo.FromString,
             options,
             channel_credentials,
