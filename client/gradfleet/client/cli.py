@@ -76,7 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         "local: everything in this process, no Ray",
     )
     train.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
-    train.add_argument("--server", help="parameter server host:port (default: start one)")
+    train.add_argument(
+        "--server",
+        help="parameter server host:port, or one per shard, comma-separated (default: start them)",
+    )
+    train.add_argument(
+        "--servers", type=int, help="spread the job over this many servers (default 1)"
+    )
     train.add_argument(
         "--timeout",
         type=_positive_seconds,
@@ -108,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=_positive_number, help="learning rate (replaces the optimiser's lr)"
     )
     train.add_argument("--mode", choices=["sync", "async"], help="sync or async updates")
+    train.add_argument(
+        "--compression",
+        help="how gradients travel: none, bf16, fp16, sign or topk:<fraction> (default none)",
+    )
+    train.add_argument(
+        "--pull-compression", help="how weights travel to workers: none, bf16 or fp16"
+    )
+    train.add_argument(
+        "--overlap",
+        action=argparse.BooleanOptionalAction,
+        help="send each layer's gradient as backward produces it (default: the config's, off)",
+    )
     train.add_argument("--out", help="output folder (default: runs/<name>-<time>)")
     train.add_argument("--no-progress", action="store_true", help="log lines, no progress bar")
 
@@ -122,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     watch.add_argument("job", help="job id")
     _server_options(watch)
+
+    scale = commands.add_parser(
+        "scale", help="ask an elastic job for a number of workers", parents=[after_command]
+    )
+    scale.add_argument("job", help="job id")
+    scale.add_argument("workers", type=int, help="workers wanted (min_workers..max_workers)")
+    _server_options(scale)
 
     evaluate = commands.add_parser(
         "evaluate", help="held-out loss and accuracy of a saved model", parents=[after_command]
@@ -339,6 +364,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         "epochs": args.epochs,
         "steps": args.steps,
         "optimizer": args.optimizer,  # a name: its own settings, not the config's
+        "servers": args.servers,
+        "compression": args.compression,
+        "pull_compression": args.pull_compression,
+        "overlap": args.overlap,
     }
     table.update({k: v for k, v in overrides.items() if v is not None})
     if args.epochs is not None:
@@ -433,11 +462,27 @@ def cmd_status(args: argparse.Namespace) -> int:
                 if "val_accuracy" in scores
                 else ""
             )
+            changes = f"  ({len(status.membership)} changes)" if status.membership else ""
             print(
                 f"{status.job_id}  {status.name or '-'}  {status.state}  "
-                f"step {status.version}/{status.total_steps}  loss {loss}{held_out}"
+                f"step {status.version}/{status.total_steps}  loss {loss}{held_out}  "
+                f"workers {_ids(status.members)}{changes}"
             )
     return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.job(args.job).scale(args.workers)
+    print(
+        f"{status.job_id} asked for {args.workers} workers (now {_ids(status.members)}); "
+        "its trainer starts or stops them at the next step boundaries"
+    )
+    return 0
+
+
+def _ids(workers: Any) -> str:
+    return "[" + ", ".join(str(w) for w in workers) + "]"
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -576,6 +621,7 @@ COMMANDS = {
     "train": cmd_train,
     "status": cmd_status,
     "watch": cmd_watch,
+    "scale": cmd_scale,
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
     "export": cmd_export,

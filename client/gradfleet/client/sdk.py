@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from gradfleet.nn import MLP
-from gradfleet.proto.client import ParameterServerClient, counters_dict
+from gradfleet.proto.client import ParameterServerClient, counters_dict, membership_event
 from gradfleet.proto.errors import GradfleetError
 from gradfleet.proto.sharded import ShardedClient
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
@@ -47,6 +47,8 @@ class JobStatus:
     counters: dict[str, Any]
     name: str = ""
     evaluation: dict[str, float] | None = None  # {"step": ..., "val_accuracy": ...}
+    members: tuple[int, ...] = ()  # the workers of the open step
+    membership: tuple[dict[str, Any], ...] = ()  # every change: version, old, new, reason
 
 
 @dataclass(frozen=True)
@@ -57,14 +59,25 @@ class JobEvent:
     step: int | None = None
     loss: float | None = None
     samples_per_s: float | None = None
+    membership: dict[str, Any] | None = None  # a change of workers: old, new, reason
 
     def __str__(self) -> str:
+        if self.membership is not None:
+            m = self.membership
+            return (
+                f"{self.job_id} workers {_ids(m['old'])} -> {_ids(m['new'])} from step "
+                f"{self.version + 1} ({m['reason']})"
+            )
         if self.step is None:
             return f"{self.job_id} {self.state} at version {self.version}"
         return (
             f"{self.job_id} step {self.step + 1} loss {self.loss:.4f} "
             f"{self.samples_per_s:.0f} samples/s"
         )
+
+
+def _ids(workers: Any) -> str:
+    return "[" + ", ".join(str(w) for w in workers) + "]"
 
 
 def _config(info: pb.JobInfo) -> dict[str, Any]:
@@ -160,12 +173,16 @@ class JobHandle:
                 if info.HasField("latest_evaluation")
                 else None
             ),
+            members=tuple(info.members),
+            membership=tuple(membership_event(e) for e in info.membership),
         )
 
     def watch(self, from_version: int = 0) -> Iterator[JobEvent]:
-        """Progress events (closed steps, state changes) until the job finishes."""
+        """Progress events (closed steps, changes of workers and of state) until the job
+        finishes."""
         for event in self.client.server.watch(self.job_id, from_version=from_version):
             record = event.step if event.HasField("step") else None
+            change = event.membership if event.HasField("membership") else None
             yield JobEvent(
                 job_id=event.job_id,
                 version=event.version,
@@ -173,6 +190,7 @@ class JobHandle:
                 step=record.step if record else None,
                 loss=record.loss if record else None,
                 samples_per_s=record.samples_per_sec if record else None,
+                membership=membership_event(change) if change else None,
             )
 
     def wait(self, timeout: float | None = None, poll: float = 0.2) -> JobStatus:
@@ -203,6 +221,12 @@ class JobHandle:
     def config(self) -> dict[str, Any]:
         """The job settings stored with the job (``JobConfig.summary()`` when created here)."""
         return _config(self._info())
+
+    def scale(self, workers: int) -> JobStatus:
+        """Ask for `workers` workers: the Ray trainer of an elastic job starts or stops
+        workers to match, within its min_workers..max_workers (a clear error outside)."""
+        self.client.server.scale_job(self.job_id, workers)
+        return self.status()
 
     def checkpoint(self) -> str:
         """Write a checkpoint now; returns its path on the server."""

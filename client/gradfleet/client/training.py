@@ -16,13 +16,13 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from threadpoolctl import threadpool_limits
 
 from gradfleet.nn import MLP
-from gradfleet.proto.client import counters_dict
+from gradfleet.proto.client import counters_dict, membership_event
 from gradfleet.proto.errors import DeadlineExceeded, GradfleetError, WrongState
 from gradfleet.proto.runtime import long_lived_objects_frozen
 from gradfleet.proto.sharded import ShardedClient
@@ -49,6 +49,7 @@ def train(
     checkpoint_dir: str | None = None,
     server_placement: str = "driver",
     servers: int | None = None,
+    membership: Sequence[Mapping[str, Any]] = (),
 ) -> TrainResult:
     """Train ``job`` and return the trained model, its weights and history.
 
@@ -58,7 +59,8 @@ def train(
     actor: ``"head"`` pins it to the head node, ``"node:<node id>"`` to a given node (see
     ``gradfleet.client.cluster``). ``servers`` S (default ``job.servers``) spreads the
     job over S servers: S in this process, or S Ray actors on different nodes; ``server``
-    may name S servers, comma-separated.
+    may name S servers, comma-separated. ``membership``: an elastic job's events to replay
+    in local mode (a Ray run's ``TrainResult.membership``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose 'local' or 'ray'")
@@ -81,10 +83,13 @@ def train(
                 worker_options=worker_options,
                 checkpoint_dir=checkpoint_dir,
                 server_placement=server_placement,
+                membership=membership,
             )
     callback = progress if callable(progress) else None
     if backend == "local":
-        return train_local(job, callback)
+        return train_local(job, callback, membership)
+    if membership:
+        raise ValueError("membership events are replayed by backend='local' only")
     return _train_ray(
         job, address, server, token, callback, worker_options, checkpoint_dir, server_placement
     )
@@ -110,10 +115,12 @@ def _train_ray(
         long_lived_objects_frozen(),  # no full-GC stalls of the in-process server
     ):
         from gradfleet.worker import ray_runner
+        from gradfleet.worker.ray_elastic import ElasticWorkers
 
         actor_names = server_actor.name if server_actor else None
         client = server_client(server_address, token, actor_names, SERVER_PATIENCE)
-        group, monitor, job_id, finished = None, None, None, False
+        group: Any = None
+        monitor, job_id, finished = None, None, False
         try:
             job_id = client.create_job(**job.server_settings())
             logger.info(
@@ -126,21 +133,24 @@ def _train_ray(
             monitor = _Monitor(
                 server_address, job_id, job, progress, started_unix, server_actor, token
             )
-            group = ray_runner.start_workers(
-                job,
-                server_address,
-                job_id,
-                token,
-                worker_options,
-                server_actor_name=server_actor.name if server_actor else None,
-            )
-            timings = ray_runner.run_workers(group, poll=monitor.poll)
+            if job.elastic:
+                group = ElasticWorkers(
+                    job, client, server_address, job_id, token, worker_options, actor_names
+                )
+                timings = group.run(poll=monitor.poll)
+            else:
+                group = ray_runner.start_workers(
+                    job, server_address, job_id, token, worker_options, actor_names
+                )
+                timings = ray_runner.run_workers(group, poll=monitor.poll)
             monitor.poll()
             result = monitor.result(timings)
             finished = True
         finally:
             try:
-                if group is not None:
+                if isinstance(group, ElasticWorkers):
+                    group.stop()
+                elif group is not None:
                     ray_runner.stop_workers(group)
                 if server and job_id is not None and not finished:
                     _stop_abandoned_job(server_address, token, job_id)
@@ -314,7 +324,8 @@ class _Monitor:
         version, _ = self.client.pull_weights(
             self.job_id, min_version=0, out=self.model.flat, full_precision=True
         )
-        counters = self.client.get_job(self.job_id, history=False).counters
+        info = self.client.get_job(self.job_id, history=False)
+        counters = info.counters
         data = self.job.data
         metrics: dict[str, Any] = {
             "steps": version,
@@ -330,6 +341,7 @@ class _Monitor:
             backend="ray",
             job_id=self.job_id,
             server_address=self.client.address,
+            membership=[membership_event(e) for e in info.membership],
         )
 
 

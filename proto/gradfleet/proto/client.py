@@ -31,7 +31,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -128,7 +128,19 @@ def counters_dict(counters: pb.JobCounters) -> dict[str, Any]:
         "accepted": counters.accepted,
         "duplicate": counters.duplicate,
         "dropped_late": counters.dropped_late,
+        "dropped_removed": counters.dropped_removed,
         "rejected": dict(counters.rejected),
+    }
+
+
+def membership_event(event: pb.MembershipEvent) -> dict[str, Any]:
+    """A membership event as plain data (what local mode replays)."""
+    return {
+        "version": event.version,
+        "old": list(event.old),
+        "new": list(event.new),
+        "reason": event.reason,
+        "mid_step": event.mid_step,
     }
 
 
@@ -138,6 +150,7 @@ class _JobWire:
     sent), whether the server sends its weights as one message, and the range of a
     sharded job this server holds."""
 
+    job_id: str
     layout: FlatLayout
     layout_msg: pb.Layout
     weights_fit_one_message: bool
@@ -193,6 +206,7 @@ class ParameterServerClient:
         self._jobs: dict[str, _JobWire] = {}
         self._residuals: dict[tuple[str, int], Residual] = {}  # (job, worker) -> feedback
         self._residuals_lock = threading.Lock()
+        self._membership_events: dict[str, int] = {}  # per job, from the last weights
         self._connect(address)
 
     def _connect(self, address: str) -> None:
@@ -295,12 +309,19 @@ class ParameterServerClient:
         shard: pb.ShardInfo | None = None,
         compression: str = "none",
         pull_compression: str = "none",
+        min_workers: int = 0,
+        max_workers: int = 0,
+        global_batch: int = 0,
+        member_grace_seconds: float = 0.0,
     ) -> str:
         """Create a job (or re-attach to an identical one with the same `job_id`).
         `keep_every` K: the job keeps every K-th version's weights for exact pulls;
         `shard`: this server holds one range of the job (see `ShardedClient`);
         `compression` / `pull_compression`: the codecs of gradients and pulled weights
-        (`gradfleet.proto.codecs`)."""
+        (`gradfleet.proto.codecs`); `min_workers`..`max_workers`: the sizes its
+        membership may take (`set_members`), `global_batch` the rows every step's members
+        split evenly (0: rows per worker), `member_grace_seconds` how long a silent member
+        stays one while a step waits for it (0: until removed)."""
         if mode not in MODES:
             raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}.")
         spec = pb.JobSpec(
@@ -318,6 +339,10 @@ class ParameterServerClient:
             shard=shard,
             compression=_codec_name(compression),
             pull_compression=_codec_name(pull_compression),
+            min_workers=min_workers,
+            max_workers=max_workers,
+            global_batch=global_batch,
+            member_grace_seconds=member_grace_seconds,
         )
         # a client-chosen id makes a retried create re-attach instead of creating twice
         request = pb.CreateJobRequest(job_id=job_id or uuid.uuid4().hex[:12], spec=spec)
@@ -336,7 +361,8 @@ class ParameterServerClient:
         codec = Codec.parse(spec.compression)
         known = self._jobs.get(job_id)
         if known is None or (known.layout_msg, known.shard, known.codec) != (layout, shard, codec):
-            known = _JobWire(FlatLayout.from_proto(layout), layout, one_message, shard, codec)
+            parsed = FlatLayout.from_proto(layout)
+            known = _JobWire(job_id, parsed, layout, one_message, shard, codec)
             self._jobs[job_id] = known
         return known
 
@@ -375,6 +401,31 @@ class ParameterServerClient:
     def restore_job(self, job_id: str, version: int) -> pb.JobInfo:
         """Make the server go back to its checkpoint of `version` (see RestoreJob)."""
         return self._unary("RestoreJob", pb.RestoreJobRequest(job_id=job_id, version=version))
+
+    def set_members(
+        self,
+        job_id: str,
+        members: Sequence[int],
+        reason: str = "",
+        from_version: int | None = None,
+        at_once: bool = True,
+    ) -> pb.JobInfo:
+        """Make `members` the job's workers from step `from_version`; None: for the open
+        step when only workers that have not pushed to it leave, else from the next step
+        (see SetMembers). One server always changes as soon as it may (`at_once`)."""
+        request = pb.SetMembersRequest(
+            job_id=job_id, members=list(members), reason=reason, from_version=from_version
+        )
+        return self._unary("SetMembers", request)
+
+    def scale_job(self, job_id: str, workers: int) -> pb.JobInfo:
+        """Ask whoever runs the job's workers for `workers` of them."""
+        return self._unary("ScaleJob", pb.ScaleJobRequest(job_id=job_id, workers=workers))
+
+    def membership_events(self, job_id: str) -> int:
+        """The job's count of membership events in the last weights pulled (-1: none
+        pulled yet); when it grows, `get_job` tells the new members."""
+        return self._membership_events.get(job_id, -1)
 
     def record_evaluation(self, job_id: str, step: int, metrics: Mapping[str, float]) -> None:
         """Tell the server the held-out metrics of version `step` (`status` shows them)."""
@@ -458,6 +509,7 @@ class ParameterServerClient:
                     if header.layout != wire.layout_msg:
                         raise WireError("the weights' layout is not the job's.")
                     codec = _parse_codec(header.codec)
+                    self._membership_events[wire.job_id] = header.membership_events
                     size, dtype = wire.layout.total_elements, wire.layout.dtype
                     if header.total_bytes != codec.payload_bytes(size, dtype):
                         raise WireError(f"{header.total_bytes} bytes of {codec} weights.")
@@ -577,6 +629,7 @@ class ParameterServerClient:
             pull_layout=known.layout_msg,
             chunk_bytes=self.chunk_bytes,
             error=lambda exc: _error(exc, self.address),
+            on_header=lambda h: self._membership_events.__setitem__(job_id, h.membership_events),
         )
 
     def _push_message(

@@ -52,11 +52,12 @@ class StreamedExchange:
         pull_layout: pb.Layout,
         chunk_bytes: int,
         error: Callable[[grpc.RpcError], GradfleetError],
+        on_header: Callable[[pb.WeightsHeader], None] | None = None,
     ) -> None:
         self.grad, self.out, self.step = grad, out, step
         self._start, self._header, self._error = start, header, error
         self._codec, self._residual = codec, residual
-        self._layout_msg = pull_layout
+        self._layout_msg, self._on_header = pull_layout, on_header
         self._chunk = aligned_chunk_bytes(chunk_bytes, 8)
         self._requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._responses: Any = None
@@ -162,6 +163,8 @@ class StreamedExchange:
     def _begin(self, header: pb.WeightsHeader) -> None:
         if header.layout != self._layout_msg:
             raise WireError("the weights' layout is not the job's.")
+        if self._on_header is not None:
+            self._on_header(header)
         try:
             codec = Codec.parse(header.codec)
         except ValueError as exc:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -233,6 +233,28 @@ class ShardedClient:
         """A checkpoint on every server; the answer names the oldest version written."""
         answers = self._each(lambda s, c: c.checkpoint(job_id))
         return min(answers, key=lambda a: a.version)
+
+    def set_members(
+        self,
+        job_id: str,
+        members: Sequence[int],
+        reason: str = "",
+        from_version: int | None = None,
+        at_once: bool = False,
+    ) -> pb.JobInfo:
+        """`ParameterServerClient.set_members` on every shard, all from the same step:
+        `from_version`, or (None) the step after the newest any shard has open. `at_once`
+        lets each shard change as soon as it may instead, for a worker that is gone: the
+        shards still agree unless its last push reached only some of them."""
+        if from_version is None and not at_once:
+            from_version = max(info.version for info in self.shard_infos(job_id)) + 1
+        return self._each(lambda s, c: c.set_members(job_id, members, reason, from_version))[0]
+
+    def scale_job(self, job_id: str, workers: int) -> pb.JobInfo:
+        return self._each(lambda s, c: c.scale_job(job_id, workers))[0]
+
+    def membership_events(self, job_id: str) -> int:
+        return min(client.membership_events(job_id) for client in self.clients)
 
     def record_evaluation(self, job_id: str, step: int, metrics: Mapping[str, float]) -> None:
         self.clients[0].record_evaluation(job_id, step, metrics)

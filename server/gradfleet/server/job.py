@@ -268,24 +268,28 @@ class Job:
 
     # membership
 
-    def set_members(self, members: tuple[int, ...], reason: str) -> None:
-        """Make `members` the job's workers (see the module docstring); InvalidArgument
-        when the job cannot have them."""
+    def set_members(
+        self, members: tuple[int, ...], reason: str, from_version: int | None = None
+    ) -> None:
+        """Make `members` the job's workers from step `from_version` (None: as soon as
+        may be; see `Membership.request`); InvalidArgument when the job cannot have them."""
         with self._lock:
             self._check_not_retired()
-            self._change_members(tuple(sorted(members)), reason or "set")
+            self._change_members(tuple(sorted(members)), reason or "set", from_version)
         self._checkpoints.keep_up()
 
-    def _change_members(self, members: tuple[int, ...], reason: str) -> None:
+    def _change_members(
+        self, members: tuple[int, ...], reason: str, from_version: int | None = None
+    ) -> None:
         if self.settings.mode is Mode.ASYNC:
             self.membership.check(members)
             if members != self.membership.members:
-                self.membership.apply(self.version, members, reason)
+                self.membership.apply(self.version, members, reason, mid_step=True)
                 self._waiters.wake_all()
             return
         contributed = frozenset(self._open.contributors)
-        if self.membership.request(members, reason, contributed):
-            self.membership.apply(self.version, members, reason)
+        if self.membership.request(members, reason, self.version, contributed, from_version):
+            self.membership.apply(self.version, members, reason, mid_step=True)
             if self.state is JobState.RUNNING and self._open.set_members(members):
                 self._close_step()
             self._waiters.wake_all()  # watchers see the change
@@ -374,10 +378,9 @@ class Job:
         self._resources.metrics.step_latency.observe(elapsed)
         self.version += 1
         self._steps_applied.inc()
-        if self.membership.pending is not None:  # a change that waited for this boundary
-            members, reason = self.membership.pending
-            self.membership.pending = None
-            self.membership.apply(self.version, members, reason)
+        due = self.membership.due(self.version)  # a change that waited for this step
+        if due is not None:
+            self.membership.apply(self.version, due.members, due.reason)
         keep_every = self.settings.spec.keep_every
         if keep_every and self.version % keep_every == 0:
             self.publisher.keep(self.version)

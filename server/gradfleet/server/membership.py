@@ -4,8 +4,10 @@ Members are worker ids below the job's max_workers. A change asked for while ste
 open applies to step v itself only when it just removes workers that have not pushed to
 it (a lost worker must not stall the step); otherwise it waits for the step boundary and
 applies from step v + 1, so a step always closes over the members it began with plus
-nothing new. Each applied change is an event (version, old, new, reason): replaying the
-events at their versions reproduces the run, and local mode does just that.
+nothing new. A change may name the step it applies from (the servers of a sharded job
+must all change at the same step). Each applied change is an event (version, old, new,
+reason): replaying the events at their versions reproduces the run, and local mode does
+just that.
 """
 
 from __future__ import annotations
@@ -13,25 +15,49 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from gradfleet.proto.errors import InvalidArgument, Reason
+from gradfleet.proto.errors import InvalidArgument, Reason, WrongState
 
 
 @dataclass(frozen=True)
 class MembershipEvent:
-    """From step `version` on, the members are `new` (before, `old`)."""
+    """From step `version` on, the members are `new` (before, `old`). `mid_step`: the
+    change came after step `version` had begun, so its rows were planned over `old`."""
 
     version: int
     old: tuple[int, ...]
     new: tuple[int, ...]
     reason: str
+    mid_step: bool = False
 
     def to_json(self) -> list:
-        return [self.version, list(self.old), list(self.new), self.reason]
+        return [self.version, list(self.old), list(self.new), self.reason, self.mid_step]
 
     @classmethod
     def from_json(cls, data: list) -> MembershipEvent:
-        version, old, new, reason = data
-        return cls(int(version), tuple(int(w) for w in old), tuple(int(w) for w in new), reason)
+        version, old, new, reason, mid_step = data
+        return cls(
+            int(version),
+            tuple(int(w) for w in old),
+            tuple(int(w) for w in new),
+            str(reason),
+            bool(mid_step),
+        )
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A change of members that applies from step `version` on."""
+
+    version: int
+    members: tuple[int, ...]
+    reason: str
+
+    def to_json(self) -> list:
+        return [self.version, list(self.members), self.reason]
+
+    @classmethod
+    def from_json(cls, data: list) -> Pending:
+        return cls(int(data[0]), tuple(int(w) for w in data[1]), str(data[2]))
 
 
 @dataclass(frozen=True)
@@ -39,14 +65,14 @@ class MembershipState:
     """What a checkpoint keeps of a job's membership."""
 
     members: tuple[int, ...]
-    pending: tuple[tuple[int, ...], str] | None  # (members, reason) from the next step
+    pending: Pending | None  # a change waiting for its step
     events: tuple[MembershipEvent, ...]
     requested: int  # the size ScaleJob asked for last; 0: never
 
     def to_json(self) -> dict:
         return {
             "members": list(self.members),
-            "pending": None if self.pending is None else [list(self.pending[0]), self.pending[1]],
+            "pending": None if self.pending is None else self.pending.to_json(),
             "events": [e.to_json() for e in self.events],
             "requested": self.requested,
         }
@@ -56,7 +82,7 @@ class MembershipState:
         pending = data.get("pending")
         return cls(
             members=tuple(int(w) for w in data["members"]),
-            pending=None if pending is None else (tuple(int(w) for w in pending[0]), pending[1]),
+            pending=None if pending is None else Pending.from_json(pending),
             events=tuple(MembershipEvent.from_json(e) for e in data.get("events", ())),
             requested=int(data.get("requested", 0)),
         )
@@ -120,21 +146,50 @@ class Membership:
             members = event.old
         return members
 
-    def request(self, members: tuple[int, ...], reason: str, contributed: frozenset[int]) -> bool:
-        """Ask for `members`; True when the change applies to the open step at once
-        (only workers not in `contributed` leave), False when it waits for the next."""
+    def request(
+        self,
+        members: tuple[int, ...],
+        reason: str,
+        open_step: int,
+        contributed: frozenset[int],
+        from_version: int | None = None,
+    ) -> bool:
+        """Ask for `members` from step `from_version` (None: as soon as may be); True
+        when the change applies to the open step at once (only workers not in
+        `contributed` leave), False when it waits for its step."""
         members = tuple(sorted(members))
         self.check(members)
         leaving = set(self.members) - set(members)
-        if set(members) <= set(self.members) and not leaving & contributed:
-            self.pending = None
+        now_allowed = set(members) <= set(self.members) and not leaving & contributed
+        if from_version is None:
+            from_version = open_step if now_allowed else open_step + 1
+        if from_version < open_step or (from_version == open_step and not now_allowed):
+            raise WrongState(
+                f"step {from_version} has begun with pushes from workers that would leave; "
+                f"change the members from step {open_step + 1} or later.",
+                Reason.BAD_VERSION,
+            )
+        if from_version == open_step:
+            if self.pending is not None:  # a later change goes on without the leavers
+                later = tuple(w for w in self.pending.members if w not in leaving)
+                self.pending = Pending(self.pending.version, later, self.pending.reason)
             return members != self.members
-        self.pending = (members, reason) if members != self.members else None
+        self.pending = Pending(from_version, members, reason)
         return False
 
-    def apply(self, version: int, members: tuple[int, ...], reason: str) -> MembershipEvent:
+    def due(self, version: int) -> Pending | None:
+        """The waiting change that applies from step `version`, taken off the queue."""
+        pending = self.pending
+        if pending is None or pending.version > version:
+            return None
+        self.pending = None
+        return pending
+
+    def apply(
+        self, version: int, members: tuple[int, ...], reason: str, mid_step: bool = False
+    ) -> MembershipEvent:
         """Make `members` the members from step `version` on, and record it."""
-        event = MembershipEvent(version, self.members, members, reason)
+        event = MembershipEvent(version, self.members, members, reason, mid_step)
         self.events.append(event)
         now = time.monotonic()
         self._heard = {w: self._heard.get(w, now) for w in members}

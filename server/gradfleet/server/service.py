@@ -431,7 +431,8 @@ class ParameterService:
         self, request: pb.SetMembersRequest, context: grpc.ServicerContext
     ) -> pb.JobInfo:
         job = self.registry.get(request.job_id)
-        job.set_members(tuple(request.members), request.reason)
+        since = request.from_version if request.HasField("from_version") else None
+        job.set_members(tuple(request.members), request.reason, since)
         return translate.job_info(job.info(), self._wire(job).layout)
 
     @_status_edge

@@ -163,7 +163,8 @@ def job_info(info: JobInfo, layout: pb.Layout) -> pb.JobInfo:
         m = info.membership
         msg.members.extend(m.members)
         if m.pending is not None:
-            msg.next_members.extend(m.pending[0])
+            msg.next_members.extend(m.pending.members)
+            msg.next_members_version = m.pending.version
         msg.membership.extend(membership_event(e) for e in m.events)
         msg.requested_workers = m.requested
     return msg
@@ -171,7 +172,11 @@ def job_info(info: JobInfo, layout: pb.Layout) -> pb.JobInfo:
 
 def membership_event(event: MembershipEvent) -> pb.MembershipEvent:
     return pb.MembershipEvent(
-        version=event.version, old=event.old, new=event.new, reason=event.reason
+        version=event.version,
+        old=event.old,
+        new=event.new,
+        reason=event.reason,
+        mid_step=event.mid_step,
     )
 
 

@@ -47,6 +47,7 @@ from gradfleet.proto.runtime import long_lived_objects_frozen
 from gradfleet.proto.sharded import ShardedClient, ShardedExchange
 from gradfleet.worker.batches import BatchPlan
 from gradfleet.worker.config import JobConfig
+from gradfleet.worker.elastic import ElasticPlan, Timeline, timeline_of
 
 logger = logging.getLogger(__name__)
 # Ray namespace of the named server actors (``gradfleet.client.cluster`` creates them).
@@ -143,6 +144,7 @@ class WorkerSpec:
     server_patience: float = SERVER_PATIENCE
     pull_wait: float = 10.0  # longest wait for a new version before re-syncing
     overlap: bool = False  # push layer by layer during backward; see the module docstring
+    plan: ElasticPlan | None = None  # an elastic job's rows (its run gets every row)
 
     @classmethod
     def for_job(
@@ -162,6 +164,7 @@ class WorkerSpec:
             total_steps=job.total_steps,
             mode=job.mode,
             overlap=job.overlap,
+            plan=job.elastic_plan() if job.elastic else None,
             **settings,
         )
 
@@ -196,6 +199,8 @@ class GradientWorker:
             x, y = x.arrays()
         self.x, self.y = x, y
         self.plan = BatchPlan(self.spec.seed, self.spec.worker, len(x), self.spec.rows_per_worker)
+        self._timeline: Timeline | None = None  # an elastic job's members, step by step
+        self._events_seen, self._next, self._joined = -1, ((), 0), False
         with long_lived_objects_frozen():  # no full-GC pauses in the step loop
             try:
                 return self._train_loop()
@@ -227,7 +232,15 @@ class GradientWorker:
                     if pending is not None:
                         _settled(pending, pending.finish)
                     break
-                rows = self.plan.indices(self._batch_step(version))
+                rows = self._rows(version)
+                if not isinstance(rows, np.ndarray):  # not a member of this step
+                    if pending is not None:
+                        _settled(pending, pending.finish)
+                        pending = None
+                    if rows is None:
+                        break  # removed from the job
+                    version, synced = rows, False  # wait for the step it joins at
+                    continue
                 if overlap:
                     loss, pending = self._overlapped(version, rows, pending)
                     computed = exchanged = time.perf_counter()
@@ -340,6 +353,29 @@ class GradientWorker:
             if exc.reason is Reason.NON_FINITE:  # a finite loss, a gradient that overflowed
                 raise TrainingDiverged.at_step(version + 1, "gradients") from None
             raise
+
+    def _rows(self, version: int) -> np.ndarray | int | None:
+        """This worker's rows of step `version`. An elastic job's worker that is not a
+        member of that step gets the version to wait for instead (it joins later), or
+        None once it has left the job."""
+        spec = self.spec
+        if spec.plan is None:
+            return self.plan.indices(self._batch_step(version))
+        seen = self.client.membership_events(spec.job_id)
+        if self._timeline is None or seen != self._events_seen:
+            info = self.client.get_job(spec.job_id, history=False)
+            self._timeline, self._events_seen = timeline_of(info), len(info.membership)
+            self._next = (tuple(info.next_members), info.next_members_version)
+        sync = spec.mode == "sync"
+        members = self._timeline.planned(version) if sync else self._timeline.members(version)
+        if spec.worker in members:
+            self._joined = True
+            if sync:
+                return spec.plan.indices(version, spec.worker, self._timeline)
+            return spec.plan.async_indices(self._own_steps, spec.worker, members)
+        if spec.worker in self._next[0]:
+            return max(self._next[1], version + 1)
+        return None if self._joined else version + 1
 
     def _batch_step(self, version: int) -> int:
         """Which of this worker's batches to use: step ``version`` in sync mode; in async

@@ -21,6 +21,7 @@ from gradfleet.proto.codecs import Codec
 from gradfleet.proto.wire import FlatLayout
 from gradfleet.worker.batches import steps_per_epoch
 from gradfleet.worker.datasets import ArrayDataset, load_dataset
+from gradfleet.worker.elastic import POLICIES, ElasticPlan
 from gradfleet.worker.ray_data import RayDataset
 
 Dataset: TypeAlias = ArrayDataset | RayDataset
@@ -47,6 +48,11 @@ class JobConfig:
     weights travel to the workers: "none", "bf16" or "fp16". ``overlap`` makes each
     worker send a layer's gradient as soon as backward has produced it and start the next
     forward on the first layer's weights (the numbers do not change).
+    ``min_workers`` / ``max_workers`` make the job elastic: on Ray its workers follow the
+    cluster's CPUs (and ``gradfleet scale``) within those bounds, and the data is read as
+    ``gradfleet.worker.elastic`` says, its batch kept global or per worker
+    (``elastic_batch``). ``member_grace`` (seconds) lets the server remove a worker it has
+    not heard from that long while a step waits (0: never).
     """
 
     model: MLP | dict[str, Any]
@@ -71,6 +77,10 @@ class JobConfig:
     compression: str = "none"
     pull_compression: str = "none"
     overlap: bool = False
+    min_workers: int | None = None
+    max_workers: int | None = None
+    elastic_batch: str = "global"
+    member_grace: float = 0.0
 
     def __post_init__(self) -> None:
         self.model_spec = _model_spec(self.model, self.dtype, OUTPUT_OF_LOSS.get(self.loss))
@@ -126,6 +136,7 @@ class JobConfig:
             raise ValueError(f"servers must be at least 1, got {self.servers}")
         if not isinstance(self.overlap, bool):
             raise ValueError(f"overlap must be true or false, got {self.overlap!r}")
+        self._check_elastic()
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.batch_size % self.workers:
@@ -148,6 +159,43 @@ class JobConfig:
                 isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _INT64
             ):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    def _check_elastic(self) -> None:
+        for name in ("min_workers", "max_workers"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        low, high = self.worker_bounds
+        if not 1 <= low <= self.workers <= high or high > _INT32:
+            raise ValueError(
+                f"min_workers <= workers <= max_workers must hold, got {low} <= "
+                f"{self.workers} <= {high}"
+            )
+        if self.elastic_batch not in POLICIES:
+            raise ValueError(f"elastic_batch must be one of {POLICIES}, got {self.elastic_batch!r}")
+        grace = self.member_grace
+        if isinstance(grace, bool) or not isinstance(grace, int | float) or not grace >= 0:
+            raise ValueError(f"member_grace must be 0 (never) or seconds, got {grace!r}")
+        if self.elastic and self.backup_workers >= low:
+            raise ValueError(
+                f"backup_workers ({self.backup_workers}) must be fewer than min_workers ({low})"
+            )
+
+    @property
+    def worker_bounds(self) -> tuple[int, int]:
+        """(min_workers, max_workers), each the fixed worker count when not given."""
+        low = self.workers if self.min_workers is None else self.min_workers
+        return low, self.workers if self.max_workers is None else self.max_workers
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the job's workers may change while it runs."""
+        return self.worker_bounds != (self.workers, self.workers)
+
+    def elastic_plan(self) -> ElasticPlan:
+        """Which rows each member reads, step by step (elastic jobs)."""
+        batch = self.batch_size if self.elastic_batch == "global" else self.rows_per_worker
+        return ElasticPlan(self.seed, self.data.num_rows, self.elastic_batch, batch)
 
     def _checked(self, data: Dataset) -> Dataset:
         """`data` checked against the model and the loss, in the model's dtype."""
@@ -180,6 +228,11 @@ class JobConfig:
             converted = data.with_dtype(self.dtype)
         shard = converted.num_rows // self.workers
         steps_per_epoch(shard, self.rows_per_worker)  # enough rows per shard
+        if self.elastic and not isinstance(converted, ArrayDataset):
+            raise ValueError(
+                "an elastic job (min_workers/max_workers) reads its rows as one stream: give "
+                "it arrays or a file, not a Ray Dataset"
+            )
         return converted
 
     @property
@@ -237,6 +290,9 @@ class JobConfig:
             "compression": self.compression,
             "pull_compression": self.pull_compression,
             "overlap": self.overlap,
+            "min_workers": self.worker_bounds[0],
+            "max_workers": self.worker_bounds[1],
+            "elastic_batch": self.elastic_batch,
             "validation_split": getattr(data, "validation_split", None),
         }
 
@@ -263,6 +319,10 @@ class JobConfig:
             "keep_every": self.eval_every,  # the trainer evaluates exactly these versions
             "compression": self.compression,
             "pull_compression": self.pull_compression,
+            "min_workers": self.worker_bounds[0],
+            "max_workers": self.worker_bounds[1],
+            "global_batch": self.batch_size if self.elastic_batch == "global" else 0,
+            "member_grace_seconds": float(self.member_grace),
         }
 
     @classmethod

@@ -9,6 +9,11 @@ So a sync job gives the same weights here and on a cluster.
 Async mode runs as async training with no staleness: update v applies the gradient of
 worker v mod N on its batch number v // N (its own step count, as a Ray worker counts),
 computed on the current weights.
+
+An elastic job replays the membership events it is given (``membership``, as a run's
+``TrainResult.membership`` records them): each step's members compute on the rows
+``gradfleet.worker.elastic`` plans, a worker that joins starts with a fresh residual, and
+a sync job's weights equal the Ray run's that recorded those events.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +32,7 @@ from gradfleet.proto.wire import FlatLayout
 from gradfleet.worker.batches import BatchPlan, shard_rows
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.datasets import ArrayDataset
+from gradfleet.worker.elastic import Change, Timeline
 from gradfleet.worker.local_exchange import LocalExchange
 from gradfleet.worker.ray_data import RayDataset
 from gradfleet.worker.result import TrainResult, evaluate, held_out_metrics
@@ -34,8 +41,13 @@ logger = logging.getLogger(__name__)
 ProgressFn = Callable[[dict[str, float]], None]
 
 
-def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResult:
-    """Run ``job`` in this process and return the trained model with its history."""
+def train_local(
+    job: JobConfig,
+    progress: ProgressFn | None = None,
+    membership: Sequence[Mapping[str, Any]] = (),
+) -> TrainResult:
+    """Run ``job`` in this process and return the trained model with its history;
+    ``membership``: the events of an elastic job to replay (see the module docstring)."""
     data = job.data
     if isinstance(data, RayDataset):
         data = data.to_arrays()
@@ -45,16 +57,12 @@ def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResu
     params = model.unflatten(model.flat)
     layout = FlatLayout.from_arrays(params)
     exchange = LocalExchange(
-        layout, job.workers, job.servers, job.compression, job.pull_compression
+        layout, job.worker_bounds[1], job.servers, job.compression, job.pull_compression
     )
     # the model the workers compute with: the master weights as a pull delivers them
     seen = model if job.pull_compression == "none" else MLP.from_spec(job.model_spec)
     optimizer = make_optimizer(job.optimizer_settings)
-    shards = []
-    for worker in range(job.workers):
-        start, stop = shard_rows(len(data.x), worker, job.workers)
-        plan = BatchPlan(job.seed, worker, stop - start, job.rows_per_worker)
-        shards.append((data.x[start:stop], data.y[start:stop], plan))
+    batches = _Batches(job, len(data.x), membership)
     grad = np.empty_like(model.flat)
     result = TrainResult(model=model, backend="local")
     evaluating = 0.0  # time spent on held-out evaluation, left out of wall_time
@@ -64,12 +72,12 @@ def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResu
         exchange.begin()
         if seen is not model:
             exchange.weights_seen(model.flat, out=seen.flat)
-        contributions = _contributions(job, step)
-        for i, (worker, batch_step) in enumerate(contributions):
-            x, y, plan = shards[worker]
-            rows = plan.indices(batch_step)
+        for worker in batches.joining(step):
+            exchange.reset(worker)
+        contributions = batches.of_step(step)
+        for i, (worker, rows) in enumerate(contributions):
             with np.errstate(all="ignore"):  # a diverging step is reported below, once
-                loss, _ = seen.loss_and_grads(x[rows], y[rows], job.loss, out=grad)
+                loss, _ = seen.loss_and_grads(data.x[rows], data.y[rows], job.loss, out=grad)
             weighted_loss += loss * len(rows)
             rows_used += len(rows)
             mean = exchange.add(worker, grad, last=i == len(contributions) - 1)
@@ -100,11 +108,45 @@ def train_local(job: JobConfig, progress: ProgressFn | None = None) -> TrainResu
     return result
 
 
-def _contributions(job: JobConfig, step: int) -> list[tuple[int, int]]:
-    """(worker, that worker's batch number) of every gradient in update ``step``."""
-    if job.mode == "async":
-        return [(step % job.workers, step // job.workers)]
-    return [(worker, step) for worker in range(job.workers)]
+class _Batches:
+    """Each step's contributions: (worker, its rows of the training data), in worker
+    order; from fixed shards, or from an elastic job's plan over its recorded members."""
+
+    def __init__(self, job: JobConfig, rows: int, membership: Sequence[Mapping[str, Any]]):
+        self.job, self.sync = job, job.mode == "sync"
+        self.own_steps: dict[int, int] = {}  # async: each worker's own count
+        if membership and not job.elastic:
+            raise ValueError("membership events replay an elastic job (min/max_workers)")
+        changes = tuple(
+            Change(int(e["version"]), tuple(e["new"]), bool(e.get("mid_step", False)))
+            for e in membership
+        )
+        self.timeline = Timeline(tuple(range(job.workers)), changes)
+        self.plan = job.elastic_plan() if job.elastic else None
+        self.shards = []
+        for worker in range(job.workers):
+            start, stop = shard_rows(rows, worker, job.workers)
+            plan = BatchPlan(job.seed, worker, stop - start, job.rows_per_worker)
+            self.shards.append((start, plan))
+
+    def joining(self, step: int) -> set[int]:
+        """Workers that are members of `step` but not of the step before (new ones)."""
+        if step == 0:
+            return set()
+        return set(self.timeline.members(step)) - set(self.timeline.members(step - 1))
+
+    def of_step(self, step: int) -> list[tuple[int, np.ndarray]]:
+        members = self.timeline.members(step)
+        if not self.sync:  # update `step` takes the gradient of one worker
+            worker = members[step % len(members)]
+            own = self.own_steps[worker] = self.own_steps.get(worker, -1) + 1
+            if self.plan is not None:
+                return [(worker, self.plan.async_indices(own, worker, members))]
+            start, plan = self.shards[worker]
+            return [(worker, start + plan.indices(own))]
+        if self.plan is not None:
+            return [(w, self.plan.indices(step, w, self.timeline)) for w in members]
+        return [(w, self.shards[w][0] + self.shards[w][1].indices(step)) for w in members]
 
 
 def _evaluate(model: MLP, job: JobConfig) -> dict[str, float]:

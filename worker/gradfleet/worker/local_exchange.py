@@ -50,6 +50,11 @@ class LocalExchange:
                 out[place] = values
         return out
 
+    def reset(self, worker: int) -> None:
+        """A worker that joins starts with a zero residual, as a new Ray worker does."""
+        for residual in self.residuals[worker]:
+            residual.values.fill(0)
+
     def begin(self) -> None:
         for total in self.sums:
             total.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -14,7 +15,9 @@ class TrainResult:
     """The trained model and how it got there.
 
     ``history`` holds one entry per step (step, loss, rows, samples_per_s, wall_time) and
-    ``evaluations`` one per held-out evaluation (step, val_loss, val_accuracy).
+    ``evaluations`` one per held-out evaluation (step, val_loss, val_accuracy);
+    ``membership`` every change of an elastic job's workers (version, old, new, reason,
+    mid_step), which ``train(job, backend="local", membership=...)`` replays.
     """
 
     model: MLP
@@ -25,6 +28,7 @@ class TrainResult:
     backend: str = "local"
     job_id: str = ""
     server_address: str = ""
+    membership: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def weights(self) -> dict[str, np.ndarray]:

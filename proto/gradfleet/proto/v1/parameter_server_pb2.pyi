@@ -236,19 +236,21 @@ class JobCounters(_message.Message):
     def __init__(self, received: _Optional[int] = ..., accepted: _Optional[int] = ..., duplicate: _Optional[int] = ..., dropped_late: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., dropped_removed: _Optional[int] = ...) -> None: ...
 
 class MembershipEvent(_message.Message):
-    __slots__ = ("version", "old", "new", "reason")
+    __slots__ = ("version", "old", "new", "reason", "mid_step")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OLD_FIELD_NUMBER: _ClassVar[int]
     NEW_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    MID_STEP_FIELD_NUMBER: _ClassVar[int]
     version: int
     old: _containers.RepeatedScalarFieldContainer[int]
     new: _containers.RepeatedScalarFieldContainer[int]
     reason: str
-    def __init__(self, version: _Optional[int] = ..., old: _Optional[_Iterable[int]] = ..., new: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ...) -> None: ...
+    mid_step: bool
+    def __init__(self, version: _Optional[int] = ..., old: _Optional[_Iterable[int]] = ..., new: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ..., mid_step: _Optional[bool] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "version", "layout", "history", "counters", "created_at", "last_checkpoint_version", "history_more", "weights_fit_one_message", "latest_evaluation", "checkpoints", "incarnation", "members", "next_members", "membership", "requested_workers")
+    __slots__ = ("job_id", "spec", "state", "version", "layout", "history", "counters", "created_at", "last_checkpoint_version", "history_more", "weights_fit_one_message", "latest_evaluation", "checkpoints", "incarnation", "members", "next_members", "next_members_version", "membership", "requested_workers")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +267,7 @@ class JobInfo(_message.Message):
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     NEXT_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_MEMBERS_VERSION_FIELD_NUMBER: _ClassVar[int]
     MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_WORKERS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
@@ -283,19 +286,22 @@ class JobInfo(_message.Message):
     incarnation: int
     members: _containers.RepeatedScalarFieldContainer[int]
     next_members: _containers.RepeatedScalarFieldContainer[int]
+    next_members_version: int
     membership: _containers.RepeatedCompositeFieldContainer[MembershipEvent]
     requested_workers: int
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., version: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., history: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., counters: _Optional[_Union[JobCounters, _Mapping]] = ..., created_at: _Optional[float] = ..., last_checkpoint_version: _Optional[int] = ..., history_more: _Optional[bool] = ..., weights_fit_one_message: _Optional[bool] = ..., latest_evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., checkpoints: _Optional[_Iterable[int]] = ..., incarnation: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., next_members: _Optional[_Iterable[int]] = ..., membership: _Optional[_Iterable[_Union[MembershipEvent, _Mapping]]] = ..., requested_workers: _Optional[int] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., version: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., history: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., counters: _Optional[_Union[JobCounters, _Mapping]] = ..., created_at: _Optional[float] = ..., last_checkpoint_version: _Optional[int] = ..., history_more: _Optional[bool] = ..., weights_fit_one_message: _Optional[bool] = ..., latest_evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., checkpoints: _Optional[_Iterable[int]] = ..., incarnation: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., next_members: _Optional[_Iterable[int]] = ..., next_members_version: _Optional[int] = ..., membership: _Optional[_Iterable[_Union[MembershipEvent, _Mapping]]] = ..., requested_workers: _Optional[int] = ...) -> None: ...
 
 class SetMembersRequest(_message.Message):
-    __slots__ = ("job_id", "members", "reason")
+    __slots__ = ("job_id", "members", "reason", "from_version")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     members: _containers.RepeatedScalarFieldContainer[int]
     reason: str
-    def __init__(self, job_id: _Optional[str] = ..., members: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ...) -> None: ...
+    from_version: int
+    def __init__(self, job_id: _Optional[str] = ..., members: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ..., from_version: _Optional[int] = ...) -> None: ...
 
 class ScaleJobRequest(_message.Message):
     __slots__ = ("job_id", "workers")
