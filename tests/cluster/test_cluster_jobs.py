@@ -200,3 +200,46 @@ def test_shards_on_different_nodes_survive_the_loss_of_one(
     assert distributed.final_metrics["steps"] == job.total_steps
     assert distributed.model.flat.tobytes() == local.model.flat.tobytes()
     assert live_actors("ServerActor") == []
+
+
+def test_an_elastic_job_grows_with_a_node_and_shrinks_when_one_goes(
+    two_worker_nodes: Any,
+) -> None:
+    # one worker node (2 CPUs) at the start: 2 workers; a second node: 4; its loss: 2
+    two_worker_nodes.cluster.remove_node(two_worker_nodes.worker_nodes()[-1])
+    job = digits_job(steps=4000, min_workers=1, max_workers=4)
+    seen: list[int] = []
+    added: list[Any] = []
+    removed: list[str] = []
+
+    def grow_then_shrink(entry: dict[str, float]) -> None:
+        workers = live_actors("GradientWorker")
+        seen.append(len(workers))
+        if not added and entry["step"] >= 100:
+            two_worker_nodes.ensure_worker_nodes(2)
+            added.append(True)
+        elif added and not removed and len(workers) == 4:
+            node = sorted({actor.node_id for actor in workers})[0]
+            removed.append(node)
+            two_worker_nodes.cluster.remove_node(two_worker_nodes.node_by_id(node))
+
+    distributed = train(
+        job,
+        backend="ray",
+        worker_options=two_worker_nodes.worker_options(),
+        progress=grow_then_shrink,
+    )
+    sizes = [len(event["new"]) for event in distributed.membership]
+    replayed = train(job, backend="local", membership=distributed.membership)
+
+    assert seen[0] == 2 and 4 in seen and removed
+    assert 4 in sizes and sizes[-1] == 2  # grew to 4, shrank back when the node went
+    assert {event["reason"] for event in distributed.membership} >= {"join", "lost"}
+    assert distributed.final_metrics["steps"] == job.total_steps
+    counters = distributed.final_metrics["server_counters"]
+    assert counters["received"] == (
+        counters["accepted"] + counters["duplicate"] + counters["dropped_late"]
+        + counters["dropped_removed"] + sum(counters["rejected"].values())
+    )  # fmt: skip
+    assert replayed.model.flat.tobytes() == distributed.model.flat.tobytes()
+    assert live_actors("GradientWorker") == []

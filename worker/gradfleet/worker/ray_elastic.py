@@ -114,18 +114,20 @@ class ElasticWorkers:
                     self._set_members(sorted(members), "lost", at_once=True)
 
     def _finish(self, worker: int, running: _Running) -> bool:
-        """Take a worker's timings; False when its actor died instead."""
+        """Take a worker's timings and let its actor go; False when it died instead."""
         del self.workers[worker]
         try:
             self.timings.append(ray.get(running.run))
-            return True
-        except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, GradfleetError):
-                raise type(exc.cause)(exc.cause.message, exc.cause.reason) from None
-            raise
         except ray.exceptions.RayActorError as exc:
             logger.warning("worker %d of job %s was lost: %s", worker, self.job_id, exc)
             return False
+        except ray.exceptions.RayTaskError as exc:
+            kill_and_wait([running.actor])
+            if isinstance(exc.cause, GradfleetError):
+                raise type(exc.cause)(exc.cause.message, exc.cause.reason) from None
+            raise
+        kill_and_wait([running.actor])  # its loop ended: the job is done or it left
+        return True
 
     def wanted(self, requested: int) -> int:
         """The size to keep: what ScaleJob asked for, else what the live CPUs hold."""
