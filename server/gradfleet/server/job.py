@@ -296,7 +296,7 @@ class Job:
 
     def _remove_lost(self) -> None:
         """Remove members not heard of within the grace period while the step waits."""
-        lost = self.membership.lost(frozenset(self._open.contributors))
+        lost = self.membership.lost(frozenset(self._open.contributors), self._step_started)
         if lost and self.state is JobState.RUNNING:
             remaining = tuple(w for w in self.membership.members if w not in lost)
             try:
@@ -379,7 +379,7 @@ class Job:
         self.version += 1
         self._steps_applied.inc()
         due = self.membership.due(self.version)  # a change that waited for this step
-        if due is not None:
+        if due is not None and due.members != self.membership.members:
             self.membership.apply(self.version, due.members, due.reason)
         keep_every = self.settings.spec.keep_every
         if keep_every and self.version % keep_every == 0:

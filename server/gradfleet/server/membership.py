@@ -12,10 +12,13 @@ just that.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from gradfleet.proto.errors import InvalidArgument, Reason, WrongState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,31 +68,30 @@ class MembershipState:
     """What a checkpoint keeps of a job's membership."""
 
     members: tuple[int, ...]
-    pending: Pending | None  # a change waiting for its step
+    pending: tuple[Pending, ...]  # changes waiting for their steps, by version
     events: tuple[MembershipEvent, ...]
     requested: int  # the size ScaleJob asked for last; 0: never
 
     def to_json(self) -> dict:
         return {
             "members": list(self.members),
-            "pending": None if self.pending is None else self.pending.to_json(),
+            "pending": [p.to_json() for p in self.pending],
             "events": [e.to_json() for e in self.events],
             "requested": self.requested,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> MembershipState:
-        pending = data.get("pending")
         return cls(
             members=tuple(int(w) for w in data["members"]),
-            pending=None if pending is None else Pending.from_json(pending),
+            pending=tuple(Pending.from_json(p) for p in data.get("pending", ())),
             events=tuple(MembershipEvent.from_json(e) for e in data.get("events", ())),
             requested=int(data.get("requested", 0)),
         )
 
     @classmethod
     def initial(cls, workers: int) -> MembershipState:
-        return cls(tuple(range(workers)), None, (), 0)
+        return cls(tuple(range(workers)), (), (), 0)
 
 
 class Membership:
@@ -104,7 +106,7 @@ class Membership:
         global_batch: int,
         grace: float,
     ) -> None:
-        self.members, self.pending = state.members, state.pending
+        self.members, self.pending = state.members, list(state.pending)
         self.events = list(state.events)
         self.requested = state.requested
         self.min_workers, self.max_workers = min_workers, max_workers
@@ -113,7 +115,9 @@ class Membership:
         self._heard = {worker: now for worker in self.members}  # last push per member
 
     def state(self) -> MembershipState:
-        return MembershipState(self.members, self.pending, tuple(self.events), self.requested)
+        return MembershipState(
+            self.members, tuple(self.pending), tuple(self.events), self.requested
+        )
 
     def check(self, members: tuple[int, ...]) -> None:
         """Refuse a member set this job cannot have (InvalidArgument naming why)."""
@@ -156,34 +160,57 @@ class Membership:
     ) -> bool:
         """Ask for `members` from step `from_version` (None: as soon as may be); True
         when the change applies to the open step at once (only workers not in
-        `contributed` leave), False when it waits for its step."""
+        `contributed` leave), False when it waits for its step. Changes named for
+        different later steps each apply at theirs; a second one for the same step
+        replaces the first."""
         members = tuple(sorted(members))
         self.check(members)
         leaving = set(self.members) - set(members)
         now_allowed = set(members) <= set(self.members) and not leaving & contributed
         if from_version is None:
             from_version = open_step if now_allowed else open_step + 1
-        if from_version < open_step or (from_version == open_step and not now_allowed):
+        if from_version < open_step:
             raise WrongState(
-                f"step {from_version} has begun with pushes from workers that would leave; "
-                f"change the members from step {open_step + 1} or later.",
+                f"step {from_version} has closed already; the open step is {open_step}.",
+                Reason.BAD_VERSION,
+            )
+        if from_version == open_step and not now_allowed:
+            why = "workers join" if set(members) - set(self.members) else "leavers pushed to it"
+            raise WrongState(
+                f"step {open_step} has begun and {why}; change the members from step "
+                f"{open_step + 1} or later.",
                 Reason.BAD_VERSION,
             )
         if from_version == open_step:
-            if self.pending is not None:  # a later change goes on without the leavers
-                later = tuple(w for w in self.pending.members if w not in leaving)
-                self.pending = Pending(self.pending.version, later, self.pending.reason)
+            self._without(leaving)
             return members != self.members
-        self.pending = Pending(from_version, members, reason)
+        self.pending = sorted(
+            [p for p in self.pending if p.version != from_version]
+            + [Pending(from_version, members, reason)],
+            key=lambda p: p.version,
+        )
         return False
+
+    def _without(self, leaving: set[int]) -> None:
+        """Take workers that leave now out of the changes still waiting; a change that
+        no longer fits the job is dropped (its asker sees it gone from next_members)."""
+        kept = []
+        for p in self.pending:
+            later = tuple(w for w in p.members if w not in leaving)
+            try:
+                self.check(later)
+            except InvalidArgument as exc:
+                log.warning("the change of members waiting for step %d is dropped: %s",
+                            p.version, exc)  # fmt: skip
+                continue
+            kept.append(Pending(p.version, later, p.reason))
+        self.pending = kept
 
     def due(self, version: int) -> Pending | None:
         """The waiting change that applies from step `version`, taken off the queue."""
-        pending = self.pending
-        if pending is None or pending.version > version:
+        if not self.pending or self.pending[0].version > version:
             return None
-        self.pending = None
-        return pending
+        return self.pending.pop(0)
 
     def apply(
         self, version: int, members: tuple[int, ...], reason: str, mid_step: bool = False
@@ -200,14 +227,17 @@ class Membership:
         if worker in self._heard:
             self._heard[worker] = time.monotonic()
 
-    def lost(self, contributed: frozenset[int] | set[int]) -> tuple[int, ...]:
-        """Members that have not pushed to the open step and were last heard of longer
-        than the grace period ago (none when the grace is 0)."""
+    def lost(self, contributed: frozenset[int] | set[int], opened: float) -> tuple[int, ...]:
+        """Members that have not pushed to the open step (begun at `opened`, monotonic)
+        and were silent for longer than the grace period since it began or since they
+        were last heard of, whichever is later (none when the grace is 0)."""
         if not self.grace:
             return ()
         cutoff = time.monotonic() - self.grace
         return tuple(
-            w for w in self.members if w not in contributed and self._heard.get(w, 0.0) < cutoff
+            w
+            for w in self.members
+            if w not in contributed and max(self._heard.get(w, 0.0), opened) < cutoff
         )
 
 

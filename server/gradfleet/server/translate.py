@@ -162,9 +162,9 @@ def job_info(info: JobInfo, layout: pb.Layout) -> pb.JobInfo:
     if info.membership is not None:
         m = info.membership
         msg.members.extend(m.members)
-        if m.pending is not None:
-            msg.next_members.extend(m.pending.members)
-            msg.next_members_version = m.pending.version
+        if m.pending:
+            msg.next_members.extend(m.pending[0].members)
+            msg.next_members_version = m.pending[0].version
         msg.membership.extend(membership_event(e) for e in m.events)
         msg.requested_workers = m.requested
     return msg
