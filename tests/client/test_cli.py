@@ -558,3 +558,62 @@ def test_evaluate_without_data_scores_the_rows_training_held_out(tmp_path: Path)
     assert evaluated.returncode == 0, evaluated.stderr
     assert scores is not None
     assert float(scores.group(1)) == pytest.approx(float(printed.group(1)) / 100, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("extra", "flags", "recorded"),
+    [
+        (
+            "",
+            ["--compression", "bf16", "--pull-compression", "bf16", "--servers", "2", "--overlap"],
+            {"compression": "bf16", "pull_compression": "bf16", "servers": 2, "overlap": True},
+        ),
+        (
+            'compression = "sign"\nservers = 2\noverlap = true\n',
+            ["--compression", "fp16", "--servers", "1", "--no-overlap"],
+            {"compression": "fp16", "pull_compression": "none", "servers": 1, "overlap": False},
+        ),
+    ],
+    ids=["flags", "flags-over-the-file"],
+)
+def test_codecs_servers_and_overlap_from_the_command_line_are_recorded(
+    tmp_path: Path, extra: str, flags: list[str], recorded: dict
+) -> None:
+    config = write_job(tmp_path, extra + IRIS_JOB)
+
+    result = run("train", config, "--backend", "local", "--out", str(tmp_path / "run"), *flags)
+
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert {key: saved[key] for key in recorded} == recorded
+    assert "for 20 steps on local" in result.stdout
+
+
+def test_a_topk_job_file_trains_in_local_mode(tmp_path: Path) -> None:
+    config = write_job(tmp_path, 'compression = "topk:0.01"\n' + IRIS_JOB)
+
+    result = run("train", config, "--backend", "local", "--out", str(tmp_path / "run"))
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["compression"] == "topk:0.01"
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(history["steps"]) == 20
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--compression", "zstd"], "compression: unknown compression 'zstd'"),
+        (["--pull-compression", "sign"], "pull_compression must be none, bf16 or fp16"),
+    ],
+    ids=["compression", "pull-compression"],
+)
+def test_an_unknown_codec_on_the_command_line_is_one_line(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    result = run("train", "--backend", "local", "--out", str(tmp_path / "run"), *flags)
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(f"gradfleet: error: {message}")
+    assert not (tmp_path / "run").exists()

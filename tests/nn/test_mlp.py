@@ -450,3 +450,43 @@ def test_predict_says_what_the_outputs_mean(output: str, sizes: list[int]) -> No
             model.predict_proba(rows)
     assert model.predict(rows[0]).shape == predicted[:1].shape  # one row alone
     assert repr(model).startswith(f"MLP(sizes={sizes}, activation='relu', output='{output}'")
+
+
+def test_loss_and_grads_hooks_run_around_each_layer_and_change_no_number() -> None:
+    # prepare: the weights of each layer arrive only when before_layer(i) asks for them,
+    # as in an overlapped step; every other value starts as NaN
+    model = MLP(SIZES, seed=2)
+    x, y = batch("cross_entropy", rows=7)
+    expected_loss, expected = model.loss_and_grads(x, y)
+    weights = model.flat.copy()
+    ranges = [
+        (model.layout[2 * i][2], model.layout[2 * i + 1][2] + model.layout[2 * i + 1][1][0])
+        for i in range(len(SIZES) - 1)
+    ]
+    model.flat[:] = np.nan
+    grads = np.full_like(weights, np.nan)
+    calls: list[tuple[str, int]] = []
+    written: dict[int, np.ndarray] = {}
+
+    def before_layer(i: int) -> None:
+        calls.append(("before", i))
+        model.flat[slice(*ranges[i])] = weights[slice(*ranges[i])]
+
+    def grads_ready(loss: float, i: int) -> None:
+        calls.append(("ready", i))
+        assert loss == expected_loss
+        assert np.isnan(grads[: ranges[i][0]]).all()  # earlier layers: not yet
+        written[i] = grads[slice(*ranges[i])].copy()
+
+    # execute
+    loss, out = model.loss_and_grads(
+        x, y, out=grads, before_layer=before_layer, grads_ready=grads_ready
+    )
+
+    # assert
+    layers = range(len(SIZES) - 1)
+    assert calls == [("before", i) for i in layers] + [("ready", i) for i in reversed(layers)]
+    assert loss == expected_loss
+    assert out is grads and out.tobytes() == expected.tobytes()
+    for i in layers:
+        assert written[i].tobytes() == expected[slice(*ranges[i])].tobytes()
