@@ -331,3 +331,19 @@ def test_a_gradient_of_another_dtype_or_not_contiguous_is_refused_before_sending
         info = ps.get_job("j", history=False)
 
     assert info.version == 0 and info.counters.received == 0
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_push_and_pull_after_a_half_sent_exchange_sends_the_whole_gradient(codec: str) -> None:
+    def half_sent_then_push_and_pull(clients: list[Client], step: int) -> Finish:
+        first = clients[0].begin_exchange("j", 0, step, gradient(0, step))
+        first.send(*LAYERS[-1], ROWS, LOSS)  # the last layer only
+        first.cancel()
+        return lambda: clients[0].push_and_pull("j", 0, step, ROWS, LOSS, gradient(0, step))
+
+    with servers(1) as (address,):
+        expected = reference([address], codec)
+        create_job([address], "j", **CODECS[codec])
+        got = one_thread_steps(address, "j", half_sent_then_push_and_pull)
+
+    assert got == expected

@@ -234,17 +234,18 @@ class Residual:
         self.codec, self.size, self.dtype = codec, size, np.dtype(dtype)
         self.values = np.zeros(size, self.dtype)
         self._last: tuple[int, np.ndarray] | None = None  # (step, payload)
-        self._ranges: set[int] = set()  # starts of the ranges of the last step encoded
+        self._ranges: dict[int, int] = {}  # start -> stop of the last step's ranges encoded
 
     def encode(self, grad: np.ndarray, step: int | None = None) -> np.ndarray:
         """The payload of grad + residual; the residual keeps what it lost."""
         if self.codec.name == "none":
             return self.codec.encode(grad)
         if step is not None and self._last is not None and self._last[0] == step:
+            self._fill_gaps(grad, step)  # a step begun range by range and not finished
             return self._last[1]
         payload = self._correct_and_encode(grad, self.values)
         if step is not None:
-            self._last = (step, payload)
+            self._last, self._ranges = (step, payload), {}
         return payload
 
     def encode_range(self, grad: np.ndarray, start: int, step: int) -> np.ndarray:
@@ -254,14 +255,26 @@ class Residual:
         if self.codec.name == "none":
             return grad.view(np.uint8)
         if self._last is None or self._last[0] != step:
-            self._last, self._ranges = (step, np.empty(self.size * per, np.uint8)), set()
+            self._last, self._ranges = (step, np.empty(self.size * per, np.uint8)), {}
         where = slice(start * per, (start + grad.size) * per)
         if start not in self._ranges:  # a range encoded again (a retried step) is not
-            self._ranges.add(start)  # corrected twice
+            self._ranges[start] = start + grad.size  # corrected twice
             self._last[1][where] = self._correct_and_encode(
                 grad, self.values[start : start + grad.size]
             )
         return self._last[1][where]
+
+    def _fill_gaps(self, grad: np.ndarray, step: int) -> None:
+        """Encode the ranges of a step begun range by range that were never encoded."""
+        if not self._ranges:
+            return
+        position = 0
+        for start, stop in sorted(self._ranges.items()):
+            if start > position:
+                self.encode_range(grad[position:start], position, step)
+            position = max(position, stop)
+        if position < self.size:
+            self.encode_range(grad[position:], position, step)
 
     def _correct_and_encode(self, grad: np.ndarray, residual: np.ndarray) -> np.ndarray:
         np.add(residual, grad, out=residual)  # the corrected gradient
