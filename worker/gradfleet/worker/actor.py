@@ -173,7 +173,6 @@ class GradientWorker:
     """One data-parallel worker; ``run`` trains it on its shard of the data."""
 
     def __init__(self, spec: WorkerSpec) -> None:
-        self._blas_limit = threadpool_limits(spec.blas_threads)
         self.spec = spec
         self.model = MLP.from_spec(spec.model_spec)
         self.grad = np.empty_like(self.model.flat)
@@ -201,7 +200,8 @@ class GradientWorker:
         self.plan = BatchPlan(self.spec.seed, self.spec.worker, len(x), self.spec.rows_per_worker)
         self._timeline: Timeline | None = None  # an elastic job's members, step by step
         self._events_seen, self._next, self._joined = -1, ((), 0), False
-        with long_lived_objects_frozen():  # no full-GC pauses in the step loop
+        # the BLAS threads change a product's rounding: every backend computes with the same
+        with threadpool_limits(self.spec.blas_threads), long_lived_objects_frozen():
             try:
                 return self._train_loop()
             finally:
@@ -256,7 +256,14 @@ class GradientWorker:
                     exchanged = time.perf_counter()
             except _ExchangeFailed as failed:  # the last step's stream: redo it plainly
                 pending = None
-                version, synced = self._redo(failed)
+                try:
+                    version, synced = self._redo(failed)
+                except (DeadlineExceeded, WrongState) as exc:  # as below: re-sync
+                    logger.debug("worker %d re-syncs: %s", spec.worker, exc)
+                    self.timings["stale"] += spec.mode == "async" and not isinstance(
+                        exc, DeadlineExceeded
+                    )
+                    version, synced = 0, False
                 continue
             except JobStopped:
                 raise  # stopped by a user, or because training diverged

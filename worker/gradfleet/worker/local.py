@@ -3,8 +3,9 @@
 N virtual workers compute on the same per-worker batches as Ray workers would
 (``BatchPlan``), and their gradients are averaged by the parameter server's own kernel
 (``GradientSum``: summed in the model's dtype in worker order, then divided by the
-count; through the job's codecs as ``LocalExchange`` does), then the same optimiser code.
-So a sync job gives the same weights here and on a cluster.
+count; through the job's codecs as ``LocalExchange`` does), then the same optimiser code,
+with one BLAS thread as each Ray worker has (a product's rounding depends on the thread
+count). So a sync job gives the same weights here and on a cluster.
 
 Async mode runs as async training with no staleness: update v applies the gradient of
 worker v mod N on its batch number v // N (its own step count, as a Ray worker counts),
@@ -25,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from gradfleet.nn import MLP, make_optimizer
 from gradfleet.proto.errors import TrainingDiverged
@@ -48,6 +50,13 @@ def train_local(
 ) -> TrainResult:
     """Run ``job`` in this process and return the trained model with its history;
     ``membership``: the events of an elastic job to replay (see the module docstring)."""
+    with threadpool_limits(1):
+        return _train(job, progress, membership)
+
+
+def _train(
+    job: JobConfig, progress: ProgressFn | None, membership: Sequence[Mapping[str, Any]]
+) -> TrainResult:
     data = job.data
     if isinstance(data, RayDataset):
         data = data.to_arrays()
