@@ -71,19 +71,11 @@ def test_help_lists_every_subcommand() -> None:
     result = run("--help")
 
     assert result.returncode == 0
-    for command in ("server", "train", "status", "watch", "evaluate", "predict", "export", "plot"):
+    expected = ("server", "train", "status", "scale", "watch", "evaluate", "predict", "export")
+    for command in (*expected, "plot"):
         assert command in result.stdout
     subcommands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert set(subcommands) == {
-        "server",
-        "train",
-        "status",
-        "watch",
-        "evaluate",
-        "predict",
-        "export",
-        "plot",
-    }
+    assert set(subcommands) == {*expected, "plot"}
 
 
 @pytest.mark.ray

@@ -249,8 +249,7 @@ _GLOBAL_FLAGS = {"--debug": "", "-v": "-v", "--verbose": "-v", "-q": "-q", "--qu
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``gradfleet`` command; returns its exit status. Called without ``argv`` it is
-    the command itself, reading ``sys.argv`` (and ``gradfleet server`` may then replace
-    this process, see `_run_server`)."""
+    the command itself, reading ``sys.argv``."""
     command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     server_args = _server_command(argv)
@@ -306,28 +305,16 @@ def _run_server(server_args: list[str], command_line: bool) -> int:
     """Run `gradfleet server` with `server_args`, without gRPC's own log lines.
 
     gRPC's C core writes its own lines (a failed bind, say) straight to stderr, at the
-    verbosity it reads from GRPC_VERBOSITY once, when grpc is imported, and importing
-    this package has imported it. So unless the user set GRPC_VERBOSITY or asked for -v,
-    the command starts again in this process (same pid, same signals) with
-    GRPC_VERBOSITY=NONE, and the server says what went wrong in its own one line.
+    verbosity it reads from GRPC_VERBOSITY once, when grpc is imported. The command has
+    not imported it yet (`gradfleet.client` loads its parts lazily), so unless the user
+    set GRPC_VERBOSITY or asked for -v it is set to NONE first, and the server says what
+    went wrong in its own one line.
     """
+    verbose = any(a == "--verbose" or (a[:2] == "-v" and set(a[1:]) == {"v"}) for a in server_args)
+    if command_line and not verbose and "grpc" not in sys.modules:
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from gradfleet.server import cli as server_cli
 
-    options = server_cli.build_parser().parse_args(server_args)  # --help, bad options: here
-    if (
-        command_line
-        and not options.verbose
-        and "GRPC_VERBOSITY" not in os.environ
-        and "grpc" in sys.modules
-    ):
-        os.environ["GRPC_VERBOSITY"] = "NONE"
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # -P: a module in the working directory must not shadow one of ours
-        os.execv(
-            sys.executable,
-            [sys.executable, "-P", "-m", "gradfleet.client.cli", "server", *server_args],
-        )
     return server_cli.main(server_args)
 
 
