@@ -58,13 +58,17 @@ def wait_for_version(ps: ParameterServerClient, job_id: str, version: int) -> in
         time.sleep(0.01)
 
 
-def wait_for_temp_file(job_dir: Path, timeout: float) -> bool:
-    """Spin until a checkpoint write is in progress (its temporary file exists)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(name.endswith(".tmp") for name in os.listdir(job_dir)):
-            return True
-    return False
+def wait_for_temp_file(
+    job_dir: Path, ps: ParameterServerClient, job_id: str, before_version: int
+) -> bool:
+    """Spin until a checkpoint write is in progress (its temporary file exists), or
+    give up once the job reaches ``before_version``, so a round never eats the job."""
+    while True:
+        for _ in range(200):
+            if any(name.endswith(".tmp") for name in os.listdir(job_dir)):
+                return True
+        if ps.get_job(job_id, history=False).version >= before_version:
+            return False
 
 
 def refused_checkpoints(job_dir: Path) -> list[str]:
@@ -96,7 +100,8 @@ def test_server_sigkilled_in_a_loop_resumes_from_complete_checkpoints(
         for kill in range(rounds):
             seen = wait_for_version(ps, job_id, resumed_at + 2)
             assert seen < job.total_steps, f"the job finished after only {kill} kills"
-            if kill % 2 == 0 and wait_for_temp_file(ckpt / job_id, timeout=30):
+            # a round advances the job by at most ~15 steps, so the job outlives the kills
+            if kill % 2 == 0 and wait_for_temp_file(ckpt / job_id, ps, job_id, resumed_at + 15):
                 mid_write += 1  # killed while a checkpoint file is being written
             else:
                 time.sleep(rng.uniform(0.0, 0.3))
