@@ -18,6 +18,7 @@ PyTorch variants run when ``import torch`` works (``pip install torch==2.13.0``)
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -34,6 +35,24 @@ from gradfleet.client.data import ArrayDataset, load_mnist
 
 SIZES = [784, 256, 256, 10]
 TARGET = 0.95
+CODEC_VARIANTS = [  # (compression, pull_compression, overlap)
+    ("none", "none", False),
+    ("none", "none", True),
+    ("bf16", "none", False),
+    ("bf16", "none", True),
+    ("bf16", "bf16", False),
+    ("bf16", "bf16", True),
+    ("fp16", "fp16", True),
+    ("topk:0.01", "none", False),
+    ("sign", "none", False),
+]
+
+
+def _describe(push: str, pull: str, overlap: bool) -> str:
+    if (push, pull, overlap) == ("none", "none", False):
+        return ""
+    parts = [push if pull == "none" else f"{push}/{pull} pulls"] if push != "none" else []
+    return ", " + ", ".join(parts + (["overlap"] if overlap else []))
 
 
 @dataclass
@@ -72,8 +91,15 @@ def find_mnist() -> Path:
 
 
 def gradfleet_run(
-    data: ArrayDataset, backend: str, workers: int, rows: int, epochs: int, lr: float
+    data: ArrayDataset,
+    backend: str,
+    workers: int,
+    rows: int,
+    epochs: int,
+    lr: float,
+    **options: object,
 ) -> Run:
+    """A gradfleet run; `options` are further JobConfig fields (compression, overlap)."""
     job = JobConfig(
         model=nn.MLP(SIZES, seed=0),
         dataset=data,
@@ -82,6 +108,7 @@ def gradfleet_run(
         epochs=epochs,
         workers=workers,
         eval_every=max(1, len(data.x) // (rows * workers) // 4),
+        **options,  # type: ignore[arg-type]
     )
     result = train(job, backend=backend)
     steps = [entry["wall_time"] for entry in result.history]  # from train()'s start
@@ -157,6 +184,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument(
+        "--only", nargs="*", default=[], help="run the variants whose names contain these"
+    )
     args = parser.parse_args()
 
     data = load_mnist(find_mnist())
@@ -166,10 +196,14 @@ def main() -> None:
         "gradfleet ray, 1 worker": lambda: gradfleet_run(
             data, "ray", 1, args.rows, args.epochs, args.lr
         ),
-        "gradfleet ray, 2 workers": lambda: gradfleet_run(
-            data, "ray", 2, args.rows, args.epochs, args.lr
-        ),
     }
+    # codecs (gradients / pulled weights) x overlap, 2 Ray workers
+    for push, pull, overlap in CODEC_VARIANTS:
+        name = "gradfleet ray, 2 workers" + _describe(push, pull, overlap)
+        variants[name] = functools.partial(
+            gradfleet_run, data, "ray", 2, args.rows, args.epochs, args.lr,
+            compression=push, pull_compression=pull, overlap=overlap,
+        )  # fmt: skip
     if not args.skip_torch:
         try:
             from benchmarks import torch_baselines
@@ -183,6 +217,8 @@ def main() -> None:
         if torch_baselines is not None:
             variants |= torch_baselines.variants(data, args.rows, args.epochs, args.lr, Run)
 
+    if args.only:
+        variants = {k: v for k, v in variants.items() if any(o in k for o in args.only)}
     blas = threadpool_info()
     print(
         f"# bench_e2e: MNIST 8000/2000, MLP {SIZES}, SGD lr {args.lr}, "
@@ -199,14 +235,14 @@ def main() -> None:
         return statistics.median(metric(r) for r in runs[name])
 
     header = (
-        f"{'variant':36} {'samples/s':>10} {'s to 95%':>9} {'acc@5ep':>8} {'acc@end':>8} "
+        f"{'variant':52} {'samples/s':>10} {'s to 95%':>9} {'acc@5ep':>8} {'acc@end':>8} "
         f"{'start-up s':>10}"
     )
     print(header)
     print("-" * len(header))
     for name in variants:
         print(
-            f"{name:36} {median(name, lambda r: r.samples_per_s):10.0f} "
+            f"{name:52} {median(name, lambda r: r.samples_per_s):10.0f} "
             f"{median(name, lambda r: r.time_to_target):9.2f} "
             f"{median(name, lambda r: r.accuracy_after(5, args.epochs)):8.4f} "
             f"{median(name, lambda r: r.final_accuracy):8.4f} "
@@ -222,6 +258,18 @@ def main() -> None:
         "ray 2 workers / DDP 2 processes": (
             "gradfleet ray, 2 workers",
             "PyTorch DDP (gloo, 2 processes)",
+        ),
+        "ray 2 workers, bf16, overlap / DDP 2 processes": (
+            "gradfleet ray, 2 workers, bf16, overlap",
+            "PyTorch DDP (gloo, 2 processes)",
+        ),
+        "ray 2 workers, bf16/bf16 pulls, overlap / DDP 2 processes": (
+            "gradfleet ray, 2 workers, bf16/bf16 pulls, overlap",
+            "PyTorch DDP (gloo, 2 processes)",
+        ),
+        "ray 2 workers, bf16, overlap / Ray-PS with PyTorch": (
+            "gradfleet ray, 2 workers, bf16, overlap",
+            "Ray PS pattern, PyTorch workers (2)",
         ),
         "ray 2 workers / Ray-PS with PyTorch": (
             "gradfleet ray, 2 workers",

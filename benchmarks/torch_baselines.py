@@ -64,12 +64,21 @@ def single_process(data: Any, rows: int, epochs: int, lr: float, run_cls: type) 
 
 
 def _ddp_rank(
-    rank: int, world: int, port: int, data: Any, rows: int, epochs: int, lr: float, out: str
+    rank: int,
+    world: int,
+    port: int,
+    data: Any,
+    rows: int,
+    epochs: int,
+    lr: float,
+    out: str,
+    hook: str,
 ) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model = tnn.parallel.DistributedDataParallel(make_model())
+    register_hook(model, hook)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     loss_fn = tnn.CrossEntropyLoss()
     shard = len(data.x) // world
@@ -98,14 +107,39 @@ def _ddp_rank(
     dist.destroy_process_group()
 
 
-def ddp(data: Any, rows: int, epochs: int, lr: float, run_cls: type, world: int = 2) -> Any:
+def register_hook(model: tnn.parallel.DistributedDataParallel, hook: str) -> None:
+    """DDP's communication hooks: "none" (all-reduce in fp32), "fp16", "powersgd" (rank 4,
+    with error feedback, from the second step). DDP's bf16 hook needs CUDA and NCCL (it
+    refuses gloo), so fp16 stands in for it on CPU."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if hook == "fp16":
+        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif hook == "powersgd":
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2
+        )
+        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    elif hook != "none":
+        raise ValueError(f"unknown DDP hook {hook!r}")
+
+
+def ddp(
+    data: Any,
+    rows: int,
+    epochs: int,
+    lr: float,
+    run_cls: type,
+    world: int = 2,
+    hook: str = "none",
+) -> Any:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.npz")
         started = time.perf_counter()
-        mp.spawn(_ddp_rank, args=(world, port, data, rows, epochs, lr, out), nprocs=world)
+        mp.spawn(_ddp_rank, args=(world, port, data, rows, epochs, lr, out, hook), nprocs=world)
         spawn_time = time.perf_counter() - started
         result = np.load(out)
         steps = list(result["steps"])
@@ -194,6 +228,10 @@ def variants(data: Any, rows: int, epochs: int, lr: float, run_cls: type) -> dic
     return {
         "PyTorch (1 process)": lambda: single_process(data, rows, epochs, lr, run_cls),
         "PyTorch DDP (gloo, 2 processes)": lambda: ddp(data, rows, epochs, lr, run_cls),
+        "PyTorch DDP, fp16 hook": lambda: ddp(data, rows, epochs, lr, run_cls, hook="fp16"),
+        "PyTorch DDP, PowerSGD rank 4": lambda: ddp(
+            data, rows, epochs, lr, run_cls, hook="powersgd"
+        ),
         "Ray PS pattern, PyTorch workers (2)": lambda: ray_parameter_server(
             data, rows, epochs, lr, run_cls
         ),
