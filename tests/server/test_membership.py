@@ -110,6 +110,27 @@ def test_removing_a_worker_that_pushed_applies_from_the_next_step(
     assert not info.next_members
 
 
+def test_a_change_that_waits_takes_the_leavers_that_never_pushed_out_of_the_open_step(
+    client: ParameterServerClient, make_job, kit
+) -> None:
+    # prepare: worker 1 pushed to step 0, worker 2 never will (its node is gone)
+    job, layout, _, ref = make_job(**ELASTIC)
+    push_step(client, job, layout, kit, 0, [1])
+    # execute: both leave; worker 1's ack stands, so the change waits for step 1
+    client.set_members(job, [0], "lost")
+    push_step(client, job, layout, kit, 0, [0])
+    version, after_0 = client.pull_weights(job, min_version=1, timeout=10)
+    # assert: step 0 closed over workers 0 and 1, without waiting for worker 2
+    expected = ref.sync_step([grad(kit, layout, w, 0) for w in (0, 1)])
+    assert version == 1 and after_0.tobytes() == expected.tobytes()
+    info = client.get_job(job)
+    assert events(info) == [
+        (0, [0, 1, 2], [0, 1], "lost", True),
+        (1, [0, 1], [0], "lost", False),
+    ]
+    assert list(info.members) == [0] and reconciles(info.counters)
+
+
 def test_a_join_applies_from_the_next_step(client: ParameterServerClient, make_job, kit) -> None:
     # prepare
     job, layout, _, ref = make_job(**ELASTIC)

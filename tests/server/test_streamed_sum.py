@@ -308,7 +308,7 @@ def test_a_push_waiting_for_a_buffer_gets_resource_exhausted_at_its_deadline() -
         # execute
         with ParameterServerClient(server.address, chunk_bytes=CHUNK, patience=0) as own:
             with pytest.raises(ResourceExhausted) as err:
-                own.push_gradient(job, 1, 0, 1, 0.5, scaled_gradient(layout, 1), timeout=0.5)
+                own.push_gradient(job, 1, 0, 1, 0.5, scaled_gradient(layout, 1), timeout=1.0)
             gate.set()
             with pytest.raises(grpc.RpcError):
                 stalled.result()

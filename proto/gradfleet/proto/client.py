@@ -245,9 +245,14 @@ class ParameterServerClient:
         `locate` where it is now and try again, with backoff, for up to `patience`."""
         deadline, delay = time.monotonic() + self.patience, 0.2
         while True:
+            channel = self._channel
             try:
                 return attempt()
-            except grpc.RpcError as exc:
+            except (grpc.RpcError, ValueError) as exc:
+                if self._channel is not channel:
+                    continue  # another thread's call moved this client to the new address
+                if not isinstance(exc, grpc.RpcError):
+                    raise
                 error = _error(exc, self.address)
             if not isinstance(error, ServerUnavailable):
                 raise error from None

@@ -287,7 +287,16 @@ class Job:
                 self.membership.apply(self.version, members, reason, mid_step=True)
                 self._waiters.wake_all()
             return
+        self.membership.check(members)  # bad input changes nothing, not even the open step
         contributed = frozenset(self._open.contributors)
+        current, leaving = self.membership.members, set(self.membership.members) - set(members)
+        stalling = leaving - contributed
+        waits = set(members) - set(current) or leaving & contributed  # for the step boundary
+        if from_version is None and stalling and waits:
+            # the open step cannot close without the leavers that have not pushed to it
+            # (lost ones never will): they leave it now, the rest of the change waits
+            self._change_members(tuple(w for w in current if w not in stalling), reason)
+            contributed = frozenset(self._open.contributors)
         if self.membership.request(members, reason, self.version, contributed, from_version):
             self.membership.apply(self.version, members, reason, mid_step=True)
             if self.state is JobState.RUNNING and self._open.set_members(members):

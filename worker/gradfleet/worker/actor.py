@@ -65,17 +65,28 @@ def server_locator(actor_name: str | None) -> Callable[[], str] | None:
     def locate() -> str:
         import ray
 
-        try:
-            server = ray.get_actor(actor_name, namespace=SERVER_ACTOR_NAMESPACE)
-            return str(ray.get(server.get_address.remote(), timeout=300))
-        except (ValueError, ray.exceptions.RayActorError) as exc:
-            raise ServerUnavailable(
-                f"the parameter server actor {actor_name} is gone and was not restarted; "
-                "give the job a checkpoint directory every node can read so that it can "
-                "resume after a node loss"
-            ) from exc
+        for _ in range(3):
+            try:
+                server = ray.get_actor(actor_name, namespace=SERVER_ACTOR_NAMESPACE)
+                return str(ray.get(server.get_address.remote(), timeout=300))
+            except ValueError as exc:  # no actor by that name any more
+                raise _gone(actor_name) from exc
+            except ray.exceptions.RayActorError as exc:
+                # asked just as it died: a call to an actor Ray restarts waits for it, a
+                # call to one dead for good fails again
+                error = exc
+                time.sleep(1.0)
+        raise _gone(actor_name) from error
 
     return locate
+
+
+def _gone(actor_name: str) -> ServerUnavailable:
+    return ServerUnavailable(
+        f"the parameter server actor {actor_name} is gone and was not restarted; give the "
+        "job a checkpoint directory every node can read so that it can resume after a "
+        "node loss"
+    )
 
 
 ServerClient = ParameterServerClient | ShardedClient  # one server, or the shards of a job
