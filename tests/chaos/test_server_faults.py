@@ -29,7 +29,7 @@ from gradfleet.client.data import load_dataset
 from gradfleet.proto.client import ParameterServerClient
 from gradfleet.proto.errors import GradfleetError
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
-from gradfleet.proto.wire import KEEPALIVE_MS, encode_chunk_message
+from gradfleet.proto.wire import encode_chunk_message
 from gradfleet.server import checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -218,15 +218,16 @@ def test_a_server_gone_silent_ends_a_waiting_pull_unavailable_not_at_its_deadlin
     # nothing replies. Keepalive must turn that into UNAVAILABLE, which callers act on
     # (look the server up again); a deadline would just be tried again on the same
     # dead connection.
-    server = chaos.server_process().start()
+    keepalive_ms = 1000  # the default's behaviour, ten times sooner
+    server = chaos.server_process("--keepalive-ms", str(keepalive_ms)).start()
     spec = {"type": "MLP", "sizes": [4, 3], "dtype": "float32", "seed": 0}
-    with ParameterServerClient(server.address, patience=0) as ps:
+    with ParameterServerClient(server.address, patience=0, keepalive_ms=keepalive_ms) as ps:
         job_id = ps.create_job(spec, {"name": "sgd", "lr": 0.1}, total_steps=5)
         ps.pull_weights(job_id)  # the connection is up
         server.signal(signal.SIGSTOP)
         try:
             with pytest.raises(GradfleetError) as waited:
-                ps.pull_weights(job_id, min_version=1, timeout=20 * KEEPALIVE_MS / 1000)
+                ps.pull_weights(job_id, min_version=1, timeout=90)
         finally:
             server.signal(signal.SIGCONT)
 

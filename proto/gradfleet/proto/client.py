@@ -56,6 +56,7 @@ from gradfleet.proto.v1 import parameter_server_pb2_grpc as pb_grpc
 from gradfleet.proto.wire import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
+    KEEPALIVE_MS,
     ChunkAssembler,
     FlatLayout,
     WireError,
@@ -180,6 +181,7 @@ class ParameterServerClient:
         tls_server_name: str | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        keepalive_ms: int = KEEPALIVE_MS,
     ) -> None:
         self.timeout = timeout
         self.patience = timeout if patience is None else patience
@@ -190,7 +192,7 @@ class ParameterServerClient:
             (("authorization", f"Bearer {token}"),) if token else ()
         )
         self._options: list[tuple[str, Any]] = [
-            *client_options(max_message_bytes),
+            *client_options(max_message_bytes, keepalive_ms),
             ("grpc.enable_retries", 1),
             ("grpc.service_config", json.dumps(_RETRY_POLICY)),
         ]

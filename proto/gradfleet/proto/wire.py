@@ -323,31 +323,37 @@ def channel_options(
 
 
 # A client pings a server that has sent nothing for KEEPALIVE_MS during a call, and
-# drops the connection (UNAVAILABLE) when the ping goes unanswered for as long again.
+# drops the connection (UNAVAILABLE) when the ping goes unanswered.
 KEEPALIVE_MS = 10_000
 
 
-def client_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+def client_options(
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepalive_ms: int = KEEPALIVE_MS
+) -> list[tuple[str, int]]:
     """Channel options of a client. Keepalive makes a server whose host vanished (no
-    connection refused, no reset: silence) an UNAVAILABLE within 2 x KEEPALIVE_MS, so
-    callers look for the server elsewhere; without it a long-poll simply times out and
+    connection refused, no reset: silence) an UNAVAILABLE about 20 s after the first
+    unanswered ping (grpcio's own ping timeout sets the floor), so callers look for the
+    server elsewhere; without it a long-poll simply times out and
     is tried again on the dead connection until TCP gives up, many minutes later."""
     return [
         *channel_options(max_message_bytes),
-        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
-        ("grpc.http2.ping_timeout_ms", KEEPALIVE_MS),  # grpcio enforces this one
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", keepalive_ms),
+        ("grpc.http2.ping_timeout_ms", keepalive_ms),  # grpcio enforces this one
         ("grpc.http2.max_pings_without_data", 0),  # a long-poll receives no data
     ]
 
 
-def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Options of the gRPC server: the shared ones, and room for the clients' keepalive."""
+def server_options(
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepalive_ms: int = KEEPALIVE_MS
+) -> list[tuple[str, int]]:
+    """Options of the gRPC server: the shared ones, and room for the pings of clients
+    whose keepalive interval is `keepalive_ms` or longer."""
     return [
         *channel_options(max_message_bytes),
         # accept a client's pings during a silent long-poll (by default one per 5 min;
         # the third early one gets a GOAWAY "too_many_pings" that ends every call)
-        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+        ("grpc.http2.min_ping_interval_without_data_ms", keepalive_ms // 2),
         # grpcio sets SO_REUSEPORT by default: a second server on a taken port would bind
         # without error and the kernel would split the clients between the two
         ("grpc.so_reuseport", 0),

@@ -24,6 +24,7 @@ from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.proto.wire import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
+    KEEPALIVE_MS,
     SINGLE_MESSAGE_FACTOR,
     server_options,
 )
@@ -56,6 +57,7 @@ class ServerConfig:
     receive_budget_bytes: int = 512 << 20  # gradients a job may hold at once
     history_page: int = 10_000  # step records per GetJob or WatchJob answer
     grace: float = 5.0
+    keepalive_ms: int = KEEPALIVE_MS  # the clients' ping interval to allow (half of it)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -72,6 +74,7 @@ class ServerConfig:
             "max_concurrent_streams",
             "receive_budget_bytes",
             "history_page",
+            "keepalive_ms",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1.")
@@ -199,7 +202,7 @@ class ParameterServer:
         server = grpc.server(
             pool,
             interceptors=interceptors,
-            options=server_options(c.max_message_bytes),
+            options=server_options(c.max_message_bytes, c.keepalive_ms),
             maximum_concurrent_rpcs=threads,
         )
         server.add_generic_rpc_handlers((self.service.generic_handler(),))

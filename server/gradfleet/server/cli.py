@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gradfleet.proto.runtime import long_lived_objects_frozen
-from gradfleet.proto.wire import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES
+from gradfleet.proto.wire import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, KEEPALIVE_MS
 from gradfleet.server.app import ParameterServer, PortInUse, ServerConfig
 
 log = logging.getLogger("gradfleet.server")
@@ -61,9 +61,15 @@ def build_parser(prog: str = "gradfleet server") -> argparse.ArgumentParser:
         "--receive-budget-bytes",
         type=int,
         default=512 << 20,
-        help="whole gradients one job may hold at once: async pushes being received and "
-        "single-message sync gradients that arrive early (streamed sync pushes are folded "
-        "chunk by chunk and need none)",
+        help="bytes of gradients one job may hold at once: every push is received whole "
+        "before it is added, and early sync gradients wait for their turn in worker order",
+    )
+    p.add_argument(
+        "--keepalive-ms",
+        type=int,
+        default=KEEPALIVE_MS,
+        help="the shortest ping interval of the clients this server allows (half of it); "
+        "clients ping a silent server at this interval during a call",
     )
     p.add_argument("--grace", type=float, default=5.0, help="seconds to finish calls on stop")
     p.add_argument(
@@ -114,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             chunk_bytes=args.chunk_bytes,
             receive_budget_bytes=args.receive_budget_bytes,
             grace=args.grace,
+            keepalive_ms=args.keepalive_ms,
         )
         server = ParameterServer(config).start()
     except PortInUse as exc:

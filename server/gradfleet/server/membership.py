@@ -5,10 +5,10 @@ open applies to step v itself only when it just removes workers that have not pu
 it (a lost worker must not stall the step); otherwise it waits for the step boundary and
 applies from step v + 1, so a step always closes over the members it began with plus
 nothing new (the job first takes the leavers that have not pushed out of step v, so a
-change that must wait never stalls the open step). A change may name the step it applies from (the servers of a sharded job
-must all change at the same step). Each applied change is an event (version, old, new,
-reason): replaying the events at their versions reproduces the run, and local mode does
-just that.
+change that must wait never stalls the open step). A change may name the step it applies
+from (the servers of a sharded job must all change at the same step). Each applied
+change is an event (version, old, new, reason): replaying the events at their versions
+reproduces the run, and local mode does just that.
 """
 
 from __future__ import annotations
