@@ -23,7 +23,7 @@ def test_a_sigkilled_shard_restarted_on_its_port_costs_nothing(tmp_path: Path, c
         dataset=load_dataset("digits"),
         optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9},
         batch_size=24,
-        steps=900,  # outlasts several of the trainer's polls: the kill lands mid-run
+        steps=400,  # outlasts several of the trainer's polls: the kill lands mid-run
         workers=2,
         seed=11,
         checkpoint_every=5,

@@ -313,8 +313,10 @@ def test_train_against_no_server_fails_in_seconds_before_starting_ray(tmp_path: 
     address = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
 
-    # the embedded default job, the default --timeout of 10 s
-    result = run("train", "--server", address, "--out", str(tmp_path / "run"), timeout=120)
+    # the embedded default job
+    result = run(
+        "train", "--server", address, "--timeout", "2", "--out", str(tmp_path / "run"), timeout=120
+    )
 
     assert time.monotonic() - started < 20
     assert result.returncode == 2

@@ -455,7 +455,7 @@ def bad_lookups(draw: Any, jobs: dict[str, Any]) -> tuple[str, bytes, bool, set,
             expected, deadline = {PRECONDITION}, ANSWER_DEADLINE
         else:  # a reachable version that does not come before the deadline
             version = draw(st.integers(1, job.total_steps))
-            expected, deadline = {grpc.StatusCode.DEADLINE_EXCEEDED}, 0.3
+            expected, deadline = {grpc.StatusCode.DEADLINE_EXCEEDED}, 0.1
         request = pb.PullWeightsRequest(job_id=job.job_id, min_version=version)
         return method, request.SerializeToString(), method == "PullWeights", expected, deadline
     if method == "CheckpointJob" and draw(st.booleans()):  # a server without a directory
