@@ -62,8 +62,11 @@ VARIANTS = [
     Variant("gradfleet topk:0.01, bf16 pulls", "gradfleet", "topk:0.01", "bf16"),
     Variant("gradfleet sign, bf16 pulls", "gradfleet", "sign", "bf16"),
     Variant("DDP (gloo)", "ddp"),
-    Variant("DDP, PowerSGD rank 4", "ddp", hook="powersgd"),
 ]
+# DDP's PowerSGD hook (rank 4) fails at 4 ranks over gloo in PyTorch 2.13 (gloo
+# EnforceNotMet: "Received data size doesn't match expected size", 4116 vs 1024 bytes);
+# `--only PowerSGD` still runs it.
+POWERSGD = Variant("DDP, PowerSGD rank 4", "ddp", hook="powersgd")
 
 
 def job_config(variant: Variant, steps: int, eval_every: int, shards: int) -> object:
@@ -117,6 +120,7 @@ rank, world, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 hook, limit, every, warmup = sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
 torch.set_num_threads(1)
 dist.init_process_group("gloo", rank=rank, world_size=world)
+side = dist.new_group(backend="gloo")  # the evaluation's flag, apart from DDP's hooks
 torch.manual_seed(0)
 sizes = {sizes!r}
 layers = []
@@ -124,6 +128,12 @@ for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
     layers.append(nn.Linear(a, b))
     if i < len(sizes) - 2:
         layers.append(nn.ReLU())
+from gradfleet.nn import MLP
+start = MLP(sizes, seed=0, dtype="float32")  # gradfleet's initial weights: same start
+with torch.no_grad():
+    for name, value in start.unflatten(start.flat).items():
+        index, kind = name.split(".")[1:]
+        getattr(layers[int(index)], kind).copy_(torch.from_numpy(value.copy()))
 model = nn.parallel.DistributedDataParallel(nn.Sequential(*layers))
 torch_baselines.register_hook(model, hook)
 opt = torch.optim.SGD(model.parameters(), lr={lr})
@@ -149,7 +159,7 @@ for step in range(limit):
             with torch.no_grad():
                 out = model.module(torch.from_numpy(data.x_val)).argmax(1).numpy()
             flag[0] = float((out == data.y_val).mean() >= {target})
-        dist.broadcast(flag, 0)
+        dist.broadcast(flag, 0, group=side)
         if flag[0]:
             print(json.dumps({{"steps": step + 1}}), flush=True)
             break
@@ -285,7 +295,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=[], help="variants whose names hold these")
     parser.add_argument("--skip-accuracy", action="store_true", help="steps to 95 %%: not run")
     args = parser.parse_args()
-    variants = [v for v in VARIANTS if not args.only or any(o in v.name for o in args.only)]
+    variants = [v for v in [*VARIANTS, POWERSGD] if any(o in v.name for o in args.only)]
+    variants = variants or ([] if args.only else VARIANTS)
 
     print(f"# bench_codecs_netsim: MLP {SIZES}, {WORKERS} workers x {ROWS} rows, SGD lr {LR}, "
           f"gradfleet on {args.shards} server nodes; {time.strftime('%F %H:%M')}")  # fmt: skip

@@ -331,19 +331,23 @@ class ParameterService:
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> pb.PushAck:
         with self.streams:
-            first = next(request_iterator, None)
-            if first is None:
-                raise InvalidArgument(
-                    "the push stream is empty; send a header first.", Reason.BAD_HEADER
-                )
-            decoded = translate.first_push_message(first)
-            job = self.registry.get(decoded[0].job_id)
+            job, decoded = self._first_push(request_iterator)
             outcome, step = self._push(job, decoded, request_iterator, context)
             return pb.PushAck(
                 outcome=cast(pb.PushOutcome, translate.OUTCOMES[outcome]),
                 version=job.version,
                 step=step,
             )
+
+    def _first_push(self, request_iterator: Iterator[bytes]) -> tuple[Job, Any]:
+        """The job of a push stream and its first message, decoded."""
+        first = next(request_iterator, None)
+        if first is None:
+            raise InvalidArgument(
+                "the push stream is empty; send a header first.", Reason.BAD_HEADER
+            )
+        decoded = translate.first_push_message(first)
+        return self.registry.get(decoded[0].job_id), decoded
 
     @_status_edge
     def PushGradientUnary(self, request: bytes, context: grpc.ServicerContext) -> pb.PushAck:
@@ -366,13 +370,7 @@ class ParameterService:
     ) -> Iterator[bytes]:
         """Receive a push whole, then stream the weights of version >= step + 1."""
         with self.streams:
-            first = next(request_iterator, None)
-            if first is None:
-                raise InvalidArgument(
-                    "the push stream is empty; send a header first.", Reason.BAD_HEADER
-                )
-            decoded = translate.first_push_message(first)
-            job = self.registry.get(decoded[0].job_id)
+            job, decoded = self._first_push(request_iterator)
             _, step = self._push(job, decoded, request_iterator, context)
             self._wait(job, min(step + 1, job.settings.total_steps), context)
             encode = self._wire(job).encode
