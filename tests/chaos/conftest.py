@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -96,7 +97,10 @@ class ServerProcess:
                     raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log()}")
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    # this process's own server, not another that took the port meanwhile
+                    started = re.findall(rf"parameter server on \S+:{self.port} \(", self.log())
+                    listening = len(started) == self.starts
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING and listening:
                         return
                 except grpc.RpcError:
                     pass

@@ -104,7 +104,9 @@ def _error(exc: grpc.RpcError, address: str) -> GradfleetError:
         found = pb.ErrorDetail()
         if detail.Unpack(found) and found.reason:
             reason = Reason[pb.ErrorReason.Name(found.reason).removeprefix("ERROR_REASON_")]
-    if code == grpc.StatusCode.UNAVAILABLE and reason is None:
+    # a server that stops while a call is in flight ends it CANCELLED: it is as gone as
+    # one that does not answer, and the caller looks for it again the same way
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and reason is None:
         return unreachable(address)
     if code == grpc.StatusCode.UNAUTHENTICATED:
         problem = "wrong" if "wrong" in details else "missing"
