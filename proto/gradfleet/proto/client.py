@@ -77,7 +77,14 @@ _T = TypeVar("_T")
 _RETRY_POLICY = {
     "methodConfig": [
         {
-            "name": [{"service": _SERVICE}],
+            # every method but the bidirectional PushAndPull: a retried attempt of it would
+            # replay a push whose request stream is still being written, and a failed
+            # overlapped step is redone by its worker instead
+            "name": [
+                {"service": _SERVICE, "method": method.name}
+                for method in pb.DESCRIPTOR.services_by_name["ParameterService"].methods
+                if method.name != "PushAndPull"
+            ],
             "retryPolicy": {
                 "maxAttempts": 5,
                 "initialBackoff": "0.1s",
