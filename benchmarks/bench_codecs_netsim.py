@@ -295,8 +295,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=[], help="variants whose names hold these")
     parser.add_argument("--skip-accuracy", action="store_true", help="steps to 95 %%: not run")
     args = parser.parse_args()
-    variants = [v for v in [*VARIANTS, POWERSGD] if any(o in v.name for o in args.only)]
-    variants = variants or ([] if args.only else VARIANTS)
+    every = [*VARIANTS, POWERSGD]
+    variants = [v for v in every if any(o in v.name for o in args.only)] if args.only else VARIANTS
 
     print(f"# bench_codecs_netsim: MLP {SIZES}, {WORKERS} workers x {ROWS} rows, SGD lr {LR}, "
           f"gradfleet on {args.shards} server nodes; {time.strftime('%F %H:%M')}")  # fmt: skip
