@@ -115,7 +115,9 @@ def test_server_sigkilled_in_a_loop_resumes_from_complete_checkpoints(
             assert len(resumed) == kill + 1
             resumed_at = resumed[-1]
             assert resumed_at == latest.version  # the newest complete checkpoint
-            assert resumed_at >= seen - every  # at most one interval lost
+            # lost: the interval being filled and the checkpoints still being written
+            # (a job keeps at most two in flight, a third waits for the disk)
+            assert resumed_at >= seen - 3 * every
             losses.append(seen - resumed_at)
         workers.join()
         info = ps.get_job(job_id)

@@ -207,7 +207,8 @@ def test_an_elastic_job_grows_with_a_node_and_shrinks_when_one_goes(
 ) -> None:
     # one worker node (2 CPUs) at the start: 2 workers; a second node: 4; its loss: 2
     two_worker_nodes.cluster.remove_node(two_worker_nodes.worker_nodes()[-1])
-    job = digits_job(steps=4000, min_workers=1, max_workers=4)
+    # per-worker batches: a step's rows say how many members pushed to it
+    job = digits_job(steps=4000, min_workers=1, max_workers=4, elastic_batch="per_worker")
     seen: list[int] = []
     added: list[Any] = []
     removed: list[str] = []
@@ -218,7 +219,7 @@ def test_an_elastic_job_grows_with_a_node_and_shrinks_when_one_goes(
         if not added and entry["step"] >= 100:
             two_worker_nodes.ensure_worker_nodes(2)
             added.append(True)
-        elif added and not removed and len(workers) == 4:
+        elif added and not removed and entry["rows"] == 4 * job.rows_per_worker:
             node = sorted({actor.node_id for actor in workers})[0]
             removed.append(node)
             two_worker_nodes.cluster.remove_node(two_worker_nodes.node_by_id(node))
