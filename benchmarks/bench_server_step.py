@@ -3,7 +3,7 @@
 No network: the handlers are called directly, so what remains is the Python and NumPy
 work a step costs the server. Variants, interleaved in rounds:
 
-* gradfleet: ``ParameterService.PushAndPullUnary`` of a real server's job (one worker,
+* gradfleet: ``TensorCalls.PushAndPullUnary`` of a real server's job (one worker,
   SGD), i.e. decode, checks, the optimiser step and the encoded weights of the reply;
   the message is encoded beforehand, as a client would;
 * minimal: ``bench_grpc_floor.MinimalServer.exchange`` (finiteness check, SGD, reply);
@@ -88,7 +88,7 @@ def exchange_handlers(calls: int, rounds: int) -> dict[str, float]:
                                    layout=layout).SerializeToString()  # fmt: skip
             message = encode_chunk_message(0, as_bytes_view(grad), header)
             version += 1
-            return timed(lambda: service.PushAndPullUnary(message, Context()))  # type: ignore[arg-type]
+            return timed(lambda: service.tensors.PushAndPullUnary(message, Context()))  # type: ignore[arg-type]
 
         minimal = bench_grpc_floor.MinimalServer(np.zeros(params, np.float32), 1, 1e-6)
 

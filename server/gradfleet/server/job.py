@@ -23,7 +23,6 @@ import logging
 import secrets
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -37,10 +36,10 @@ from gradfleet.proto.errors import (
     Reason,
     ResourceExhausted,
     ServerUnavailable,
-    StaleGradient,
     TrainingDiverged,
     WrongState,
 )
+from gradfleet.server.admission import PushLedger
 from gradfleet.server.aggregation import SyncStep
 from gradfleet.server.checkpoint_writer import Checkpointed, CheckpointWriter, JobCheckpoints
 from gradfleet.server.domain import (
@@ -61,8 +60,6 @@ from gradfleet.server.update import WholeBufferOptimizer
 from gradfleet.server.waiting import VersionWaiters, Waiter
 
 log = logging.getLogger(__name__)
-
-_KEEP_CLOSED = 64  # closed sync steps whose contributors are remembered, for duplicates
 
 
 @dataclass(frozen=True)
@@ -136,8 +133,7 @@ class Job:
         self._slots = ReceiveSlots(slots, self.push_format)
         self._sum = GradientSum(snap.layout.total_elements, snap.layout.dtype)
         self._open = self._new_step()
-        self._closed: deque[tuple[int, frozenset[int]]] = deque(maxlen=_KEEP_CLOSED)
-        self._seen: dict[int, set[int]] = {}  # async: steps applied per worker, bounded
+        self._ledger = PushLedger(settings.spec.staleness_bound)
         # a shard keeps more checkpoints: the newest version every shard holds may be an
         # older one of its own (shards write at the same versions, up to IN_FLIGHT apart)
         keep = 2 + 2 * JobCheckpoints.IN_FLIGHT if snap.spec.shard_bounds else 2
@@ -186,28 +182,10 @@ class Job:
                 Reason.FUTURE_STEP,
             )
         if self.settings.mode is Mode.SYNC:
-            if h.step == self.version and self.state is JobState.RUNNING:
-                if h.worker in self._open:
-                    return PushOutcome.DUPLICATE
-                return None if h.worker in self._open.members else PushOutcome.DROPPED_REMOVED
-            if any(step == h.step and h.worker in who for step, who in self._closed):
-                return PushOutcome.DUPLICATE
-            if h.worker not in self.membership.members_of(h.step):
-                return PushOutcome.DROPPED_REMOVED
-            return PushOutcome.DROPPED_LATE
-        if h.step in self._seen.get(h.worker, ()):
-            return PushOutcome.DUPLICATE
-        if h.worker not in self.membership.members:
-            return PushOutcome.DROPPED_REMOVED
-        if self.state is JobState.COMPLETED:
-            return PushOutcome.DROPPED_LATE
-        bound = self.settings.spec.staleness_bound
-        if h.step < self.version - bound:
-            raise StaleGradient(
-                f"gradient computed on version {h.step} is too stale: the job is at version "
-                f"{self.version} and allows at most {bound} versions of staleness."
-            )
-        return None
+            running = self._open if self.state is JobState.RUNNING else None
+            return self._ledger.classify_sync(h, self.version, running, self.membership)
+        completed = self.state is JobState.COMPLETED
+        return self._ledger.classify_async(h, self.version, completed, self.membership)
 
     def receive_buffer(self, timeout: float | None, waiter: Waiter) -> Gradient:
         """A buffer (and receive slot) for a streamed gradient, waiting for one to free up
@@ -342,7 +320,7 @@ class Job:
         if closed.mean is None:
             self._open = self._new_step()
             return
-        self._closed.append((closed.step, closed.contributors))
+        self._ledger.closed(closed.step, closed.contributors)
         self._advance(closed.loss, closed.rows, len(closed.contributors))
         self._open = self._new_step()
 
@@ -367,10 +345,7 @@ class Job:
         else:
             self._optimizer.step(gradient.data)
         self._slots.release(gradient)
-        seen = self._seen.setdefault(h.worker, set())
-        seen.add(h.step)
-        if len(seen) > self.settings.spec.staleness_bound + _KEEP_CLOSED:
-            seen.discard(min(seen))
+        self._ledger.applied(h.worker, h.step)
         self._advance(h.loss, h.rows, 1)
 
     def _advance(self, loss: float, rows: int, contributors: int) -> None:
