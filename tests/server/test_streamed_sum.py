@@ -108,6 +108,25 @@ def test_streamed_pushes_arriving_in_reverse_are_summed_in_worker_order() -> Non
     assert weights1.tobytes() == sgd_step(weights0, in_order, workers).tobytes()
 
 
+@pytest.mark.parametrize("arrival", list(itertools.permutations(range(3))))
+def test_every_arrival_order_of_three_streams_gives_the_worker_order_sum(
+    arrival: tuple[int, ...],
+) -> None:
+    # prepare: the first two members' gradients may enter the sum in either order; the
+    # third must come after both, whatever the order they arrive in
+    with serve(port=0) as server, ParameterServerClient(server.address, chunk_bytes=CHUNK) as ps:
+        job = ps.create_job(SPEC32, SGD, num_workers=3, total_steps=2)
+        _, weights0 = ps.pull_weights(job)
+        grads = [scaled_gradient(ps.layout(job), w) for w in range(3)]
+        assert summed(grads).tobytes() != summed([grads[0], grads[2], grads[1]]).tobytes()
+        # execute
+        for worker in arrival:
+            ps.push_gradient(job, worker, 0, 1, 0.5, grads[worker])
+        _, weights1 = ps.pull_weights(job, 1, timeout=10)
+    # assert
+    assert weights1.tobytes() == sgd_step(weights0, summed(grads), 3).tobytes()
+
+
 def test_a_missing_worker_with_backups_leaves_the_others_in_worker_order() -> None:
     # prepare: 4 workers, 1 backup; worker 0 never pushes; 3, 2, 1 push one after another
     with serve(port=0) as server, ParameterServerClient(server.address) as ps:

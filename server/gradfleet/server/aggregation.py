@@ -2,13 +2,15 @@
 
 Complete gradients arrive in any order. One whose worker is next in order (the step's
 members, by worker id) is added to the sum at once; an early one is held (keeping its
-receive slot) until the workers before it are in. When the quorum is in, the step
-closes: what is still held is added in worker order (workers that never came, with
-backup workers, are skipped), the last one fused with the division (`GradientSum.mean`;
-a codec's payloads are all decoded into the sum first). So the sum is reproducible, and
-equal to local mode's, whatever the arrival order. Only when the receive slots run out
-does the step give up that order and add what it holds at once (`flush`), so memory
-stays bounded.
+receive slot) until the workers before it are in. The first two members' gradients are
+added in whichever order they come: floating-point addition is commutative, so `0 + b + a`
+is `a + b` bit for bit (for values; a codec's payloads keep the order). When the quorum
+is in, the step closes: what is still held is added in worker order (workers that never
+came, with backup workers, are skipped), the last one fused with the division
+(`GradientSum.mean`; a codec's payloads are all decoded into the sum first). So the sum
+is reproducible, and equal to local mode's, whatever the arrival order. Only when the
+receive slots run out does the step give up that order and add what it holds at once
+(`flush`), so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ class SyncStep:
         self._sum.clear()
         self.contributors: dict[int, tuple[int, float]] = {}  # worker -> (rows, loss)
         self._held: dict[int, Gradient] = {}
+        self._summed: set[int] = set()
         self._next = 0  # members[:_next] are in the sum (or never came)
+        self._commutes = not slots.format.encoded  # the first two may come in any order
         self.ordered = True
 
     @property
@@ -65,7 +69,7 @@ class SyncStep:
         """Close over `members` instead (the workers removed have not contributed);
         True when the step now has its quorum (call `close`)."""
         self.members = members
-        summed = set(self.contributors) - set(self._held)
+        summed = self._summed
         self._next = next((i for i, w in enumerate(members) if w not in summed), len(members))
         if self.ordered:
             self._drain()
@@ -82,14 +86,21 @@ class SyncStep:
         """Count `worker`'s gradient; True once the step has its quorum (call `close`)."""
         self.contributors[worker] = (rows, loss)
         complete = len(self.contributors) >= self.quorum
-        if complete or (self.ordered and worker != self._next_worker):
+        if complete or (self.ordered and not self._in_turn(worker)):
             self._hold(worker, gradient, complete)
         else:
-            self._sum_in(gradient)
+            self._sum_in(worker, gradient)
             if self.ordered:
-                self._next += 1
                 self._drain()
         return complete
+
+    def _in_turn(self, worker: int) -> bool:
+        """Whether `worker`'s gradient may be added now: it is next in order, or it is the
+        second member's while the sum is still empty."""
+        if worker == self._next_worker:
+            return True
+        second = self.members[1] if len(self.members) > 1 else None
+        return self._commutes and not self._summed and self._next == 0 and worker == second
 
     def _hold(self, worker: int, gradient: Gradient, complete: bool) -> None:
         """Keep an early gradient for its turn, unless streams are waiting for its memory.
@@ -101,22 +112,27 @@ class SyncStep:
             self._held[worker] = gradient
             return
         self.flush()
-        self._sum_in(gradient)
+        self._sum_in(worker, gradient)
 
     def flush(self) -> None:
         """Add every held gradient now, in worker order, and stop waiting for the order:
         the slots are needed for gradients still to be received."""
         self.ordered = False
         for worker in sorted(self._held):
-            self._sum_in(self._held.pop(worker))
+            self._sum_in(worker, self._held.pop(worker))
 
     def _drain(self) -> None:
-        while (worker := self._next_worker) is not None and worker in self._held:
-            self._sum_in(self._held.pop(worker))
+        """Add the held gradients whose turn has come, and move past those added."""
+        while (worker := self._next_worker) is not None:
+            if worker in self._held:
+                self._sum_in(worker, self._held.pop(worker))
+            elif worker not in self._summed:
+                return
             self._next += 1
 
-    def _sum_in(self, gradient: Gradient) -> None:
+    def _sum_in(self, worker: int, gradient: Gradient) -> None:
         self._slots.format.add(self._sum, gradient.data)
+        self._summed.add(worker)
         self._slots.release(gradient)
 
     def close(self) -> ClosedStep:
@@ -128,7 +144,7 @@ class SyncStep:
         workers = sorted(self._held)
         fused = workers[-1:] if not self._slots.format.encoded else []
         for worker in workers[: len(workers) - len(fused)]:
-            self._sum_in(self._held.pop(worker))
+            self._sum_in(worker, self._held.pop(worker))
         last = self._held[fused[0]].data if fused else None
         mean = self._sum.mean(last)
         rows = sum(r for r, _ in self.contributors.values())
