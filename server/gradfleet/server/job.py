@@ -194,7 +194,8 @@ class Job:
         while True:
             with self._lock:
                 if self._slots.try_take():
-                    return Gradient(self._slots.buffer(), slot=True)
+                    buffer = self._slots.buffer()
+                    return Gradient(buffer, buffer, slot=True)
                 if self._open.held:  # no room to keep worker order: add them now
                     self._open.flush()
                     continue
