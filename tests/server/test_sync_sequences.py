@@ -1,5 +1,5 @@
 """Random sequences of sync pushes against one `Job`: single messages and streams into
-receive buffers that complete or fail, duplicates, in any worker order, with and without
+receive slots that complete or fail, duplicates, in any worker order, with and without
 backup workers, few or many receive slots.
 
 After every closed step the weights must have moved by exactly the mean of the gradients
@@ -67,7 +67,7 @@ class _Driver:
         step, worker = job.version, rng.randrange(job.settings.num_workers)
         try:
             if rng.random() < 0.35 and job.admit(_header(worker, step)) is None:
-                buffer = job.receive_buffer(0.0, Waiter())  # a stream starts
+                buffer = job.receive_slot(0.0, Waiter())  # a stream starts
                 self.receiving.append((worker, step, buffer))
             elif self.receiving and rng.random() < 0.5:
                 self._end_stream(rng.choice(["complete", "complete", "fail"]))
@@ -78,12 +78,14 @@ class _Driver:
 
     def _end_stream(self, how: str) -> None:
         worker, step, gradient = self.receiving.pop(self.rng.randrange(len(self.receiving)))
-        if how == "fail":  # a bad chunk half-way: the buffer holds a partial gradient
-            gradient.data[: SIZE // 2] = 12345.0
+        half = SIZE // 2
+        if how == "fail":  # a bad chunk half-way: the first half was received
+            gradient.pieces.append((slice(0, half), np.full(half, 12345.0)))
             self.job.release(gradient)
             self.job.count_rejected(Reason.NON_FINITE)
             return
-        gradient.data[:] = _gradient(worker, step)
+        values = _gradient(worker, step)  # its chunks, kept as they came, last one first
+        gradient.pieces += [(slice(half, SIZE), values[half:]), (slice(0, half), values[:half])]
         self._commit(worker, step, gradient)
 
     def _commit(self, worker: int, step: int, gradient: Gradient) -> None:

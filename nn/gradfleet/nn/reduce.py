@@ -8,9 +8,13 @@ three places. The sum is taken in the model's dtype in the order gradients are a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 _BLOCK = 1 << 16  # elements per pass of the fused mean: the block stays in cache
+
+Pieces = Sequence[tuple[slice, np.ndarray]]  # (where, values) that tile a gradient
 
 
 class GradientSum:
@@ -22,53 +26,52 @@ class GradientSum:
 
     def add(self, grad: np.ndarray) -> None:
         """total += grad in place (the first gradient is copied in)."""
-        if self.count == 0:
-            np.copyto(self.total, grad)
-        else:
-            with np.errstate(over="ignore"):  # an overflow is reported by mean()
-                np.add(self.total, grad, out=self.total)
-        self.count += 1
+        self.add_parts([(slice(None), grad)])
 
-    def add_parts(self, parts: list[tuple[slice | np.ndarray, np.ndarray]], dense: bool) -> None:
+    def add_parts(
+        self, parts: Sequence[tuple[slice | np.ndarray, np.ndarray]], dense: bool = True
+    ) -> np.ndarray:
         """total += a gradient given as (place, values): blocks covering every element
         (`dense`), or values at distinct indices and zeros elsewhere (the sum `add` gives,
-        except that an element left alone keeps the sign of a zero)."""
+        except that an element left alone keeps the sign of a zero); returns the total."""
         first, self.count = self.count == 0, self.count + 1
         if first and not dense:
             self.total.fill(0)
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore"):  # an overflow is reported by mean()
             for place, values in parts:
                 if first:
                     self.total[place] = values
                 else:
                     self.total[place] += values
+        return self.total
 
-    def mean(self, last: np.ndarray | None = None) -> np.ndarray | None:
-        """(total + last) / count, in place, block by block in one pass; None if the sum of
-        finite gradients overflowed.
+    def mean(self, last: np.ndarray | Pieces | None = None) -> np.ndarray | None:
+        """(total + last) / count in place, block by block in one pass (`last`: an array or
+        the pieces that tile it); None if the sum of finite gradients overflowed.
 
         Each element sees exactly `np.add` then `np.divide`, so blocking changes no bit; it
         only saves a second trip of the sum through memory. Dividing by a power of two is
         multiplying by its exact reciprocal: the same correctly rounded result, cheaper. One
-        gradient is its own mean, bit for bit, and is returned as it is (unchecked).
-        """
-        count = self.count + (last is not None)
-        if count == 1:
-            return self.total if last is None else last
+        gradient is its own mean, bit for bit, returned as it is (unchecked)."""
         size = self.total.size
-        block = _BLOCK if size > 2 * _BLOCK else size
-        scale: np.ufunc = np.divide
-        factor = float(count)
-        if count & (count - 1) == 0:
-            scale, factor = np.multiply, 1.0 / count
+        pieces = [(slice(0, size), last)] if isinstance(last, np.ndarray) else last
+        count = self.count + (last is not None)
+        if count == 1 and isinstance(last, np.ndarray):
+            return last
+        if count == 1:  # pieces are assembled first
+            return self.total if pieces is None else self.add_parts(pieces)
+        power_of_two = count & (count - 1) == 0
+        scale, factor = (np.multiply, 1.0 / count) if power_of_two else (np.divide, count)
         finite = True
         with np.errstate(over="ignore", invalid="ignore"):
-            for lo in range(0, size, block):
-                part = self.total[lo : lo + block]
-                if last is not None:
-                    np.add(part, last[lo : lo + block], out=part)
-                scale(part, factor, out=part)
-                finite = finite and bool(np.isfinite(part).all())
+            for place, values in pieces or [(slice(0, size), None)]:
+                start, stop = place.start or 0, size if place.stop is None else place.stop
+                for lo in range(start, stop, _BLOCK):
+                    part = self.total[lo : min(lo + _BLOCK, stop)]
+                    if values is not None:
+                        np.add(part, values[lo - start : lo - start + part.size], out=part)
+                    scale(part, factor, out=part)
+                    finite = finite and bool(np.isfinite(part).all())
         return self.total if finite else None
 
     def clear(self) -> None:

@@ -131,7 +131,7 @@ class SyncStep:
             self._next += 1
 
     def _sum_in(self, worker: int, gradient: Gradient) -> None:
-        self._slots.format.add(self._sum, gradient.data)
+        self._slots.format.add(self._sum, gradient)
         self._summed.add(worker)
         self._slots.release(gradient)
 
@@ -145,7 +145,7 @@ class SyncStep:
         fused = workers[-1:] if not self._slots.format.encoded else []
         for worker in workers[: len(workers) - len(fused)]:
             self._sum_in(worker, self._held.pop(worker))
-        last = self._held[fused[0]].data if fused else None
+        last = self._held[fused[0]].values if fused else None
         mean = self._sum.mean(last)
         rows = sum(r for r, _ in self.contributors.values())
         if rows > 0:

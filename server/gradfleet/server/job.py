@@ -4,7 +4,7 @@ A sync step, as the code runs it:
 
 1. the edge checks a push's header (`check_header`) and asks `admit` whether its data is
    needed (a state error, or an early duplicate/late answer, needs none);
-2. the gradient is received whole (`receive.py`; a stream into a `receive_buffer`);
+2. the gradient is received whole (`receive.py`; a stream holds a `receive_slot`);
 3. `commit` counts it and adds it to the open `SyncStep` (`aggregation.py`);
 4. the step's last gradient closes it: the mean (`GradientSum.mean`), the optimiser over
    the flat buffer (`update.py`), copy-on-write for pulls still reading (`publishing.py`),
@@ -187,13 +187,16 @@ class Job:
         completed = self.state is JobState.COMPLETED
         return self._ledger.classify_async(h, self.version, completed, self.membership)
 
-    def receive_buffer(self, timeout: float | None, waiter: Waiter) -> Gradient:
-        """A buffer (and receive slot) for a streamed gradient, waiting for one to free up
-        within `timeout`. Held gradients give theirs up when no slot is left."""
+    def receive_slot(self, timeout: float | None, waiter: Waiter) -> Gradient:
+        """A receive slot for a streamed gradient (with a buffer for a codec's payload),
+        waiting for one to free up within `timeout`. Held gradients give theirs up when no
+        slot is left."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
                 if self._slots.try_take():
+                    if not self.push_format.encoded:  # its chunks are kept as they come
+                        return Gradient(None, slot=True)
                     buffer = self._slots.buffer()
                     return Gradient(buffer, buffer, slot=True)
                 if self._open.held:  # no room to keep worker order: add them now
@@ -217,7 +220,7 @@ class Job:
                 )
 
     def release(self, gradient: Gradient) -> None:
-        """Hand back a receive buffer whose push failed."""
+        """Hand back the receive slot of a push that failed."""
         with self._lock:
             self._slots.release(gradient)
 
@@ -339,9 +342,9 @@ class Job:
     def _apply_async(self, h: PushHeader, gradient: Gradient) -> None:
         self._resources.metrics.staleness.observe(self.version - h.step)
         self.publisher.before_update(self.version)
-        if self.push_format.encoded:  # decoded into the sum's buffer: no array per push
-            self._sum.clear()
-            self.push_format.add(self._sum, gradient.data)
+        if gradient.data is None or self.push_format.encoded:  # pieces, or a payload:
+            self._sum.clear()  # assembled in the sum's buffer, no array per push
+            self.push_format.add(self._sum, gradient)
             self._optimizer.step(self._sum.total)
         else:
             self._optimizer.step(gradient.data)

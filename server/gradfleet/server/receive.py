@@ -2,22 +2,23 @@
 
 A push's bytes are the gradient's values, or the payload of the job's codec
 (`PushFormat`). A gradient that came as one message is used where it lies (a read-only
-view of the message). A streamed one is received whole into a buffer of the job's
-`ReceiveSlots` before anything is added to a sum, so a push that fails half-way touches
-nothing and an acknowledged gradient is never revoked. The slots bound that memory: at
-most `limit` gradients are being received or held for their turn at once
-(`receive_budget_bytes`).
+view of the message). A streamed one is received whole before anything of it is added
+to a sum, so a push that fails half-way touches nothing and an acknowledged gradient is
+never revoked: its values stay in the chunks as they came (checked one by one, added
+later with no copy in between), a codec's payload is copied into a buffer (checked whole
+once in). A slot of the job's `ReceiveSlots` stands for that memory: at most `limit`
+gradients are being received or held for their turn at once (`receive_budget_bytes`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradfleet.nn.reduce import GradientSum
+from gradfleet.nn.reduce import GradientSum, Pieces
 from gradfleet.proto.codecs import Codec
 from gradfleet.proto.errors import InvalidArgument, Reason
 from gradfleet.proto.wire import ChunkPlacement, FlatLayout, WireError, decode_chunk_message
@@ -62,21 +63,31 @@ class PushFormat:
         if self.encoded:
             self.codec.check(data, self.size, self.dtype)
 
-    def add(self, total: GradientSum, data: np.ndarray) -> None:
-        """total += the gradient `data` stands for, decoded block by block."""
+    def add(self, total: GradientSum, gradient: Gradient) -> None:
+        """total += `gradient`, a payload decoded block by block."""
         if self.encoded:
+            data = gradient.values
+            assert isinstance(data, np.ndarray)
             total.add_parts(self.codec.parts(data, self.size, self.dtype), self.codec.dense)
+        elif gradient.data is not None:
+            total.add(gradient.data)
         else:
-            total.add(data)
+            total.add_parts(gradient.pieces, dense=True)
 
 
 @dataclass
 class Gradient:
-    """A complete, checked gradient, and the memory it occupies until it is summed."""
+    """A complete, checked gradient, and the memory it occupies until it is summed: one
+    array, or the chunks of a stream read in place (`pieces`, which tile it)."""
 
-    data: np.ndarray  # flat: the values in the job's dtype, or a codec's payload
+    data: np.ndarray | None  # flat: the values in the job's dtype, or a codec's payload
     buffer: np.ndarray | None = None  # a slots buffer to hand back, or None (a message view)
     slot: bool = False  # whether it counts against the receive slots
+    pieces: list[tuple[slice, np.ndarray]] = field(default_factory=list)
+
+    @property
+    def values(self) -> np.ndarray | Pieces:
+        return self.data if self.data is not None else self.pieces
 
 
 def check_header(
@@ -152,13 +163,14 @@ def read_chunks(
     offset: int,
     data: memoryview,
     rest: Iterator[bytes],
-    out: np.ndarray | None,
+    into: Gradient | None,
 ) -> None:
-    """Check every chunk of a push (placement, exact tiling, finite values), copying each
-    into `out` when given, then the whole payload in `out`; raises InvalidArgument on the
-    first bad one. Without `out` (a push answered without its data) a payload's content
-    goes unchecked: only its tiling is."""
+    """Check every chunk of a push (placement, exact tiling, finite values), keeping each
+    in `into` when given (as a piece, or copied into its buffer), then a whole payload;
+    raises InvalidArgument on the first bad one. Without `into` (a push answered without
+    its data) a payload's content goes unchecked: only its tiling is."""
     placement = ChunkPlacement(fmt.nbytes, fmt.element.itemsize)
+    out = None if into is None else into.data
     try:
         while True:
             if data.nbytes:
@@ -167,6 +179,8 @@ def read_chunks(
                 fmt.check_piece(chunk)
                 if out is not None:
                     out[place] = chunk
+                elif into is not None:
+                    into.pieces.append((place, chunk))
             raw = next(rest, None)
             if raw is None:
                 break
@@ -211,7 +225,7 @@ class ReceiveSlots:
         """Give back what `gradient` occupies and wake the longest waiting stream."""
         if gradient.buffer is not None and len(self._spare) < 2:
             self._spare.append(gradient.buffer)
-        gradient.buffer = None
+        gradient.buffer, gradient.pieces = None, []
         if gradient.slot:
             gradient.slot = False
             self.used -= 1

@@ -1,7 +1,7 @@
 """The data path's RPCs: pulls of weights, pushes of gradients, and both in one call.
 
-A push is received whole (a single message is used where it lies; a stream fills a
-receive buffer), checked, then committed to its job, which acknowledges it for good. A
+A push is received whole (a single message is used where it lies; a stream's chunks are
+kept under a receive slot), checked, then committed to its job, which acknowledges it for good. A
 pull waits for the version it asks for, then sends the job's published weights.
 """
 
@@ -220,8 +220,8 @@ class TensorCalls:
                 if whole is not None:
                     gradient = Gradient(whole)
                 else:
-                    gradient = job.receive_buffer(remaining(context), self.waiters.new(context))
-                    read_chunks(job.push_format, offset, data, chunks, gradient.data)
+                    gradient = job.receive_slot(remaining(context), self.waiters.new(context))
+                    read_chunks(job.push_format, offset, data, chunks, gradient)
                 outcome, gradient = job.commit(header, gradient), None
         except GradfleetError as exc:
             if gradient is not None:
