@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from gradfleet.nn import MLP
 from gradfleet.proto.client import counters_dict, membership_event
@@ -213,10 +213,12 @@ class _Evaluator:
         every, total = self.job.eval_every, self.job.total_steps
         data = self.job.data
         try:
+            # found once: looking for the BLAS libraries costs milliseconds of the GIL
+            blas = ThreadpoolController()
             for step in range(every, total + 1, every) if every else ():
                 if not self._pull(step):
                     continue
-                with threadpool_limits(1):
+                with blas.limit(limits=1):
                     scores = evaluate(self.model, data.x_val, data.y_val, self.job.loss)
                 with self._lock:
                     self.results.append({"step": step, **scores})
