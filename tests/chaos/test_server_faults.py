@@ -87,8 +87,9 @@ def test_server_sigkilled_in_a_loop_resumes_from_complete_checkpoints(
 ) -> None:
     rounds, every = chaos.ROUNDS, 3
     # a 300k-parameter model: each checkpoint write (2.4 MB, fsynced) takes a moment,
-    # long enough to be caught in the act
-    job = digits_job(steps=20 * rounds + 40, hidden=512, every=every)
+    # long enough to be caught in the act; enough steps to outlive the kills (a round
+    # waits for ~15, and workers that reconnect before this test's client run on)
+    job = digits_job(steps=60 * rounds + 40, hidden=512, every=every)
     ckpt = tmp_path / "ckpt"
     server = chaos.server_process("--checkpoint-dir", str(ckpt)).start()
     rng = random.Random(1)
@@ -100,7 +101,6 @@ def test_server_sigkilled_in_a_loop_resumes_from_complete_checkpoints(
         for kill in range(rounds):
             seen = wait_for_version(ps, job_id, resumed_at + 2)
             assert seen < job.total_steps, f"the job finished after only {kill} kills"
-            # a round advances the job by at most ~15 steps, so the job outlives the kills
             if kill % 2 == 0 and wait_for_temp_file(ckpt / job_id, ps, job_id, resumed_at + 15):
                 mid_write += 1  # killed while a checkpoint file is being written
             else:
