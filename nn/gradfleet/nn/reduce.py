@@ -24,9 +24,9 @@ class GradientSum:
         self.total = np.empty(size, dtype)
         self.count = 0
 
-    def add(self, grad: np.ndarray) -> None:
-        """total += grad in place (the first gradient is copied in)."""
-        self.add_parts([(slice(None), grad)])
+    def add(self, grad: np.ndarray | Pieces) -> None:
+        """total += grad, an array or its pieces, in place (the first is copied in)."""
+        self.add_parts([(slice(None), grad)] if isinstance(grad, np.ndarray) else grad)
 
     def add_parts(
         self, parts: Sequence[tuple[slice | np.ndarray, np.ndarray]], dense: bool = True

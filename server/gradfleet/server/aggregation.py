@@ -99,8 +99,7 @@ class SyncStep:
         second member's while the sum is still empty."""
         if worker == self._next_worker:
             return True
-        second = self.members[1] if len(self.members) > 1 else None
-        return self._commutes and not self._summed and self._next == 0 and worker == second
+        return self._commutes and not self._summed and self.members[1:2] == (worker,)
 
     def _hold(self, worker: int, gradient: Gradient, complete: bool) -> None:
         """Keep an early gradient for its turn, unless streams are waiting for its memory.

@@ -66,13 +66,11 @@ class PushFormat:
     def add(self, total: GradientSum, gradient: Gradient) -> None:
         """total += `gradient`, a payload decoded block by block."""
         if self.encoded:
-            data = gradient.values
-            assert isinstance(data, np.ndarray)
-            total.add_parts(self.codec.parts(data, self.size, self.dtype), self.codec.dense)
-        elif gradient.data is not None:
-            total.add(gradient.data)
+            assert gradient.data is not None  # a payload is checked, and kept, whole
+            parts = self.codec.parts(gradient.data, self.size, self.dtype)
+            total.add_parts(parts, self.codec.dense)
         else:
-            total.add_parts(gradient.pieces, dense=True)
+            total.add(gradient.values)
 
 
 @dataclass
