@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -14,6 +15,7 @@ from gradfleet.nn import MLP
 from gradfleet.proto.client import ParameterServerClient
 from gradfleet.proto.errors import InvalidArgument
 from gradfleet.proto.partition import partition
+from gradfleet.proto.shard_watch import ShardWatch
 from gradfleet.proto.sharded import ShardedClient, ShardsDisagree
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.proto.wire import FlatLayout, encode_chunk_message
@@ -143,3 +145,37 @@ def test_servers_holding_another_partition_are_refused_in_one_sentence() -> None
         two = ShardedClient([ParameterServerClient(a, timeout=10) for a in addresses[:2]])
         with two, pytest.raises(ShardsDisagree, match="shard 0 of 3"):
             two.pull_weights("j")
+
+
+def test_a_shard_left_one_step_ahead_after_an_agreement_is_brought_back(tmp_path: Path) -> None:
+    # a push that reached one shard after the others went back leaves it a step ahead
+    layout, _ = model_layout()
+    size = layout.total_elements
+    dirs = [tmp_path / f"shard-{s}" for s in range(2)]
+    with contextlib.ExitStack() as stack:
+        addresses = [stack.enter_context(serve(port=0, checkpoint_dir=d)).address for d in dirs]
+        ps = stack.enter_context(ShardedClient([ParameterServerClient(a) for a in addresses]))
+        ps.create_job(
+            SPEC, ADAM, layout=layout, num_workers=1, total_steps=5, job_id="j",
+            checkpoint_every=1,
+        )  # fmt: skip
+        watch = ShardWatch(ps, "j", settle=0.0)
+        watch.check()
+        for step in range(2):
+            ps.push_and_pull("j", 0, step, 1, 0.5, gradient(size, 0, step))
+        ps.checkpoint("j")
+        ps.clients[0].restore_job("j", 2)  # shard 0 rebuilt from its checkpoint of 2
+        watch.check()  # every shard is at 2 already: nothing goes back
+        start, stop = partition(layout, 2, ps.clients[0].chunk_bytes).range(1)
+        ps.clients[1].push_gradient("j", 0, 2, 1, 0.5, gradient(size, 0, 2)[start:stop])
+        apart = [info.version for info in ps.shard_infos("j")]
+        watch.check()
+        agreed = [info.version for info in ps.shard_infos("j")]
+        _, weights = ps.push_and_pull("j", 0, 2, 1, 0.5, gradient(size, 0, 2))
+    with servers(2) as undisturbed, client_of(undisturbed) as ps:
+        ps.create_job(SPEC, ADAM, layout=layout, num_workers=1, total_steps=5, job_id="j")
+        for step in range(3):
+            _, expected = ps.push_and_pull("j", 0, step, 1, 0.5, gradient(size, 0, step))
+
+    assert apart == [2, 3] and agreed == [2, 2]
+    assert weights.tobytes() == expected.tobytes()

@@ -25,6 +25,7 @@ from gradfleet.nn import MLP
 from gradfleet.proto.client import counters_dict, membership_event
 from gradfleet.proto.errors import DeadlineExceeded, GradfleetError, WrongState
 from gradfleet.proto.runtime import long_lived_objects_frozen
+from gradfleet.proto.shard_watch import ShardWatch
 from gradfleet.proto.sharded import ShardedClient
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
 from gradfleet.worker.actor import SERVER_PATIENCE, ServerClient, server_client
@@ -260,29 +261,22 @@ class _Monitor:
         self.progress, self.started = progress, started
         self.model = MLP.from_spec(job.model_spec)
         self.history: list[dict[str, float]] = []
-        self._incarnations: list[int] = []
         actor_name = server_actor.name if server_actor else None
         self.client = server_client(address, token, actor_name, SERVER_PATIENCE)
+        self._shards = (
+            ShardWatch(self.client, job_id) if isinstance(self.client, ShardedClient) else None
+        )
         self._evaluator = _Evaluator(
             server_client(address, token, actor_name, SERVER_PATIENCE), job_id, job
         )
 
     def poll(self) -> None:
-        if isinstance(self.client, ShardedClient):
-            self._keep_shards_agreed(self.client)
+        if self._shards is not None:
+            self._shards.check()
         info = self.client.get_job(self.job_id, history_since=len(self.history))
         self._record(info.history)
         if self.progress is not None and self.history:
             self.progress(self.history[-1] | held_out_metrics([self._evaluator.latest()]))
-
-    def _keep_shards_agreed(self, client: ShardedClient) -> None:
-        """When a shard's state was rebuilt from disk (its process or node was lost), bring
-        every shard back to the newest version all of them hold; the workers re-sync."""
-        incarnations = client.incarnations(self.job_id)
-        if self._incarnations and incarnations != self._incarnations:
-            client.agree(self.job_id)
-            incarnations = client.incarnations(self.job_id)
-        self._incarnations = incarnations
 
     def _record(self, records: Iterable[pb.StepRecord]) -> int:
         """Append the records not yet seen; returns how many were new."""
