@@ -72,9 +72,15 @@ def start_server(tree: Path, *args: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"the server of {tree} did not start")
 
 
-def exchange_latencies(tree: Path, every: int, steps: int) -> np.ndarray:
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of a running process (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def exchange_latencies(tree: Path, every: int, steps: int) -> tuple[np.ndarray, float]:
     """Seconds of each exchange of 2 clients over `steps` sync steps, checkpointing
-    every `every` steps (0: never)."""
+    every `every` steps (0: never), and the server's CPU seconds per step."""
     with tempfile.TemporaryDirectory() as ckpt:
         proc, address = start_server(tree, "--checkpoint-dir", ckpt)
         try:
@@ -100,10 +106,13 @@ def exchange_latencies(tree: Path, every: int, steps: int) -> np.ndarray:
                 t.start()
             for t in threads:
                 t.join()
+            with ParameterServerClient(address, timeout=600) as ps:
+                ps.stop_job(job)  # and wait for its checkpoints to be on disk
+            cpu = process_cpu_seconds(proc.pid) / steps
         finally:
             proc.terminate()
             proc.wait(timeout=120)
-    return np.array(times[0][2:] + times[1][2:])  # the first steps warm the allocator
+    return np.array(times[0][2:] + times[1][2:]), cpu  # the first steps warm the allocator
 
 
 def job_seconds(tree: Path, every: int) -> float:
@@ -138,24 +147,30 @@ def main() -> None:
     names = {tree: "this tree" if tree == HERE else str(tree) for tree in trees}
 
     latency: dict[tuple[Path, int], list[np.ndarray]] = {}
+    cpu: dict[tuple[Path, int], list[float]] = {}
     for _ in range(args.rounds):
         for tree in trees:
             for every in (0, 1):
-                latency.setdefault((tree, every), []).append(
-                    exchange_latencies(tree, every, args.steps)
-                )
+                times, seconds_per_step = exchange_latencies(tree, every, args.steps)
+                latency.setdefault((tree, every), []).append(times)
+                cpu.setdefault((tree, every), []).append(seconds_per_step)
     print(f"exchange latency, 10M float32, 2 clients, {args.rounds} x {args.steps} steps")
-    print(f"  {'tree':30s} {'checkpoints':>12} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"  {'tree':30s} {'checkpoints':>12} {'p50 ms':>8} {'p99 ms':>8} {'server CPU/step':>16}")
     p99 = {}
     for (tree, every), runs in latency.items():
         all_times = np.concatenate(runs)
         p99[tree, every] = float(np.percentile(all_times, 99))
         print(
             f"  {names[tree]:30s} {'every step' if every else 'none':>12} "
-            f"{np.percentile(all_times, 50) * 1e3:8.1f} {p99[tree, every] * 1e3:8.1f}"
+            f"{np.percentile(all_times, 50) * 1e3:8.1f} {p99[tree, every] * 1e3:8.1f} "
+            f"{np.median(cpu[tree, every]) * 1e3:13.1f} ms"
         )
     for tree in trees:
-        print(f"  {names[tree]}: p99 with / without checkpoints {p99[tree, 1] / p99[tree, 0]:.2f}")
+        written = np.median(cpu[tree, 1]) - np.median(cpu[tree, 0])
+        print(
+            f"  {names[tree]}: p99 with / without checkpoints {p99[tree, 1] / p99[tree, 0]:.2f}; "
+            f"a checkpoint costs the server {written * 1e3:.1f} ms of CPU"
+        )
 
     if args.no_job:
         return

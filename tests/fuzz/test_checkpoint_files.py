@@ -7,7 +7,6 @@ server then falls back to the previous good checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -124,7 +124,7 @@ def reseal(meta_path: Path, **changes: object) -> None:
     npz = meta_path.parent / str(meta["npz"])
     if npz.exists():
         meta["npz_bytes"] = npz.stat().st_size
-        meta["npz_sha256"] = hashlib.sha256(npz.read_bytes()).hexdigest()
+        meta["npz_xxh3_128"] = xxhash.xxh3_128(npz.read_bytes()).hexdigest()
     meta["checksum"] = checkpoint._meta_checksum(meta)
     meta_path.write_text(json.dumps(meta))
 
@@ -143,9 +143,9 @@ def test_pickled_object_array_is_refused_and_never_unpickled(
         np.savez(f, **arrays)  # allow_pickle on save: the object array is a pickle
     unsealed = tmp_path / "unsealed" / "ck"
     shutil.copytree(job_dir, unsealed)
-    reseal(meta)  # the forger also fixed size and SHA-256: only allow_pickle=False is left
+    reseal(meta)  # the forger also fixed size and checksum: only allow_pickle=False is left
 
-    with pytest.raises(checkpoint.CheckpointError, match=r"bytes, expected|SHA-256"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"bytes, expected|checksum"):
         checkpoint._load_one(newest(unsealed)[0])
     with pytest.raises(checkpoint.CheckpointError, match=r"[Oo]bject arrays|pickle"):
         checkpoint._load_one(meta)
@@ -192,5 +192,5 @@ def test_server_resumes_the_last_good_checkpoint_and_says_why(
 
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert jobs == {"ck": 1}
-    assert f"{meta.name} is refused: the SHA-256 of {npz.name} does not match" in messages
+    assert f"{meta.name} is refused: the checksum of {npz.name} does not match" in messages
     assert "job lost is not resumed" in messages

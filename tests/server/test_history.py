@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -93,8 +94,12 @@ def test_get_job_and_watch_answer_page_by_page(kit) -> None:
     assert events == [*range(10), pb.JOB_STATE_COMPLETED]  # the state after its steps
 
 
-def test_checkpoints_keep_the_history_and_format_2_still_loads(kit, tmp_path: Path) -> None:
-    # prepare: a checkpoint of format 3, then the same checkpoint rewritten as format 2
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_checkpoints_keep_the_history_and_older_formats_still_load(
+    kit, tmp_path: Path, fmt: int
+) -> None:
+    # prepare: a checkpoint of today's format, then the same checkpoint rewritten as `fmt`
+    # (3: the .npz checked by SHA-256; 2: that, and the history as JSON records)
     with (
         serve(port=0, checkpoint_dir=tmp_path) as server,
         ParameterServerClient(server.address) as client,
@@ -105,9 +110,11 @@ def test_checkpoints_keep_the_history_and_format_2_still_loads(kit, tmp_path: Pa
     (meta_path,) = sorted((tmp_path / job).glob("ckpt-*.json"))[-1:]
     new_format = checkpoint.load_latest(tmp_path / job)
     meta = json.loads(meta_path.read_bytes())
-    meta["format"] = 2
-    meta["history"] = as_dicts(expected)  # as format 2 stored it
-    del meta["checksum"]
+    meta["format"] = fmt
+    del meta["npz_xxh3_128"], meta["checksum"]
+    meta["npz_sha256"] = hashlib.sha256(meta_path.with_suffix(".npz").read_bytes()).hexdigest()
+    if fmt == 2:
+        meta["history"] = as_dicts(expected)  # as format 2 stored it
     meta["checksum"] = checkpoint._meta_checksum(meta)
     meta_path.write_bytes(json.dumps(meta).encode())
     # execute
