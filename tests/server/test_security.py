@@ -246,14 +246,19 @@ def test_a_port_held_by_another_gradfleet_server_is_refused() -> None:
 
 
 def test_a_metrics_port_already_taken_leaves_no_grpc_server_running() -> None:
-    # prepare
+    # prepare: a free port for gRPC, a taken one for metrics
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
     with socket.create_server(("127.0.0.1", 0)) as taken:
-        server = ParameterServer(metrics_port=taken.getsockname()[1])
+        server = ParameterServer(port=port, metrics_port=taken.getsockname()[1])
         # execute
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="could not serve metrics"):
             server.start()
-    # assert: the gRPC port was never opened for business
-    assert server._server is None
+    # assert: nothing listens on the gRPC port, and a server can start there
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    with serve(port=port) as again, ParameterServerClient(again.address) as client:
+        assert client.list_jobs() == []
 
 
 def test_binding_beyond_loopback_without_a_token_warns(caplog: pytest.LogCaptureFixture) -> None:

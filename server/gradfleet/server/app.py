@@ -215,6 +215,16 @@ class ParameterServer:
             ),
             server,
         )
+        # metrics first: grpcio listens from add_port on, and a server that never
+        # started does not let its port go
+        if c.metrics_port is not None:
+            try:
+                self.metrics_port = self.metrics.serve(c.metrics_port, c.host)
+            except OSError as exc:
+                self.registry.close()
+                raise OSError(
+                    f"could not serve metrics on {c.host}:{c.metrics_port}: {exc}"
+                ) from None
         bind = f"{c.host}:{c.port}" if ":" not in c.host else f"[{c.host}]:{c.port}"
         try:
             if self.secure:
@@ -227,17 +237,11 @@ class ParameterServer:
             else:
                 self.port = server.add_insecure_port(bind)
         except RuntimeError as exc:  # grpcio reports a failed bind this way
+            self._abandon_start()
             raise _bind_failure(c.host, c.port, bind, str(exc), self.secure) from None
         if self.port == 0:
+            self._abandon_start()
             raise _bind_failure(c.host, c.port, bind, "gRPC bound no address", self.secure)
-        if c.metrics_port is not None:  # before the gRPC server starts serving
-            try:
-                self.metrics_port = self.metrics.serve(c.metrics_port, c.host)
-            except OSError as exc:
-                server.stop(None)  # let the bound gRPC port go
-                raise OSError(
-                    f"could not serve metrics on {c.host}:{c.metrics_port}: {exc}"
-                ) from None
         server.start()
         self._server = server
         for name in ("", SERVICE_NAME):
@@ -250,6 +254,13 @@ class ParameterServer:
             resumed,
         )
         return self
+
+    def _abandon_start(self) -> None:
+        """Undo what a start that failed had begun: the resumed jobs' writer, metrics."""
+        try:
+            self.registry.close()
+        finally:
+            self.metrics.close()
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown; idempotent."""
