@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,3 +27,13 @@ DATA = Path(__file__).resolve().parent / "data"
 def mnist_dir() -> Path:
     """The MNIST test set kept in the repository (tests/data/mnist, with its licence)."""
     return DATA / "mnist"
+
+
+@pytest.fixture(scope="session")
+def active_streams() -> Callable[[Any], int]:
+    """Reads a server's pulls and pushes in flight from its metrics, as a scraper would."""
+
+    def read(server: Any) -> int:
+        return int(server.metrics.registry.get_sample_value("gradfleet_active_streams"))
+
+    return read

@@ -110,7 +110,9 @@ def test_32_concurrent_pushers_of_a_1m_parameter_model(chaos: Any) -> None:
     assert last - warm <= 64 << 20
 
 
-def test_calls_over_the_stream_limit_get_resource_exhausted_and_traffic_continues() -> None:
+def test_calls_over_the_stream_limit_get_resource_exhausted_and_traffic_continues(
+    active_streams: Any,
+) -> None:
     limit, excess = 4, 12
     spec = {"type": "MLP", "sizes": [6, 3], "dtype": "float32", "seed": 0}
     with serve(port=0, max_concurrent_streams=limit) as server:
@@ -141,7 +143,7 @@ def test_calls_over_the_stream_limit_get_resource_exhausted_and_traffic_continue
         with ThreadPoolExecutor(limit + excess) as pool:
             waiting = [pool.submit(call, c, "wait") for c in waiters]
             spin_limit = time.monotonic() + 30
-            while server.service.streams.active < limit and time.monotonic() < spin_limit:
+            while active_streams(server) < limit and time.monotonic() < spin_limit:
                 time.sleep(0.01)
             kinds = ["pull", "push"] * (excess // 2)
             over = [pool.submit(call, c, k) for c, k in zip(others, kinds, strict=True)]
@@ -152,9 +154,9 @@ def test_calls_over_the_stream_limit_get_resource_exhausted_and_traffic_continue
         for client in waiters + others:
             client.close()
         deadline = time.monotonic() + 30
-        while server.service.streams.active and time.monotonic() < deadline:
+        while active_streams(server) and time.monotonic() < deadline:
             time.sleep(0.01)  # the server notices the deadlines a moment after the clients
-        active_after = server.service.streams.active
+        active_after = active_streams(server)
         with ParameterServerClient(server.address, patience=0) as ps:
             ack = ps.push_gradient(job_id, 0, 0, 1, 0.5, grad)
             version, _ = ps.pull_weights(job_id, 1)

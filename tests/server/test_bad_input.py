@@ -372,18 +372,26 @@ def test_message_over_the_size_limit_is_resource_exhausted(kit) -> None:
             assert ok.push_gradient(job, 0, 0, 1, 1.0, np.ones_like(weights)).version == 1
 
 
-def test_too_many_concurrent_streams_is_resource_exhausted(kit) -> None:
+def test_too_many_concurrent_streams_is_resource_exhausted(kit, active_streams) -> None:
     # prepare: one stream allowed, held by a pull waiting for version 1
     with (
         serve(port=0, max_concurrent_streams=1) as small,
         ParameterServerClient(small.address) as c,
     ):
         job = c.create_job(kit.SPEC64, kit.SGD, total_steps=2)
-        layout = c.layout(job)
-        waiter = threading.Thread(target=lambda: c.pull_weights(job, 1, timeout=30))
+        ended: list[str] = []
+
+        def wait_for_version_1() -> None:
+            try:
+                c.pull_weights(job, 1, timeout=30)
+                ended.append("OK")
+            except GradfleetError as exc:
+                ended.append(exc.code.name)
+
+        waiter = threading.Thread(target=wait_for_version_1)
         waiter.start()
         held = time.monotonic() + 30
-        while small.service.streams.active == 0 and time.monotonic() < held:
+        while active_streams(small) == 0 and time.monotonic() < held:
             threading.Event().wait(0.01)
         # execute
         with pytest.raises(GradfleetError) as err:
@@ -391,7 +399,6 @@ def test_too_many_concurrent_streams_is_resource_exhausted(kit) -> None:
         # assert
         assert err.value.code.name == "RESOURCE_EXHAUSTED"
         assert c.get_job(job).version == 0
-        small.service.streams.limit = 2  # let the push through to release the waiter
-        c.push_gradient(job, 0, 0, 1, 1.0, kit.gradient(layout, 0, 0))
+        c.stop_job(job)  # a unary call: it ends the waiting pull and frees its stream
         waiter.join(timeout=30)
-        assert not waiter.is_alive()
+        assert not waiter.is_alive() and ended == ["FAILED_PRECONDITION"]

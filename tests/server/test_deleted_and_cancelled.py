@@ -125,7 +125,7 @@ def test_an_async_push_in_flight_when_its_job_is_deleted_changes_nothing(tmp_pat
     assert not (tmp_path / job).exists()
 
 
-def test_pulls_whose_clients_left_give_their_stream_slots_back() -> None:
+def test_pulls_whose_clients_left_give_their_stream_slots_back(active_streams) -> None:
     # prepare: a server allowing 2 concurrent streams; a job that needs 2 workers per step
     with (
         serve(host="127.0.0.1", port=0, max_concurrent_streams=2) as server,
@@ -147,12 +147,12 @@ def test_pulls_whose_clients_left_give_their_stream_slots_back() -> None:
             # a version that needs worker 1
             waiting_pull = pull(pb.PullWeightsRequest(job_id=job, min_version=1))
             waiting_exchange = exchange.future(exchange_message, timeout=3600)
-            _wait_until(lambda: server.service.streams.active == 2)
+            _wait_until(lambda: active_streams(server) == 2)
             # execute: both clients leave
             waiting_pull.cancel()
             waiting_exchange.cancel()
             # assert: the slots come back, and a live client's pull gets through
-            _wait_until(lambda: server.service.streams.active == 0)
+            _wait_until(lambda: active_streams(server) == 0)
         version, _ = ps.pull_weights(job, 0, timeout=10)
     assert version == 0
 
