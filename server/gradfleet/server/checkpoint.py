@@ -102,9 +102,6 @@ class _HashingWriter:
     def seek(self, *args: Any) -> int:
         raise OSError("not seekable")
 
-    def read(self, *args: Any) -> bytes:  # np.savez takes what has `read` for a file
-        raise OSError("write-only")
-
     def flush(self) -> None:
         self._f.flush()
 
