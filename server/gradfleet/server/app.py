@@ -221,7 +221,7 @@ class ParameterServer:
             try:
                 self.metrics_port = self.metrics.serve(c.metrics_port, c.host)
             except OSError as exc:
-                self.registry.close()
+                self._abandon_start()
                 raise OSError(
                     f"could not serve metrics on {c.host}:{c.metrics_port}: {exc}"
                 ) from None

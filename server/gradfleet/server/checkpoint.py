@@ -52,19 +52,20 @@ class CheckpointError(ValueError):
     """A checkpoint file is incomplete, corrupted or not ours; the message says which."""
 
 
+def _npz_digest_kind(fmt: int) -> tuple[str, Callable[[], Any]]:
+    """The metadata key and the hash of a weights file's digest in checkpoint format `fmt`.
+    XXH3-128 since format 4: it catches torn and corrupted files, which is all a checksum
+    of the server's own files is for, at a tenth of SHA-256's CPU per checkpoint."""
+    return ("npz_xxh3_128", xxhash.xxh3_128) if fmt >= 4 else ("npz_sha256", hashlib.sha256)
+
+
 def _npz_digest(path: Path, fmt: int) -> str:
     """The digest of a weights file that a checkpoint of format `fmt` records."""
-    digest = _npz_hash(fmt)
+    digest = _npz_digest_kind(fmt)[1]()
     with open(path, "rb") as f:
         while block := f.read(_HASH_BLOCK):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _npz_hash(fmt: int) -> Any:
-    """XXH3-128 since format 4: it catches torn and corrupted files, which is all a checksum
-    of the server's own files is for, at a tenth of SHA-256's CPU per checkpoint."""
-    return xxhash.xxh3_128() if fmt >= 4 else hashlib.sha256()
 
 
 def _meta_checksum(meta: dict) -> str:
@@ -88,7 +89,7 @@ class _HashingWriter:
 
     def __init__(self, f: IO[bytes]) -> None:
         self._f, self._position = f, 0
-        self.digest = _npz_hash(FORMAT_VERSION)
+        self.digest = _npz_digest_kind(FORMAT_VERSION)[1]()
 
     def write(self, data: bytes | memoryview) -> int:
         self.digest.update(data)
@@ -162,7 +163,7 @@ def write_checkpoint(root: Path, snap: JobSnapshot, keep: int = _KEEP) -> Path:
         "layout": snap.layout.to_json(),
         "npz": npz_path.name,
         "npz_bytes": npz_path.stat().st_size,
-        "npz_xxh3_128": npz_digest,
+        _npz_digest_kind(FORMAT_VERSION)[0]: npz_digest,
         "created_at": snap.created_at,
         "counters": {
             "received": c.received,
@@ -246,7 +247,7 @@ def _parse(json_path: Path) -> JobSnapshot:
         raise bad(
             f"{npz_path.name} has {npz_path.stat().st_size} bytes, expected {meta['npz_bytes']}"
         )
-    key = "npz_xxh3_128" if meta["format"] >= 4 else "npz_sha256"
+    key, _ = _npz_digest_kind(meta["format"])
     if _npz_digest(npz_path, meta["format"]) != meta.get(key):
         raise bad(f"the checksum of {npz_path.name} does not match (corrupted or replaced)")
     layout = FlatLayout.from_json(meta["layout"])
