@@ -3,14 +3,14 @@
 Two measurements, each run against one or more source trees (``--tree``, default this
 repository; give an older checkout to compare before and after), variants interleaved:
 
-* **exchange latency**, 10M float32 parameters (1000-4000-1500-10), sync, 2 clients in
+* **exchange latency**, 10M float32 parameters (1000-4000-1500-10), sync, 2 clients (`--clients`) in
   threads each doing ``push_and_pull`` against a ``gradfleet server`` subprocess, with a
   checkpoint every step or none: p50 and p99 of one exchange;
 * **a small job's wall time**: ``gradfleet train`` of breast_cancer (float64, 2 Ray
   workers, 2,800 sync steps) with ``checkpoint_every = 7`` or without checkpoints.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_checkpoints.py \\
-        [--tree /path/to/old/checkout] [--rounds 3] [--steps 40] [--no-job]
+        [--tree /path/to/old/checkout] [--rounds 3] [--steps 40] [--clients 2] [--no-job]
 """
 
 from __future__ import annotations
@@ -78,19 +78,21 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def exchange_latencies(tree: Path, every: int, steps: int) -> tuple[np.ndarray, float]:
-    """Seconds of each exchange of 2 clients over `steps` sync steps, checkpointing
-    every `every` steps (0: never), and the server's CPU seconds per step."""
+def exchange_latencies(
+    tree: Path, every: int, steps: int, clients: int = 2
+) -> tuple[np.ndarray, float]:
+    """Seconds of each exchange of `clients` clients over `steps` sync steps,
+    checkpointing every `every` steps (0: never), and the server's CPU seconds per step."""
     with tempfile.TemporaryDirectory() as ckpt:
         proc, address = start_server(tree, "--checkpoint-dir", ckpt)
         try:
             spec = {"type": "MLP", "sizes": SIZES, "dtype": "float32", "seed": 0}
             with ParameterServerClient(address, timeout=600) as ps:
                 job = ps.create_job(
-                    spec, SGD, num_workers=2, total_steps=steps + 1, checkpoint_every=every
+                    spec, SGD, num_workers=clients, total_steps=steps + 1, checkpoint_every=every
                 )
                 _, weights = ps.pull_weights(job)
-            times: list[list[float]] = [[], []]
+            times: list[list[float]] = [[] for _ in range(clients)]
 
             def worker(w: int) -> None:
                 grad = np.full_like(weights, 1e-3 * (w + 1))
@@ -101,7 +103,7 @@ def exchange_latencies(tree: Path, every: int, steps: int) -> tuple[np.ndarray, 
                         own.push_and_pull(job, w, step, 1, 0.5, grad, out=out)
                         times[w].append(time.perf_counter() - start)
 
-            threads = [threading.Thread(target=worker, args=(w,)) for w in range(2)]
+            threads = [threading.Thread(target=worker, args=(w,)) for w in range(clients)]
             for t in threads:
                 t.start()
             for t in threads:
@@ -112,7 +114,8 @@ def exchange_latencies(tree: Path, every: int, steps: int) -> tuple[np.ndarray, 
         finally:
             proc.terminate()
             proc.wait(timeout=120)
-    return np.array(times[0][2:] + times[1][2:]), cpu  # the first steps warm the allocator
+    # the first steps warm the allocator
+    return np.array([t for own in times for t in own[2:]]), cpu
 
 
 def job_seconds(tree: Path, every: int) -> float:
@@ -141,6 +144,7 @@ def main() -> None:
     parser.add_argument("--tree", action="append", type=Path, help="another source tree")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40, help="sync steps per latency run")
+    parser.add_argument("--clients", type=int, default=2, help="pushing clients (threads)")
     parser.add_argument("--no-job", action="store_true", help="skip the small job's timing")
     args = parser.parse_args()
     trees = [HERE, *(args.tree or [])]
@@ -151,10 +155,12 @@ def main() -> None:
     for _ in range(args.rounds):
         for tree in trees:
             for every in (0, 1):
-                times, seconds_per_step = exchange_latencies(tree, every, args.steps)
+                times, seconds_per_step = exchange_latencies(tree, every, args.steps, args.clients)
                 latency.setdefault((tree, every), []).append(times)
                 cpu.setdefault((tree, every), []).append(seconds_per_step)
-    print(f"exchange latency, 10M float32, 2 clients, {args.rounds} x {args.steps} steps")
+    print(
+        f"exchange latency, 10M float32, {args.clients} clients, {args.rounds} x {args.steps} steps"
+    )
     print(f"  {'tree':30s} {'checkpoints':>12} {'p50 ms':>8} {'p99 ms':>8} {'server CPU/step':>16}")
     p99 = {}
     for (tree, every), runs in latency.items():
