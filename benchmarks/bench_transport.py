@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from gradfleet.nn.mlp import parameter_count
+from gradfleet.server import ServerConfig
 
 MODELS = {
     "269k": [784, 256, 256, 10],
@@ -338,7 +339,7 @@ def main() -> None:
         f"{cpu[len(cpu) // 2] * 1e3:.1f} ms over {len(cpu)} steps "
         f"(wall: best {min(w for _, w in steps) * 1e3:.1f} ms)"
     )
-    weights_mb = parameter_count(MODELS["10M"]) * 4 / 1e6
+    gradient_bytes = parameter_count(MODELS["10M"]) * 4
     for budget in (None, 50_000_000):
         extra = () if budget is None else ("--receive-budget-bytes", str(budget))
         proc, address = start_server(*extra)
@@ -349,11 +350,13 @@ def main() -> None:
         label = (
             "default receive budget" if budget is None else f"receive budget {budget / 1e6:.0f} MB"
         )
+        held = min(8, max(1, (budget or ServerConfig().receive_budget_bytes) // gradient_bytes))
         print(
             f"server peak RSS, 10M-param job, 8 workers pushing at once, {label}: "
             f"{mem['peak']:.0f} MB (idle server {mem['baseline']:.0f} MB, after create "
-            f"{mem['after_create']:.0f} MB; budget = weights {weights_mb:.0f} + sum "
-            f"{weights_mb:.0f} + 8 chunks of 1 MiB + 100 = {2 * weights_mb + 8.4 + 100:.0f} MB)"
+            f"{mem['after_create']:.0f} MB, plus {held} x {gradient_bytes / 1e6:.0f} MB held "
+            f"whole = {mem['after_create'] + held * gradient_bytes / 1e6:.0f} MB; the rest is "
+            "messages in flight)"
         )
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}, cpus {os.cpu_count()}")
 
