@@ -63,3 +63,35 @@ def test_an_overflowing_sum_in_pieces_is_reported() -> None:
     total.add(big)
 
     assert total.mean(as_pieces(big, [SIZE // 2])) is None
+
+
+@pytest.mark.parametrize("where", [0, 65_535, 65_536, SIZE - 1])
+def test_an_overflow_while_adding_is_reported_by_the_mean(where: int) -> None:
+    big = np.zeros(SIZE, np.float32)
+    big[where] = np.finfo(np.float32).max
+    total = GradientSum(SIZE, "float32")
+    total.add(big)
+    total.add(as_pieces(big, [SIZE // 3]))  # one element overflows here
+
+    assert total.mean(np.ones(SIZE, np.float32)) is None
+
+
+def test_sums_near_the_limit_are_not_overflows() -> None:
+    near = np.full(SIZE, np.finfo(np.float32).max / 2, dtype=np.float32)
+    total = GradientSum(SIZE, "float32")
+    total.add(near)
+    mean = total.mean(-near)
+
+    assert mean is not None and not mean.any()
+
+
+def test_a_cleared_sum_forgets_an_earlier_overflow() -> None:
+    big = np.full(SIZE, np.finfo(np.float32).max, dtype=np.float32)
+    total = GradientSum(SIZE, "float32")
+    total.add(big)
+    total.add(big)
+    total.clear()
+    total.add(np.ones(SIZE, np.float32))
+
+    mean = total.mean(np.full(SIZE, 3, np.float32))
+    assert mean is not None and (mean == 2).all()
