@@ -23,6 +23,7 @@ same numbers for every codec.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,7 @@ class Codec:
     fraction: float = 1.0
 
     @classmethod
+    @functools.lru_cache(maxsize=64)  # every push names its codec; a Codec never changes
     def parse(cls, text: str | None) -> Codec:
         """From its name ("none", "bf16", "fp16", "sign", "topk:0.01"); ValueError else."""
         text = (text or "none").strip().lower()
