@@ -3,10 +3,10 @@
 Each variant runs its server in a process of its own and two client processes that only
 exchange a fixed gradient for the next weights, `--steps` sync steps of the MNIST model
 (784-256-256-10, float32, 269k parameters); the server process's CPU seconds come from
-/proc. Variants, interleaved in rounds: the minimal grpcio server of
-``bench_grpc_floor.py`` (two workers), gradfleet's server from this tree, and from each
-``--tree`` (an older checkout, run as ``bench_checkpoints.py`` runs one), each with
-clients of its own tree.
+/proc. Variants, interleaved in rounds that each start with the next variant: the
+minimal grpcio server of ``bench_grpc_floor.py`` (two workers), gradfleet's server from
+this tree, and from each ``--tree`` (an older checkout, run as ``bench_checkpoints.py``
+runs one), each with clients of its own tree.
 
     python benchmarks/bench_server_cpu.py [--tree /path/to/old/checkout] [--rounds 3] \\
         [--steps 2000]
@@ -15,10 +15,12 @@ clients of its own tree.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -133,11 +135,14 @@ def main() -> None:
         tree: "gradfleet, this tree" if i == 0 else f"gradfleet, {tree}"
         for i, tree in enumerate(trees)
     }
-    runs: dict[str, list[dict]] = {}
-    for _ in range(args.rounds):
-        runs.setdefault(MINIMAL, []).append(minimal_round(args.steps))
-        for tree in trees:
-            runs.setdefault(names[tree], []).append(gradfleet_round(tree, args.steps))
+    variants: list[tuple[str, Callable[[], dict]]] = [(MINIMAL, lambda: minimal_round(args.steps))]
+    for tree in trees:
+        variants.append((names[tree], functools.partial(gradfleet_round, tree, args.steps)))
+    runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
+    for round_ in range(args.rounds):  # each round starts with the next variant
+        shift = round_ % len(variants)
+        for name, run in variants[shift:] + variants[:shift]:
+            runs[name].append(run())
 
     print(f"{WORKERS} clients, no compute, 269k float32, {args.rounds} x {args.steps} steps")
     print(f"  {'server':50s} {'CPU ms/step':>12} {'wall ms/step':>13} {'gap ms':>8}")
