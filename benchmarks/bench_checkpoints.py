@@ -3,9 +3,9 @@
 Two measurements, each run against one or more source trees (``--tree``, default this
 repository; give an older checkout to compare before and after), variants interleaved:
 
-* **exchange latency**, 10M float32 parameters (1000-4000-1500-10), sync, 2 clients (`--clients`) in
-  threads each doing ``push_and_pull`` against a ``gradfleet server`` subprocess, with a
-  checkpoint every step or none: p50 and p99 of one exchange;
+* **exchange latency**, 10M float32 parameters (1000-4000-1500-10), sync, 2 clients
+  (``--clients``) in threads each doing ``push_and_pull`` against a ``gradfleet server``
+  subprocess, with a checkpoint every step or none: p50 and p99 of one exchange;
 * **a small job's wall time**: ``gradfleet train`` of breast_cancer (float64, 2 Ray
   workers, 2,800 sync steps) with ``checkpoint_every = 7`` or without checkpoints.
 

@@ -107,9 +107,9 @@ def minimal_stub(port: int, method: str) -> Callable[[bytes], bytes]:
     return channel.unary_unary(f"/floor.Minimal/{method}")  # type: ignore[no-any-return]
 
 
-def serve_minimal_subprocess() -> None:
-    """`--serve-minimal`: a one-worker minimal server in its own process; prints its port."""
-    minimal = MinimalServer(np.zeros(parameter_count(SIZES), np.float32), 1, 1e-6)
+def serve_minimal_subprocess(workers: int = 1) -> None:
+    """`--serve-minimal`: a minimal server for `workers` in its own process; prints its port."""
+    minimal = MinimalServer(np.zeros(parameter_count(SIZES), np.float32), workers, 1e-6)
     server, port = minimal.start()
     print(port, flush=True)
     server.wait_for_termination()

@@ -37,14 +37,6 @@ SPEC = {"type": "MLP", "sizes": bench_grpc_floor.SIZES, "dtype": "float32", "see
 MINIMAL = "minimal grpcio server"
 
 
-def serve_minimal() -> None:
-    """`--serve-minimal`: the minimal server for two workers; prints its port."""
-    minimal = bench_grpc_floor.MinimalServer(np.zeros(PARAMS, np.float32), WORKERS, 1e-6)
-    server, port = minimal.start()
-    print(port, flush=True)
-    server.wait_for_termination()
-
-
 def run_client(kind: str, address: str, job: str, worker: int, steps: int) -> None:
     """`--client`: one worker's exchanges, back to back."""
     grad = np.full(PARAMS, 1e-3, np.float32)
@@ -123,7 +115,7 @@ def main() -> None:
     parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_minimal:
-        serve_minimal()
+        bench_grpc_floor.serve_minimal_subprocess(WORKERS)
         return
     if args.client:
         kind, address, job, worker, steps = args.client
