@@ -14,7 +14,8 @@ A sync step, as the code runs it:
 An async push does 1-3, and `commit` applies it to the weights at once. A sync step
 closes over its members (`membership.py`): `set_members` changes them, at once for the
 open step when only workers that have not pushed to it leave, else from the next step.
-Every method is thread-safe; none does disk or network I/O under the lock.
+The control calls (status, stop, checkpoints) are `job_control.py`. Every method is
+thread-safe; none does disk or network I/O under the lock.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import logging
 import secrets
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,30 +34,27 @@ from gradfleet.proto.errors import (
     JobNotFound,
     JobStopped,
     Reason,
-    ResourceExhausted,
-    ServerUnavailable,
     TrainingDiverged,
     WrongState,
 )
 from gradfleet.server.admission import PushLedger
 from gradfleet.server.aggregation import SyncStep
-from gradfleet.server.checkpoint_writer import Checkpointed, CheckpointWriter, JobCheckpoints
+from gradfleet.server.checkpoint_writer import CheckpointWriter, JobCheckpoints
 from gradfleet.server.domain import (
-    Evaluation,
-    JobInfo,
     JobSnapshot,
     JobState,
     PushHeader,
     PushOutcome,
 )
 from gradfleet.server.history import StepHistory
+from gradfleet.server.job_control import JobControl
 from gradfleet.server.membership import Membership, MembershipState
 from gradfleet.server.metrics import ServerMetrics
 from gradfleet.server.publishing import Encode, WeightsPublisher
 from gradfleet.server.receive import Gradient, PushFormat, ReceiveSlots, check_header
 from gradfleet.server.settings import JobSettings, Mode, build_optimizer
 from gradfleet.server.update import WholeBufferOptimizer
-from gradfleet.server.waiting import VersionWaiters, Waiter
+from gradfleet.server.waiting import VersionWaiters, Waiter, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +71,7 @@ class JobResources:
     checkpoint_every: int = 0  # for jobs whose spec says 0; 0: only on stop and shutdown
 
 
-class Job:
+class Job(JobControl):
     """A job resumed from `snap` (a new job is a snapshot at version 0)."""
 
     def __init__(
@@ -105,6 +102,7 @@ class Job:
         self.created_at = snap.created_at
         self.checkpoints_on_disk = on_disk
         self._resources = resources
+        self._history_page = resources.history_page
         self._every = self.settings.spec.checkpoint_every or resources.checkpoint_every
         self._steps_applied = resources.metrics.steps_applied.labels(job=self.job_id)
         self._lock = threading.Lock()
@@ -188,36 +186,15 @@ class Job:
         return self._ledger.classify_async(h, self.version, completed, self.membership)
 
     def receive_slot(self, timeout: float | None, waiter: Waiter) -> Gradient:
-        """A receive slot for a streamed gradient (with a buffer for a codec's payload),
-        waiting for one to free up within `timeout`. Held gradients give theirs up when no
-        slot is left."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._lock:
-                if self._slots.try_take():
-                    if not self.push_format.encoded:  # its chunks are kept as they come
-                        return Gradient(None, slot=True)
-                    buffer = self._slots.buffer()
-                    return Gradient(buffer, buffer, slot=True)
-                if self._open.held:  # no room to keep worker order: add them now
-                    self._open.flush()
-                    continue
-                waiter.arm()
-                leave = self._slots.wait_turn(waiter)
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            woken = waiter.sleep(remaining)
-            with self._lock:
-                leave()
-            if waiter.cancelled:
-                raise ServerUnavailable(
-                    "the push was cancelled or the server is stopping.", Reason.SHUTDOWN
-                )
-            if not woken:
-                raise ResourceExhausted(
-                    f"job {self.job_id} is receiving {self._slots.limit} gradients already "
-                    "and the deadline passed while waiting; retry later.",
-                    Reason.RECEIVE_BUSY,
-                )
+        """A receive slot for a streamed gradient, waiting for one within `timeout`;
+        gradients held for their turn give theirs up when no slot is left."""
+        return self._slots.take(self._lock, self._flush_held, timeout, waiter)
+
+    def _flush_held(self) -> bool:
+        if not self._open.held:
+            return False
+        self._open.flush()  # no room to keep worker order: add them now
+        return True
 
     def release(self, gradient: Gradient) -> None:
         """Hand back the receive slot of a push that failed."""
@@ -294,13 +271,6 @@ class Job:
                 self._change_members(remaining, f"lost: {len(lost)} silent past the grace")
             except InvalidArgument as exc:  # fewer than min_workers would remain
                 log.warning("job %s: members %s are silent but stay: %s", self.job_id, lost, exc)
-
-    def scale(self, workers: int) -> None:
-        """Record a request for `workers` workers (the Ray trainer acts on it)."""
-        with self._lock:
-            self.membership.check_size(workers)
-            self.membership.requested = workers
-            self._waiters.wake_all()
 
     def count_early(self, outcome: PushOutcome) -> PushOutcome:
         """Count a push answered without adding its data (duplicate or late)."""
@@ -405,39 +375,24 @@ class Job:
         leaves that state, with `events`, until it has had more membership events (True);
         False on timeout or cancellation. Without `state`, a stopped or deleted job
         raises."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            while True:
-                with self._lock:
-                    self._check_not_retired()
-                    if self.version > version or (state is not None and self.state is not state):
-                        return True
-                    if events is not None and len(self.membership.events) != events:
-                        return True
-                    if state is None and self.state is JobState.DELETED:
-                        raise JobNotFound(f"job {self.job_id!r} was deleted.")
-                    if state is None and self.state is JobState.STOPPED:
-                        raise JobStopped(
-                            self._stopped_because
-                            or f"job {self.job_id} stopped at version {self.version} before "
-                            f"reaching version {version + 1}."
-                        )
-                    if waiter.cancelled:
-                        return False
-                    waiter.arm()
-                    self._waiters.add(version + 1, waiter)
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                waiter.sleep(remaining)
-        finally:
-            with self._lock:
-                self._waiters.discard(waiter)
 
-    def wake_all(self) -> None:
-        with self._lock:
-            self._waiters.wake_all()
-            self._slots.waiters.wake_all()
+        def changed() -> bool:
+            self._check_not_retired()
+            if self.version > version or (state is not None and self.state is not state):
+                return True
+            if events is not None and len(self.membership.events) != events:
+                return True
+            if state is None and self.state is JobState.DELETED:
+                raise JobNotFound(f"job {self.job_id!r} was deleted.")
+            if state is None and self.state is JobState.STOPPED:
+                raise JobStopped(
+                    self._stopped_because
+                    or f"job {self.job_id} stopped at version {self.version} before "
+                    f"reaching version {version + 1}."
+                )
+            return False
+
+        return wait_until(self._lock, changed, self._waiters, version + 1, timeout, waiter)
 
     def weights_message(self, encode: Encode) -> bytes:
         """The current weights as one message (built once per version and state)."""
@@ -461,116 +416,3 @@ class Job:
         """(version, a copy of the weights, state), in full precision."""
         with self._lock:
             return self.version, self.weights.copy(), self.state
-
-    def record_evaluation(self, evaluation: Evaluation) -> None:
-        """Keep the newest held-out metrics the trainer reports (shown by status)."""
-        evaluation.check(self.settings.total_steps)
-        with self._lock:
-            if self._evaluation is None or evaluation.step >= self._evaluation.step:
-                self._evaluation = evaluation
-
-    # information and control
-
-    def info(self, history_since: int | None = None) -> JobInfo:
-        """The job now; with `history_since`, a page of its step records from that step
-        (copied under the lock, so the page and the version agree)."""
-        with self._lock:
-            page = (
-                None
-                if history_since is None
-                else self.history.page(history_since, self._resources.history_page)
-            )
-            return JobInfo(
-                job_id=self.job_id,
-                spec=self.settings.spec,
-                state=self.state,
-                version=self.version,
-                layout=self.layout,
-                counters=self.counters.copy(),
-                created_at=self.created_at,
-                last_checkpoint_version=max(self.checkpoints_on_disk, default=-1),
-                weights_fit_one_message=self.publisher.fits_one_message,
-                history=page,
-                evaluation=self._evaluation,
-                checkpoints=self.checkpoints_on_disk,
-                incarnation=self.incarnation,
-                membership=self.membership.state(),
-            )
-
-    def retire(self, version: int) -> None:
-        """This job object was replaced by the job restored at `version`: its calls in
-        flight, and any that still reach it, are told to pull again."""
-        with self._lock:
-            self._retired_to = version
-            self._waiters.wake_all()
-            self._slots.waiters.wake_all()
-
-    def _check_not_retired(self) -> None:
-        if self._retired_to is not None:
-            raise WrongState(
-                f"job {self.job_id} went back to version {self._retired_to}; pull the "
-                "weights again.",
-                Reason.FUTURE_STEP,
-            )
-
-    def stop(self) -> Future[Checkpointed] | None:
-        """Stop a running job; returns its checkpoint's future (None without a writer)."""
-        with self._lock:
-            if self.state is JobState.RUNNING:
-                self.state = JobState.STOPPED
-            self._waiters.wake_all()
-            return self._submit_checkpoint()
-
-    def checkpoint(self) -> Future[Checkpointed] | None:
-        """Write a checkpoint of the current state (None: no writer, or deleted)."""
-        with self._lock:
-            return self._submit_checkpoint()
-
-    def checkpoint_if_changed(self) -> Future[Checkpointed] | None:
-        with self._lock:
-            if self.version in self.checkpoints_on_disk:
-                return None
-            return self._submit_checkpoint()
-
-    def mark_deleted(self) -> None:
-        with self._lock:
-            self.state = JobState.DELETED
-            self._waiters.wake_all()
-            self._slots.waiters.wake_all()
-
-    def checkpoint_written(self, on_disk: tuple[int, ...]) -> None:
-        """A checkpoint was written; the job's directory now holds these versions."""
-        with self._lock:
-            self.checkpoints_on_disk = on_disk
-
-    def _submit_checkpoint(self) -> Future[Checkpointed] | None:
-        if (
-            not self._checkpoints.on
-            or self.state is JobState.DELETED
-            or self._retired_to is not None
-        ):
-            return None
-        return self._checkpoints.submit(self._snapshot())
-
-    def _snapshot(self) -> JobSnapshot:
-        """The job as of its last applied step: weights and optimiser state copied, the
-        open step's accepted gradients (not in the weights) left out of the counters."""
-        counters = self.counters.copy()
-        if self.settings.mode is Mode.SYNC and self._open.step == self.version:
-            pending = len(self._open.contributors)
-            counters.received -= pending
-            counters.accepted -= pending
-        return JobSnapshot(
-            job_id=self.job_id,
-            spec=self.settings.spec,
-            layout=self.layout,
-            weights=self.weights.copy(),
-            optimizer_state=self._optimizer.state_dict(),
-            version=self.version,
-            state=self.state,
-            counters=counters,
-            history=self.history.arrays(),
-            created_at=self.created_at,
-            evaluation=self._evaluation,
-            membership=self.membership.state(),
-        )

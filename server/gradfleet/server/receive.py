@@ -13,6 +13,8 @@ gradients are being received or held for their turn at once (`receive_budget_byt
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from gradfleet.nn.reduce import GradientSum, Pieces
 from gradfleet.proto.codecs import Codec
-from gradfleet.proto.errors import InvalidArgument, Reason
+from gradfleet.proto.errors import InvalidArgument, Reason, ResourceExhausted, ServerUnavailable
 from gradfleet.proto.wire import ChunkPlacement, FlatLayout, WireError, decode_chunk_message
 from gradfleet.server.domain import PushHeader
 from gradfleet.server.waiting import FifoWaiters, Waiter
@@ -229,7 +231,40 @@ class ReceiveSlots:
             self.used -= 1
             self.waiters.wake_one()
 
-    def wait_turn(self, waiter: Waiter) -> Callable[[], None]:
-        """Queue `waiter` for the next free slot; returns how to leave the queue."""
-        self.waiters.add(waiter)
-        return lambda: self.waiters.discard(waiter)
+    def take(
+        self,
+        lock: threading.Lock,
+        flush_held: Callable[[], bool],
+        timeout: float | None,
+        waiter: Waiter,
+    ) -> Gradient:
+        """A slot for a streamed gradient (with a buffer for a codec's payload), waiting
+        within `timeout` for one to free up. `flush_held` (called under the owner's
+        `lock`) adds the gradients held for their turn now, freeing their slots; True
+        when it did."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with lock:
+                if self.try_take():
+                    if not self.format.encoded:  # its chunks are kept as they come
+                        return Gradient(None, slot=True)
+                    buffer = self.buffer()
+                    return Gradient(buffer, buffer, slot=True)
+                if flush_held():
+                    continue
+                waiter.arm()
+                self.waiters.add(waiter)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            woken = waiter.sleep(remaining)
+            with lock:
+                self.waiters.discard(waiter)
+            if waiter.cancelled:
+                raise ServerUnavailable(
+                    "the push was cancelled or the server is stopping.", Reason.SHUTDOWN
+                )
+            if not woken:
+                raise ResourceExhausted(
+                    f"the job is receiving {self.limit} gradients already and the deadline "
+                    "passed while waiting; retry later.",
+                    Reason.RECEIVE_BUSY,
+                )

@@ -11,7 +11,9 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 
 
 class Waiter:
@@ -70,6 +72,35 @@ class VersionWaiters:
         for _, _, waiter in self._heap:
             waiter.wake()
         self._heap.clear()
+
+
+def wait_until(
+    lock: threading.Lock,
+    ready: Callable[[], bool],
+    waiters: VersionWaiters,
+    version: int,
+    timeout: float | None,
+    waiter: Waiter,
+) -> bool:
+    """Block until `ready()` (checked under `lock`; it may raise) is True, waking when
+    `version` is reached or every waiter is woken; False on timeout or cancellation."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            with lock:
+                if ready():
+                    return True
+                if waiter.cancelled:
+                    return False
+                waiter.arm()
+                waiters.add(version, waiter)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            waiter.sleep(remaining)
+    finally:
+        with lock:
+            waiters.discard(waiter)
 
 
 class FifoWaiters:
