@@ -40,11 +40,11 @@ def test_every_optimizer_is_covered() -> None:
 def test_one_pass_equals_per_parameter_steps_and_state(config: dict, dtype: str) -> None:
     layout, weights = model(dtype)
     per_parameter, per_parameter_weights = make_optimizer(config), weights.copy()
-    whole = WholeBufferOptimizer(make_optimizer(config), layout, weights)
+    whole = WholeBufferOptimizer(make_optimizer(config), layout)
 
     for grad in gradients(layout, 4):
         per_parameter.step(layout.views(per_parameter_weights), layout.views(grad))
-        whole.step(grad)
+        whole.step(weights, grad)
 
     np.testing.assert_array_equal(weights, per_parameter_weights)
     expected, got = per_parameter.state_dict(), whole.state_dict()
@@ -62,19 +62,19 @@ def test_resumed_from_per_parameter_state_continues_identically(config: dict) ->
         per_parameter.step(layout.views(per_parameter_weights), layout.views(grad))
 
     resumed_weights = per_parameter_weights.copy()
-    resumed = WholeBufferOptimizer(make_optimizer(config), layout, resumed_weights)
-    resumed.load_state_dict(per_parameter.state_dict())
+    resumed = WholeBufferOptimizer(make_optimizer(config), layout)
+    resumed.load_state_dict(per_parameter.state_dict(), resumed_weights)
     for grad in grads[3:]:
         per_parameter.step(layout.views(per_parameter_weights), layout.views(grad))
-        resumed.step(grad)
+        resumed.step(resumed_weights, grad)
 
     np.testing.assert_array_equal(resumed_weights, per_parameter_weights)
 
 
 def test_invalid_state_is_refused_and_changes_nothing() -> None:
     layout, weights = model("float64")
-    whole = WholeBufferOptimizer(make_optimizer(CONFIGS[1]), layout, weights)
-    whole.step(gradients(layout, 1)[0])
+    whole = WholeBufferOptimizer(make_optimizer(CONFIGS[1]), layout)
+    whole.step(weights, gradients(layout, 1)[0])
     before = whole.state_dict()
     partial = {
         "steps": np.asarray(5),
@@ -82,7 +82,7 @@ def test_invalid_state_is_refused_and_changes_nothing() -> None:
     }
 
     with pytest.raises(ValueError, match="partial"):
-        whole.load_state_dict(partial)
+        whole.load_state_dict(partial, weights)
 
     after = whole.state_dict()
     assert after.keys() == before.keys()

@@ -1,7 +1,8 @@
 """Checkpoints written by one background thread, so no disk I/O runs under a job's lock.
 
-A job hands the writer a `JobSnapshot` (its own copy of weights and state, taken under
-the job's lock) and goes on; snapshots are written in order, every one of them, so a
+A job hands the writer a `JobSnapshot` (its state copied and its weights lent, both under
+the job's lock: the job's next update goes to a copy while the write still reads them)
+and goes on; snapshots are written in order, every one of them, so a
 checkpoint exists at every version a job asked for. A job whose snapshots pile up waits
 for the disk outside its lock (`Job` keeps at most two in flight), so memory stays
 bounded without stalling other calls. Whoever needs a checkpoint on disk (StopJob,

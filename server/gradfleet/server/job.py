@@ -83,13 +83,12 @@ class Job(JobControl):
         """`on_disk`: the versions the job's checkpoint directory holds."""
         self.job_id, self.layout = snap.job_id, snap.layout
         self.settings = JobSettings.validate(snap.spec)
-        self.weights = snap.weights  # (total_elements,), updated in place
         self._optimizer = WholeBufferOptimizer(
-            build_optimizer(self.settings.optimizer), snap.layout, self.weights
+            build_optimizer(self.settings.optimizer), snap.layout
         )
         if snap.optimizer_state:
             try:
-                self._optimizer.load_state_dict(snap.optimizer_state)
+                self._optimizer.load_state_dict(snap.optimizer_state, snap.weights)
             except ValueError as exc:
                 raise InvalidArgument(
                     f"optimizer state is invalid: {exc}", Reason.BAD_CONFIG
@@ -116,9 +115,9 @@ class Job(JobControl):
             settings.spec.global_batch,
             settings.spec.member_grace_seconds,
         )
-        self.publisher = WeightsPublisher(
+        self.publisher = WeightsPublisher(  # owns the weights, updated in place
             snap.layout,
-            self.weights,
+            snap.weights,
             resources.chunk_bytes,
             self._lock,
             self._version_state,
@@ -141,6 +140,11 @@ class Job(JobControl):
         self._stopped_because = ""  # why the job stopped itself, when it did
         self._evaluation = snap.evaluation
         self._step_started = time.monotonic()
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The current weights, (total_elements,): read, never write."""
+        return self.publisher.weights
 
     def _new_step(self) -> SyncStep:
         members, backup = self.membership.members, self.settings.spec.backup_workers
@@ -288,8 +292,7 @@ class Job(JobControl):
         if closed.mean is None:
             self._stop_on_overflow(first)
         else:
-            self.publisher.before_update(self.version)
-            self._optimizer.step(closed.mean)
+            self._optimizer.step(self.publisher.before_update(self.version), closed.mean)
         step.release()
         if closed.mean is None:
             self._open = self._new_step()
@@ -311,13 +314,13 @@ class Job(JobControl):
 
     def _apply_async(self, h: PushHeader, gradient: Gradient) -> None:
         self._resources.metrics.staleness.observe(self.version - h.step)
-        self.publisher.before_update(self.version)
+        weights = self.publisher.before_update(self.version)
         if gradient.data is None or self.push_format.encoded:  # pieces, or a payload:
             self._sum.clear()  # assembled in the sum's buffer, no array per push
             self.push_format.add(self._sum, gradient)
-            self._optimizer.step(self._sum.total)
+            self._optimizer.step(weights, self._sum.total)
         else:
-            self._optimizer.step(gradient.data)
+            self._optimizer.step(weights, gradient.data)
         self._slots.release(gradient)
         self._ledger.applied(h.worker, h.step)
         self._advance(h.loss, h.rows, 1)

@@ -30,7 +30,6 @@ class JobControl:
     job_id: str
     layout: FlatLayout
     settings: JobSettings
-    weights: np.ndarray
     version: int
     state: JobState
     counters: Counters
@@ -148,11 +147,16 @@ class JobControl:
             or self._retired_to is not None
         ):
             return None
-        return self._checkpoints.submit(self._snapshot())
+        lent = self.publisher.lend()
+        future = self._checkpoints.submit(self._snapshot(lent.weights))
+        future.add_done_callback(lambda _: lent.release())
+        return future
 
-    def _snapshot(self) -> JobSnapshot:
-        """The job as of its last applied step: weights and optimiser state copied, the
-        open step's accepted gradients (not in the weights) left out of the counters."""
+    def _snapshot(self, weights: np.ndarray) -> JobSnapshot:
+        """The job as of its last applied step, with `weights` (lent by the publisher: the
+        next update goes to a copy while the checkpoint is written) and the optimiser state
+        copied; the open step's accepted gradients (not in the weights) are left out of
+        the counters."""
         counters = self.counters.copy()
         if self.settings.mode is Mode.SYNC and self._open.step == self.version:
             pending = len(self._open.contributors)
@@ -162,7 +166,7 @@ class JobControl:
             job_id=self.job_id,
             spec=self.settings.spec,
             layout=self.layout,
-            weights=self.weights.copy(),
+            weights=weights,
             optimizer_state=self._optimizer.state_dict(),
             version=self.version,
             state=self.state,

@@ -1,9 +1,11 @@
 """Versioned weights for pulls, while the update changes them in place.
 
 Weights that fit one message are encoded once per version and every puller gets the same
-bytes. Larger weights stream chunk by chunk from the live buffer; when an update is about
-to change it while a stream still reads the old version, that version is copied first
-(copy-on-write), so a stream never mixes two versions and nobody copies otherwise.
+bytes. Larger weights stream chunk by chunk from the live buffer, and a checkpoint being
+written reads a version's weights off the lock (`lend`). When an update is about to
+change the buffer while a stream or a checkpoint still reads it, the old buffer stays
+theirs and the update goes to a copy that becomes the live weights (copy-on-write): a
+reader never sees two versions, and nobody copies when no reader is left.
 
 A job that pulls through a codec (bf16 or fp16) gets the codec's payload of the weights,
 encoded once per version; the weights themselves stay in full precision.
@@ -23,6 +25,19 @@ from gradfleet.proto.wire import FlatLayout, as_bytes_view, plan_chunk_bytes
 # (version, state, membership events, byte offset, piece) -> one wire message; the first
 # carries the header
 Encode = Callable[[int, Any, int, int, memoryview], bytes]
+
+
+class Lent:
+    """A version's weights lent to a reader off the lock: never written until the reader
+    calls `release()` (from any thread)."""
+
+    __slots__ = ("released", "weights")
+
+    def __init__(self, weights: np.ndarray) -> None:
+        self.weights, self.released = weights, False
+
+    def release(self) -> None:
+        self.released = True
 
 
 class WeightsPublisher:
@@ -50,6 +65,7 @@ class WeightsPublisher:
         self._cached: tuple[tuple[int, Any, int], bytes] | None = None  # (current(), message)
         self._readers: dict[int, int] = {}  # version -> streams reading it
         self._kept: dict[int, np.ndarray] = {}  # version -> its weights, while still read
+        self._lent: list[Lent] = []
         self._saved: dict[int, np.ndarray] = {}  # version -> its weights, asked to be kept
 
     def one_message(self, encode: Encode) -> bytes:
@@ -112,7 +128,20 @@ class WeightsPublisher:
             saved = self.weights.copy()
         return saved
 
-    def before_update(self, version: int) -> None:
-        """Call under the lock before the weights of `version` change in place."""
-        if self._readers.get(version) and version not in self._kept:
-            self._kept[version] = self.weights.copy()
+    def lend(self) -> Lent:
+        """The current weights, unchanged until released; call under the lock."""
+        lent = Lent(self.weights)
+        self._lent.append(lent)
+        return lent
+
+    def before_update(self, version: int) -> np.ndarray:
+        """The array to update in place to the version after `version`; call under the
+        lock. While a stream or a lender still reads the live buffer, that is a copy,
+        which becomes the live weights; the old buffer stays theirs."""
+        self._lent = [lent for lent in self._lent if not lent.released]
+        streamed = bool(self._readers.get(version)) and version not in self._kept
+        if streamed or any(lent.weights is self.weights for lent in self._lent):
+            if streamed:
+                self._kept[version] = self.weights
+            self.weights = self.weights.copy()
+        return self.weights

@@ -18,16 +18,15 @@ WHOLE = "all"  # the one parameter the wrapped optimiser sees
 
 
 class WholeBufferOptimizer:
-    """Applies `optimizer` to the flat `weights` (laid out by `layout`) in one pass."""
+    """Applies `optimizer` to flat weights (laid out by `layout`) in one pass."""
 
-    def __init__(self, optimizer: Optimizer, layout: FlatLayout, weights: np.ndarray) -> None:
+    def __init__(self, optimizer: Optimizer, layout: FlatLayout) -> None:
         self.optimizer = optimizer
         self.layout = layout
-        self._params = {WHOLE: weights}
 
-    def step(self, flat_grad: np.ndarray) -> None:
-        """Update the weights in place from the (already averaged) flat gradient."""
-        self.optimizer.step(self._params, {WHOLE: flat_grad})
+    def step(self, weights: np.ndarray, flat_grad: np.ndarray) -> None:
+        """Update `weights` in place from the (already averaged) flat gradient."""
+        self.optimizer.step({WHOLE: weights}, {WHOLE: flat_grad})
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The optimiser's state per parameter, as `Optimizer.state_dict` names it."""
@@ -39,10 +38,10 @@ class WholeBufferOptimizer:
                 named[f"{kind}/{name}"] = view
         return named
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Restore per-parameter state, checked against the parameters it names (see
-        `Optimizer.load_state_dict`); nothing changes unless all of it is valid."""
-        self.optimizer.load_state_dict(state, self.layout.views(self._params[WHOLE]))
+    def load_state_dict(self, state: dict[str, np.ndarray], weights: np.ndarray) -> None:
+        """Restore per-parameter state, checked against the parameters of `weights` it
+        names (see `Optimizer.load_state_dict`); nothing changes unless all of it is valid."""
+        self.optimizer.load_state_dict(state, self.layout.views(weights))
         named, buffers = self.optimizer.buffers, {}
         for kind in {key.partition("/")[0] for key in named}:
             flat = self.layout.empty()
