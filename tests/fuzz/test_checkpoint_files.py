@@ -1,7 +1,7 @@
 """Checkpoint files that are truncated, bit-flipped, tampered with or carry a pickle.
 
 Each is refused with a `CheckpointError` naming the file and the problem, before the
-arrays' file is opened when a checksum or length disagrees, and never unpickled; a restarted
+`.npz` is opened when a checksum or length disagrees, and never unpickled; a restarted
 server then falls back to the previous good checkpoint.
 """
 
@@ -44,7 +44,7 @@ def good_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
 
 def newest(job_dir: Path) -> tuple[Path, Path]:
     meta = sorted(job_dir.glob("ckpt-*.json"))[-1]
-    return meta, meta.with_suffix(".npy")
+    return meta, meta.with_suffix(".npz")
 
 
 def examples() -> settings:
@@ -58,17 +58,17 @@ def examples() -> settings:
 
 
 def damaged_copy(job_dir: Path, which: str, damage: object) -> Path:
-    """A copy of the job directory whose newest .json or .npy went through `damage`."""
+    """A copy of the job directory whose newest .json or .npz went through `damage`."""
     out = Path(tempfile.mkdtemp(prefix="ck-")) / "ck"
     shutil.copytree(job_dir, out)
-    meta, data = newest(out)
-    target = meta if which == "json" else data
+    meta, npz = newest(out)
+    target = meta if which == "json" else npz
     target.write_bytes(damage(target.read_bytes()))  # type: ignore[operator]
     return out
 
 
 @examples()
-@given(which=st.sampled_from(["json", "npy"]), cut=st.floats(0.0, 1.0, exclude_max=True))
+@given(which=st.sampled_from(["json", "npz"]), cut=st.floats(0.0, 1.0, exclude_max=True))
 def test_truncated_checkpoint_is_refused(good_checkpoints: Path, which: str, cut: float) -> None:
     damaged = damaged_copy(good_checkpoints, which, lambda data: data[: int(len(data) * cut)])
     try:
@@ -84,7 +84,7 @@ def test_truncated_checkpoint_is_refused(good_checkpoints: Path, which: str, cut
 
 @examples()
 @given(
-    which=st.sampled_from(["json", "npy"]),
+    which=st.sampled_from(["json", "npz"]),
     position=st.floats(0.0, 1.0, exclude_max=True),
     bit=st.integers(0, 7),
 )
@@ -121,10 +121,10 @@ def reseal(meta_path: Path, **changes: object) -> None:
     """Rewrite the metadata the way a forger would: matching sizes and checksums."""
     meta = json.loads(meta_path.read_text())
     meta.update(changes)
-    data = meta_path.parent / str(meta["data"])
-    if data.exists():
-        meta["data_bytes"] = data.stat().st_size
-        meta["data_xxh3_128"] = xxhash.xxh3_128(data.read_bytes()).hexdigest()
+    npz = meta_path.parent / str(meta["npz"])
+    if npz.exists():
+        meta["npz_bytes"] = npz.stat().st_size
+        meta["npz_xxh3_128"] = xxhash.xxh3_128(npz.read_bytes()).hexdigest()
     meta["checksum"] = checkpoint._meta_checksum(meta)
     meta_path.write_text(json.dumps(meta))
 
@@ -134,14 +134,13 @@ def test_pickled_object_array_is_refused_and_never_unpickled(
 ) -> None:
     job_dir = tmp_path / "ck"
     shutil.copytree(good_checkpoints, job_dir)
-    meta, data = newest(job_dir)
+    meta, npz = newest(job_dir)
     marker = tmp_path / "unpickled"
-    with open(data, "rb") as f:
-        arrays = {name: np.load(f) for name in json.loads(meta.read_text())["arrays"]}
+    with np.load(npz) as data:
+        arrays = {k: data[k] for k in data.files}
     arrays["weights"] = np.array([Payload(marker)], dtype=object)
-    with open(data, "wb") as f:
-        for array in arrays.values():
-            np.save(f, array)  # allow_pickle on save: the object array is a pickle
+    with open(npz, "wb") as f:
+        np.savez(f, **arrays)  # allow_pickle on save: the object array is a pickle
     unsealed = tmp_path / "unsealed" / "ck"
     shutil.copytree(job_dir, unsealed)
     reseal(meta)  # the forger also fixed size and checksum: only allow_pickle=False is left
@@ -160,7 +159,7 @@ def test_metadata_naming_another_file_or_job_is_refused(
     shutil.copytree(good_checkpoints, job_dir)
     meta, _ = newest(job_dir)
     problems = []
-    for changes in ({"data": "../elsewhere/ckpt-000000000002.npy"}, {"job_id": "../../x"}):
+    for changes in ({"npz": "../elsewhere/ckpt-000000000002.npz"}, {"job_id": "../../x"}):
         shutil.copy(good_checkpoints / meta.name, meta)
         reseal(meta, **changes)
         with pytest.raises(checkpoint.CheckpointError) as err:
@@ -176,10 +175,10 @@ def test_server_resumes_the_last_good_checkpoint_and_says_why(
 ) -> None:
     root = tmp_path / "root"
     shutil.copytree(good_checkpoints, root / "ck")
-    meta, data_path = newest(root / "ck")
-    data = bytearray(data_path.read_bytes())
+    meta, npz = newest(root / "ck")
+    data = bytearray(npz.read_bytes())
     data[len(data) // 2] ^= 0x10
-    data_path.write_bytes(bytes(data))
+    npz.write_bytes(bytes(data))
     shutil.copytree(good_checkpoints, root / "lost")
     for path in (root / "lost").glob("ckpt-*.json"):
         path.write_text("{torn")
@@ -193,5 +192,5 @@ def test_server_resumes_the_last_good_checkpoint_and_says_why(
 
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert jobs == {"ck": 1}
-    assert f"{meta.name} is refused: the checksum of {data_path.name} does not match" in messages
+    assert f"{meta.name} is refused: the checksum of {npz.name} does not match" in messages
     assert "job lost is not resumed" in messages

@@ -113,8 +113,8 @@ def test_torn_checkpoint_is_ignored_for_the_last_good_one(tmp_path: Path, kit) -
         _train(c, job, range(2), kit, ref)
         _, at_two = c.pull_weights(job, 2)
         _train(c, job, range(2, 3), kit, ref)
-    newest = sorted((tmp_path / "j2").glob("ckpt-*.npy"))[-1]
-    assert newest.name == "ckpt-000000000003.npy"
+    newest = sorted((tmp_path / "j2").glob("ckpt-*.npz"))[-1]
+    assert newest.name == "ckpt-000000000003.npz"
     # execute: tear the newest checkpoint and add a garbage one with a higher version
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     (tmp_path / "j2" / "ckpt-000000000009.json").write_text('{"format": 1, "trunc')
@@ -199,7 +199,7 @@ def test_unusable_newer_files_never_cost_a_new_job_its_fresh_checkpoints(
     (tmp_path / "j3").mkdir()
     for version in (40, 50):
         (tmp_path / "j3" / f"ckpt-{version:012d}.json").write_text("{not json")
-        (tmp_path / "j3" / f"ckpt-{version:012d}.npy").write_bytes(b"garbage")
+        (tmp_path / "j3" / f"ckpt-{version:012d}.npz").write_bytes(b"garbage")
     with (
         serve(port=0, checkpoint_dir=tmp_path) as server,
         ParameterServerClient(server.address) as c,

@@ -1,7 +1,7 @@
 """A job's per-step history, kept as columns: 48 bytes a step, sliced by step number.
 
 A long job applies millions of steps, so the history is two NumPy arrays (48 bytes a
-step, up to 72 with room to grow) rather than records: it goes into a checkpoint's arrays
+step, up to 72 with room to grow) rather than records: it goes into a checkpoint's `.npz`
 as they are, and answers "records from step s" by bisection, a page at a time, so no
 answer outgrows a message. Rows are only ever appended, so a snapshot of the first n
 rows stays valid while the history grows.
