@@ -1,21 +1,27 @@
 """What checkpoints cost the data path (issue 13): they are written off the job's lock.
 
-Two measurements, each run against one or more source trees (``--tree``, default this
-repository; give an older checkout to compare before and after), variants interleaved:
+Three measurements, each run against one or more source trees (``--tree``, default this
+repository; give an older checkout to compare before and after), variants interleaved in
+rounds that each start with the next tree:
 
 * **exchange latency**, 10M float32 parameters (1000-4000-1500-10), sync, 2 clients
   (``--clients``) in threads each doing ``push_and_pull`` against a ``gradfleet server``
   subprocess, with a checkpoint every step or none: p50 and p99 of one exchange;
+* **the writer alone**: ``write_checkpoint`` of a 10M float32 snapshot to a temporary
+  directory (``.npz``, digest, fsync, pruning), in a process of each tree: median CPU
+  and wall time per checkpoint;
 * **a small job's wall time**: ``gradfleet train`` of breast_cancer (float64, 2 Ray
   workers, 2,800 sync steps) with ``checkpoint_every = 7`` or without checkpoints.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_checkpoints.py \\
-        [--tree /path/to/old/checkout] [--rounds 3] [--steps 40] [--clients 2] [--no-job]
+        [--tree /path/to/old/checkout] [--rounds 3] [--steps 40] [--clients 2] [--writes 10] \\
+        [--no-job]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -118,6 +124,44 @@ def exchange_latencies(
     return np.array([t for own in times for t in own[2:]]), cpu
 
 
+WRITER = """
+import dataclasses, json, sys, tempfile, time
+from pathlib import Path
+import numpy as np
+from gradfleet.proto.wire import FlatLayout
+from gradfleet.server import checkpoint
+from gradfleet.server.domain import JobSnapshot
+from gradfleet.server.settings import JobSettings, JobSpec
+
+weights = np.random.default_rng(0).random(10_000_000, dtype=np.float32)
+spec = JobSpec(model_spec_json="{}", optimizer_json='{"name": "sgd", "lr": 0.5}',
+               num_workers=2, total_steps=1 << 30)
+snap = JobSnapshot.new("j", JobSettings.validate(spec).spec,
+                       FlatLayout.from_arrays({"w": weights}), weights)
+cpu, wall = [], []
+with tempfile.TemporaryDirectory() as root:
+    for version in range(1, int(sys.argv[1]) + 3):
+        at_version = dataclasses.replace(snap, version=version)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        checkpoint.write_checkpoint(Path(root), at_version)
+        cpu.append(time.process_time() - start_cpu)
+        wall.append(time.perf_counter() - start)
+print(json.dumps({"cpu": cpu[2:], "wall": wall[2:]}))  # two writes warm the page cache
+"""
+
+
+def writer_seconds(tree: Path, writes: int) -> dict[str, list[float]]:
+    """CPU and wall seconds of each of `writes` calls of `write_checkpoint` in `tree`."""
+    done = subprocess.run(
+        [sys.executable, "-c", WRITER, str(writes)],
+        capture_output=True,
+        text=True,
+        env=tree_env(tree),
+        check=True,
+    )
+    return json.loads(done.stdout)
+
+
 def job_seconds(tree: Path, every: int) -> float:
     """Training seconds `gradfleet train` reports for the breast_cancer job."""
     with tempfile.TemporaryDirectory() as work:
@@ -145,15 +189,36 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40, help="sync steps per latency run")
     parser.add_argument("--clients", type=int, default=2, help="pushing clients (threads)")
+    parser.add_argument("--writes", type=int, default=10, help="checkpoints per writer run")
     parser.add_argument("--no-job", action="store_true", help="skip the small job's timing")
     args = parser.parse_args()
     trees = [HERE, *(args.tree or [])]
     names = {tree: "this tree" if tree == HERE else str(tree) for tree in trees}
 
+    def in_turn(round_: int) -> list[Path]:
+        """The trees, starting with the next one each round: the first run of a round
+        costs more, and that should not always be the same tree's."""
+        shift = round_ % len(trees)
+        return trees[shift:] + trees[:shift]
+
+    writer: dict[Path, dict[str, list[float]]] = {tree: {"cpu": [], "wall": []} for tree in trees}
+    for round_ in range(args.rounds):
+        for tree in in_turn(round_):
+            for key, runs in writer_seconds(tree, args.writes).items():
+                writer[tree][key] += runs
+    print(f"write_checkpoint alone, 10M float32, {args.rounds} x {args.writes} checkpoints")
+    print(f"  {'tree':30s} {'CPU ms':>8} {'wall ms':>8}   (median)")
+    for tree, runs in writer.items():
+        print(
+            f"  {names[tree]:30s} {np.median(runs['cpu']) * 1e3:8.1f} "
+            f"{np.median(runs['wall']) * 1e3:8.1f}"
+        )
+    print()
+
     latency: dict[tuple[Path, int], list[np.ndarray]] = {}
     cpu: dict[tuple[Path, int], list[float]] = {}
-    for _ in range(args.rounds):
-        for tree in trees:
+    for round_ in range(args.rounds):
+        for tree in in_turn(round_):
             for every in (0, 1):
                 times, seconds_per_step = exchange_latencies(tree, every, args.steps, args.clients)
                 latency.setdefault((tree, every), []).append(times)
@@ -181,8 +246,8 @@ def main() -> None:
     if args.no_job:
         return
     seconds: dict[tuple[Path, int], list[float]] = {}
-    for _ in range(args.rounds):
-        for tree in trees:
+    for round_ in range(args.rounds):
+        for tree in in_turn(round_):
             for every in (0, 7):
                 seconds.setdefault((tree, every), []).append(job_seconds(tree, every))
     print("\nbreast_cancer, float64, 2 Ray workers, 2,800 sync steps: training seconds")
