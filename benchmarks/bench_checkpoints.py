@@ -21,6 +21,7 @@ rounds that each start with the next tree:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -124,42 +125,50 @@ def exchange_latencies(
     return np.array([t for own in times for t in own[2:]]), cpu
 
 
-WRITER = """
-import dataclasses, json, sys, tempfile, time
-from pathlib import Path
-import numpy as np
-from gradfleet.proto.wire import FlatLayout
-from gradfleet.server import checkpoint
-from gradfleet.server.domain import JobSnapshot
-from gradfleet.server.settings import JobSettings, JobSpec
+def write_checkpoints(writes: int) -> None:
+    """`--writer`: time `writes` checkpoints of a 10M float32 snapshot with the
+    `write_checkpoint` this process imports, and print the seconds as JSON."""
+    from gradfleet.proto.wire import FlatLayout
+    from gradfleet.server import checkpoint
+    from gradfleet.server.domain import JobSnapshot
+    from gradfleet.server.settings import JobSettings, JobSpec
 
-weights = np.random.default_rng(0).random(10_000_000, dtype=np.float32)
-spec = JobSpec(model_spec_json="{}", optimizer_json='{"name": "sgd", "lr": 0.5}',
-               num_workers=2, total_steps=1 << 30)
-snap = JobSnapshot.new("j", JobSettings.validate(spec).spec,
-                       FlatLayout.from_arrays({"w": weights}), weights)
-cpu, wall = [], []
-with tempfile.TemporaryDirectory() as root:
-    for version in range(1, int(sys.argv[1]) + 3):
-        at_version = dataclasses.replace(snap, version=version)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        checkpoint.write_checkpoint(Path(root), at_version)
-        cpu.append(time.process_time() - start_cpu)
-        wall.append(time.perf_counter() - start)
-print(json.dumps({"cpu": cpu[2:], "wall": wall[2:]}))  # two writes warm the page cache
-"""
+    weights = np.random.default_rng(0).random(10_000_000, dtype=np.float32)
+    spec = JobSpec(
+        model_spec_json="{}",
+        optimizer_json='{"name": "sgd", "lr": 0.5}',
+        num_workers=2,
+        total_steps=1 << 30,
+    )
+    layout = FlatLayout.from_arrays({"w": weights})
+    snap = JobSnapshot.new("j", JobSettings.validate(spec).spec, layout, weights)
+    cpu, wall = [], []
+    with tempfile.TemporaryDirectory() as root:
+        for version in range(1, writes + 3):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            checkpoint.write_checkpoint(Path(root), dataclasses.replace(snap, version=version))
+            cpu.append(time.process_time() - start_cpu)
+            wall.append(time.perf_counter() - start)
+    print(json.dumps({"cpu": cpu[2:], "wall": wall[2:]}))  # two writes warm the page cache
 
 
 def writer_seconds(tree: Path, writes: int) -> dict[str, list[float]]:
     """CPU and wall seconds of each of `writes` calls of `write_checkpoint` in `tree`."""
     done = subprocess.run(
-        [sys.executable, "-c", WRITER, str(writes)],
+        [sys.executable, __file__, "--writer", str(writes)],
         capture_output=True,
         text=True,
         env=tree_env(tree),
         check=True,
     )
     return json.loads(done.stdout)
+
+
+def rotated(items: list, round_: int) -> list:
+    """`items`, starting with the next one each round: the first run of a round costs
+    more, and that should not always be the same variant's."""
+    shift = round_ % len(items)
+    return items[shift:] + items[:shift]
 
 
 def job_seconds(tree: Path, every: int) -> float:
@@ -191,19 +200,17 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=2, help="pushing clients (threads)")
     parser.add_argument("--writes", type=int, default=10, help="checkpoints per writer run")
     parser.add_argument("--no-job", action="store_true", help="skip the small job's timing")
+    parser.add_argument("--writer", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.writer is not None:
+        write_checkpoints(args.writer)
+        return
     trees = [HERE, *(args.tree or [])]
     names = {tree: "this tree" if tree == HERE else str(tree) for tree in trees}
 
-    def in_turn(round_: int) -> list[Path]:
-        """The trees, starting with the next one each round: the first run of a round
-        costs more, and that should not always be the same tree's."""
-        shift = round_ % len(trees)
-        return trees[shift:] + trees[:shift]
-
     writer: dict[Path, dict[str, list[float]]] = {tree: {"cpu": [], "wall": []} for tree in trees}
     for round_ in range(args.rounds):
-        for tree in in_turn(round_):
+        for tree in rotated(trees, round_):
             for key, runs in writer_seconds(tree, args.writes).items():
                 writer[tree][key] += runs
     print(f"write_checkpoint alone, 10M float32, {args.rounds} x {args.writes} checkpoints")
@@ -218,7 +225,7 @@ def main() -> None:
     latency: dict[tuple[Path, int], list[np.ndarray]] = {}
     cpu: dict[tuple[Path, int], list[float]] = {}
     for round_ in range(args.rounds):
-        for tree in in_turn(round_):
+        for tree in rotated(trees, round_):
             for every in (0, 1):
                 times, seconds_per_step = exchange_latencies(tree, every, args.steps, args.clients)
                 latency.setdefault((tree, every), []).append(times)
@@ -247,7 +254,7 @@ def main() -> None:
         return
     seconds: dict[tuple[Path, int], list[float]] = {}
     for round_ in range(args.rounds):
-        for tree in in_turn(round_):
+        for tree in rotated(trees, round_):
             for every in (0, 7):
                 seconds.setdefault((tree, every), []).append(job_seconds(tree, every))
     print("\nbreast_cancer, float64, 2 Ray workers, 2,800 sync steps: training seconds")

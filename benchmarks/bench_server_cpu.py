@@ -131,9 +131,8 @@ def main() -> None:
     for tree in trees:
         variants.append((names[tree], functools.partial(gradfleet_round, tree, args.steps)))
     runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
-    for round_ in range(args.rounds):  # each round starts with the next variant
-        shift = round_ % len(variants)
-        for name, run in variants[shift:] + variants[:shift]:
+    for round_ in range(args.rounds):
+        for name, run in bench_checkpoints.rotated(variants, round_):
             runs[name].append(run())
 
     print(f"{WORKERS} clients, no compute, 269k float32, {args.rounds} x {args.steps} steps")
