@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,22 @@ def test_each_part_imports_only_what_lies_below_it(part: str) -> None:
                 wrong.append(f"{path.relative_to(ROOT)} imports ray")
 
     assert wrong == []
+
+
+def test_ml_dtypes_is_imported_only_by_a_bf16_codec() -> None:
+    """Its import costs every worker and server process about half a second of CPU."""
+    script = (
+        "import sys, numpy as np\n"
+        "import gradfleet.server, gradfleet.worker.actor, gradfleet.client\n"
+        "from gradfleet.proto.codecs import Codec\n"
+        "grad = np.ones(8, np.float32)\n"
+        "Codec.parse('fp16').encode(grad)\n"
+        "print('ml_dtypes' in sys.modules)\n"
+        "payload = Codec.parse('bf16').encode(grad)\n"
+        "print('ml_dtypes' in sys.modules)\n"
+        "print(Codec.parse('bf16').decode(payload, 8, np.dtype(np.float32)).tolist())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    assert out[:3] == ["False", "True", str([1.0] * 8)]

@@ -28,14 +28,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from gradfleet.proto.errors import InvalidArgument, Reason
 
 _BLOCK = 1 << 16  # elements decoded at once into the sum
-BF16 = np.dtype(ml_dtypes.bfloat16)
-BF16_MAX = float(ml_dtypes.finfo(BF16).max)
+BF16_MAX = (2 - 2**-7) * 2.0**127  # bfloat16's largest finite value
 FP16_MAX = float(np.finfo(np.float16).max)
 _FP16_MIN_NORMAL = 2.0**-14
 # every float16 bit pattern's value: a table is faster than NumPy's own conversion, which
@@ -109,7 +107,7 @@ class Codec:
         if self.name == "none":
             return grad.view(np.uint8)
         if self.name == "bf16":  # rounded to nearest even; beyond bf16, its largest value
-            return np.clip(grad, -BF16_MAX, BF16_MAX).astype(BF16).view(np.uint8)
+            return np.clip(grad, -BF16_MAX, BF16_MAX).astype(_bf16()).view(np.uint8)
         if self.name == "fp16":
             return _to_fp16_bits(grad).view(np.uint8)
         if self.name == "sign":
@@ -155,7 +153,7 @@ class Codec:
                 parts.append((slice(lo, hi), signs))
             return parts
         if self.name == "bf16":  # NumPy widens bfloat16 exactly wherever it is used
-            return [(slice(0, size), payload.view(BF16))]
+            return [(slice(0, size), payload.view(_bf16()))]
         table = _FP16_VALUES[np.dtype(dtype)]
         halves = payload.view("<u2")
         for lo in range(0, size, _BLOCK):
@@ -198,6 +196,15 @@ class Codec:
 
 
 NO_CODEC = Codec("none")
+
+
+@functools.cache
+def _bf16() -> np.dtype:
+    """NumPy's bfloat16, from ml_dtypes: imported on first use, since the import alone
+    costs about half a second of CPU in every process that loads this module."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def _bad(message: str) -> InvalidArgument:
