@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from gradfleet.nn import MLP
+from gradfleet.nn.losses import cross_entropy_rule
 
 
 @dataclass
@@ -50,10 +51,9 @@ def evaluate(
     for start in range(0, len(x), batch):
         xb, yb = x[start : start + batch], y[start : start + batch]
         logits = model.logits(xb)
-        if loss == "cross_entropy":
-            shifted = logits - logits.max(axis=1, keepdims=True)
-            log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-            total_loss -= float(log_probs[np.arange(len(yb)), yb].sum())
+        if loss == "cross_entropy":  # the training loss's own rule, on logits already here
+            value, _ = cross_entropy_rule(logits, yb)
+            total_loss += value * len(xb)
             correct += int((logits.argmax(axis=1) == yb).sum())
         else:
             value, _ = model.loss_and_grads(xb, yb, loss)
