@@ -101,7 +101,9 @@ def gradfleet_run(
     lr: float,
     **options: object,
 ) -> Run:
-    """A gradfleet run; `options` are further JobConfig fields (compression, overlap)."""
+    """A gradfleet run; `options` are further JobConfig fields (compression, overlap,
+    eval_every: four times an epoch unless given)."""
+    four_per_epoch = max(1, len(data.x) // (rows * workers) // 4)
     job = JobConfig(
         model=nn.MLP(SIZES, seed=0),
         dataset=data,
@@ -109,8 +111,7 @@ def gradfleet_run(
         batch_size=rows * workers,
         epochs=epochs,
         workers=workers,
-        eval_every=max(1, len(data.x) // (rows * workers) // 4),
-        **options,  # type: ignore[arg-type]
+        **({"eval_every": four_per_epoch} | options),  # type: ignore[arg-type]
     )
     result = train(job, backend=backend)
     steps = [entry["wall_time"] for entry in result.history]  # from train()'s start

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench_e2e import SIZES, find_mnist
+from bench_e2e import find_mnist, gradfleet_run
 
 ROWS, WORKERS = 64, 2
 
@@ -53,40 +53,27 @@ class CpuSampler:
 
 
 def run_one(epochs: int, eval_every: int) -> dict[str, float]:
-    """One training run in this process (the tree on PYTHONPATH)."""
-    from gradfleet import nn
-    from gradfleet.client import JobConfig, train
+    """One run of ``bench_e2e.py``'s job in this process (the tree on PYTHONPATH)."""
     from gradfleet.client.data import load_mnist
 
     data = load_mnist(find_mnist())
-    job = JobConfig(
-        model=nn.MLP(SIZES, seed=0),
-        dataset=data,
-        optimizer={"name": "sgd", "lr": 0.1},
-        batch_size=ROWS * WORKERS,
-        epochs=epochs,
-        workers=WORKERS,
-        eval_every=eval_every,
-    )
     cpu = CpuSampler()
     started = time.time()
-    history = train(job, backend="ray").history
-    first, last = history[0]["wall_time"], history[-1]["wall_time"]
+    run = gradfleet_run(data, "ray", WORKERS, ROWS, epochs, 0.1, eval_every=eval_every)
+    first, last = run.step_times[0], run.step_times[-1]
     seconds, busy, idle = cpu.between(started + first + 0.5, started + last)
-    steps = (len(history) - 1) * seconds / (last - first)
+    steps = (len(run.step_times) - 1) * seconds / (last - first)
     return {
-        "samples/s": (len(history) - 1) * ROWS * WORKERS / (last - first),
+        "samples/s": run.samples_per_s,
         "CPU ms/step": busy / steps * 1e3,
         "idle cores": idle / seconds,
     }
 
 
-def child(tree: Path, epochs: int, eval_every: int) -> dict[str, float]:
-    """One training run in a child process that imports gradfleet from `tree`."""
-    from bench_checkpoints import tree_env  # not in the child: it needs this tree's client
-
+def child(env: dict[str, str], epochs: int, eval_every: int) -> dict[str, float]:
+    """One training run in a child process with the environment `env` (its tree's)."""
     command = [sys.executable, __file__, "--run", str(epochs), str(eval_every)]
-    done = subprocess.run(command, capture_output=True, text=True, env=tree_env(tree), check=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -101,14 +88,15 @@ def main() -> None:
     if args.run:
         print(json.dumps(run_one(*args.run)))
         return
-    from bench_checkpoints import HERE, rotated
+    # not in the child: bench_checkpoints imports the client of this tree
+    from bench_checkpoints import HERE, rotated, tree_env
 
     trees = [HERE, *args.tree]
     variants = [(tree, every) for every in args.eval_every for tree in trees]
     results: dict[tuple[Path, int], list[dict[str, float]]] = {v: [] for v in variants}
     for round_ in range(args.rounds):
         for tree, every in rotated(variants, round_):
-            results[tree, every].append(child(tree, args.epochs, every))
+            results[tree, every].append(child(tree_env(tree), args.epochs, every))
     columns = ["samples/s", "CPU ms/step", "idle cores"]
     print(f"# {WORKERS} Ray workers, {ROWS} rows each, {args.epochs} epochs, {args.rounds} rounds")
     print(f"{'tree':<28}{'eval_every':>11}" + "".join(f"{c:>13}" for c in columns))
