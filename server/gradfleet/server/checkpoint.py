@@ -29,7 +29,6 @@ import numpy as np
 import xxhash
 
 from gradfleet.proto.wire import FlatLayout
-from gradfleet.server.direct_file import DirectFile
 from gradfleet.server.domain import Counters, Evaluation, JobSnapshot, JobState
 from gradfleet.server.history import StepHistory
 from gradfleet.server.membership import MembershipState
@@ -88,7 +87,7 @@ class _HashingWriter:
     writer puts each member's sizes after its data instead of going back for them, and
     the hash is of exactly the file's bytes, without reading the file again."""
 
-    def __init__(self, f: DirectFile) -> None:
+    def __init__(self, f: IO[bytes]) -> None:
         self._f, self._position = f, 0
         self.digest = _npz_digest_kind(FORMAT_VERSION)[1]()
 
@@ -105,7 +104,7 @@ class _HashingWriter:
         raise OSError("not seekable")
 
     def flush(self) -> None:
-        pass  # DirectFile stages whole blocks; `sync` writes the rest
+        self._f.flush()
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> str:
@@ -113,10 +112,11 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> str:
     the digest of its bytes."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with DirectFile(fd) as f:
+        with os.fdopen(fd, "wb") as f:
             hashing = _HashingWriter(f)
             write(hashing)  # type: ignore[arg-type]
-            f.sync()
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
