@@ -48,3 +48,9 @@ def test_labels_outside_the_classes_are_refused() -> None:
     model = MLP([2, 3], seed=0)
     with pytest.raises(ValueError, match="label"):
         evaluate(model, np.zeros((2, 2)), np.array([0, 3]), "cross_entropy")
+
+
+def test_an_unknown_loss_is_refused_by_name() -> None:
+    model = MLP([2, 1], seed=0)
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+        evaluate(model, np.zeros((2, 2)), np.zeros(2), "hinge")

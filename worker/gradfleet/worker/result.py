@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from gradfleet.nn import MLP
-from gradfleet.nn.losses import cross_entropy_rule
+from gradfleet.nn.losses import LOSS_RULES
 
 
 @dataclass
@@ -47,20 +47,21 @@ def evaluate(
     model applies its own preprocessing)."""
     if x is None or y is None or len(x) == 0:
         return {}
+    if loss not in LOSS_RULES:
+        raise ValueError(f"unknown loss {loss!r}: choose one of {tuple(LOSS_RULES)}")
     total_loss, correct = 0.0, 0
     for start in range(0, len(x), batch):
         xb, yb = x[start : start + batch], y[start : start + batch]
-        logits = model.logits(xb)
-        if loss == "cross_entropy":  # the training loss's own rule, on logits already here
-            value, _ = cross_entropy_rule(logits, yb)
-            total_loss += value * len(xb)
+        logits, target = model.logits(xb), yb
+        if loss != "cross_entropy":  # float targets, (B, 1) for one output, as in training
+            target = np.asarray(yb, dtype=logits.dtype)
+            target = target[:, None] if target.ndim == 1 and logits.shape[1] == 1 else target
+        value, _ = LOSS_RULES[loss](logits, target)  # the training loss's own rule
+        total_loss += value * len(xb)
+        if loss == "cross_entropy":
             correct += int((logits.argmax(axis=1) == yb).sum())
-        else:
-            value, _ = model.loss_and_grads(xb, yb, loss)
-            total_loss += value * len(xb)
-            if loss == "binary_cross_entropy":
-                target = np.asarray(yb).reshape(logits.shape)
-                correct += int(((logits > 0) == (target > 0.5)).all(axis=1).sum())
+        elif loss == "binary_cross_entropy":
+            correct += int(((logits > 0) == (target > 0.5)).all(axis=1).sum())
     metrics = {"val_loss": total_loss / len(x)}
     if loss != "mse":
         metrics["val_accuracy"] = correct / len(x)
