@@ -6,8 +6,9 @@ trained by ``train()`` with the held-out split scored every ``--eval-every`` ste
 (default this repository; give an older checkout to compare before and after). Each
 variant runs in a child process with its tree's sources first on ``PYTHONPATH``, and
 each round starts with the next variant. Reported per variant, median over rounds:
-samples/s after the first step, and, from ``/proc/stat`` over the steps after the first
-half second, the machine's busy CPU per step and its idle cores.
+samples/s after the first step, a worker's mean exchange (push and pull) and compute time
+per step, and, from ``/proc/stat`` over the steps after the first half second, the
+machine's busy CPU per step and its idle cores.
 
     python benchmarks/bench_trainer.py [--tree /path/to/old/checkout] [--rounds 6] \\
         [--epochs 20] [--eval-every 15 0]
@@ -65,6 +66,8 @@ def run_one(epochs: int, eval_every: int) -> dict[str, float]:
     steps = (len(run.step_times) - 1) * seconds / (last - first)
     return {
         "samples/s": run.samples_per_s,
+        "exchange ms": run.extra["exchange"],
+        "compute ms": run.extra["compute"],
         "CPU ms/step": busy / steps * 1e3,
         "idle cores": idle / seconds,
     }
@@ -97,7 +100,7 @@ def main() -> None:
     for round_ in range(args.rounds):
         for tree, every in rotated(variants, round_):
             results[tree, every].append(child(tree_env(tree), args.epochs, every))
-    columns = ["samples/s", "CPU ms/step", "idle cores"]
+    columns = ["samples/s", "exchange ms", "compute ms", "CPU ms/step", "idle cores"]
     print(f"# {WORKERS} Ray workers, {ROWS} rows each, {args.epochs} epochs, {args.rounds} rounds")
     print(f"{'tree':<28}{'eval_every':>11}" + "".join(f"{c:>13}" for c in columns))
     for (tree, every), runs in results.items():
