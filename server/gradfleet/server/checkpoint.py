@@ -29,6 +29,7 @@ import numpy as np
 import xxhash
 
 from gradfleet.proto.wire import FlatLayout
+from gradfleet.server import npzfile
 from gradfleet.server.domain import Counters, Evaluation, JobSnapshot, JobState
 from gradfleet.server.history import StepHistory
 from gradfleet.server.membership import MembershipState
@@ -83,28 +84,16 @@ def _fsync_dir(path: Path) -> None:
 
 
 class _HashingWriter:
-    """A write-only stream that hashes what passes through it. It cannot seek, so the zip
-    writer puts each member's sizes after its data instead of going back for them, and
-    the hash is of exactly the file's bytes, without reading the file again."""
+    """A write-only stream that hashes what passes through it, so the digest is of
+    exactly the file's bytes, without reading the file again."""
 
     def __init__(self, f: IO[bytes]) -> None:
-        self._f, self._position = f, 0
+        self._f = f
         self.digest = _npz_digest_kind(FORMAT_VERSION)[1]()
 
     def write(self, data: bytes | memoryview) -> int:
         self.digest.update(data)
-        written = self._f.write(data)
-        self._position += len(memoryview(data).cast("B"))
-        return written
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, *args: Any) -> int:
-        raise OSError("not seekable")
-
-    def flush(self) -> None:
-        self._f.flush()
+        return self._f.write(data)
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> str:
@@ -126,21 +115,6 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> str:
     return hashing.digest.hexdigest()
 
 
-def _save_npz(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
-    """`np.savez` without its copy of every array into a bytes object: each member's data
-    goes from the array's memory to the file (a 40 MB checkpoint is one copy fewer)."""
-    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, value in arrays.items():
-            array = np.asarray(value)
-            if not array.flags.c_contiguous:
-                array = array.copy(order="C")
-            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array_header_1_0(
-                    member, np.lib.format.header_data_from_array_1_0(array)
-                )
-                member.write(array.reshape(-1).view(np.uint8).data)
-
-
 def write_checkpoint(root: Path, snap: JobSnapshot, keep: int = _KEEP) -> Path:
     """Write `snap` under `root`, keeping the `keep` newest checkpoints of its job (a
     shard of a job keeps more: see `Job`); returns the JSON path."""
@@ -152,7 +126,7 @@ def write_checkpoint(root: Path, snap: JobSnapshot, keep: int = _KEEP) -> Path:
         arrays[_OPT_PREFIX + key] = np.asarray(value)
     arrays[_HISTORY_INTS], arrays[_HISTORY_FLOATS] = snap.history
     npz_path = job_dir / f"{stem}.npz"
-    npz_digest = _atomic_write(npz_path, lambda f: _save_npz(f, arrays))
+    npz_digest = _atomic_write(npz_path, lambda f: npzfile.save(f, arrays))
     c = snap.counters
     meta = {
         "format": FORMAT_VERSION,
