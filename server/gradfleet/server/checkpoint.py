@@ -30,6 +30,7 @@ import xxhash
 
 from gradfleet.proto.wire import FlatLayout
 from gradfleet.server import npzfile
+from gradfleet.server.direct_file import DirectFile
 from gradfleet.server.domain import Counters, Evaluation, JobSnapshot, JobState
 from gradfleet.server.history import StepHistory
 from gradfleet.server.membership import MembershipState
@@ -87,7 +88,7 @@ class _HashingWriter:
     """A write-only stream that hashes what passes through it, so the digest is of
     exactly the file's bytes, without reading the file again."""
 
-    def __init__(self, f: IO[bytes]) -> None:
+    def __init__(self, f: DirectFile) -> None:
         self._f = f
         self.digest = _npz_digest_kind(FORMAT_VERSION)[1]()
 
@@ -101,11 +102,10 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> str:
     the digest of its bytes."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with DirectFile(fd) as f:
             hashing = _HashingWriter(f)
             write(hashing)  # type: ignore[arg-type]
-            f.flush()
-            os.fsync(f.fileno())
+            f.sync()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
