@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -62,3 +63,11 @@ def test_any_buffer_is_written_as_its_raw_bytes(tmp_path: Path) -> None:
     raw = path.read_bytes()
     assert raw[:4] == b"head" and raw[-4:] == b"tail"
     np.testing.assert_array_equal(np.frombuffer(raw[4:-4], dtype=np.float32), weights)
+
+
+def test_a_failed_write_raises_its_own_error(tmp_path: Path) -> None:
+    path = tmp_path / "read-only.bin"
+    path.write_bytes(b"")
+    with pytest.raises(OSError) as raised, DirectFile(os.open(path, os.O_RDONLY)) as f:
+        f.write(bytes(STAGING))  # a full staging buffer goes to the disk at once
+    assert raised.value.errno == errno.EBADF

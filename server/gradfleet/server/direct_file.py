@@ -71,17 +71,17 @@ class DirectFile:
         self.close()
 
     def _flush(self) -> None:
-        view = memoryview(self._staging)[: self._filled]
-        try:
-            written = os.write(self._fd, view)
-        except OSError as exc:  # a filesystem that took the flag but not the write
-            if not (self.direct and exc.errno == errno.EINVAL):
-                raise
-            self.direct = _set_direct(self._fd, False)
-            written = os.write(self._fd, view)
-        while written < len(view):
-            written += os.write(self._fd, view[written:])
-        view.release()
+        # released on every way out, so that `close` can unmap the buffer after an error
+        with memoryview(self._staging) as whole, whole[: self._filled] as view:
+            try:
+                written = os.write(self._fd, view)
+            except OSError as exc:  # a filesystem that took the flag but not the write
+                if not (self.direct and exc.errno == errno.EINVAL):
+                    raise
+                self.direct = _set_direct(self._fd, False)
+                written = os.write(self._fd, view)
+            while written < len(view):
+                written += os.write(self._fd, view[written:])
         self._filled = 0
 
 
