@@ -12,22 +12,27 @@ import contextlib
 import errno
 import mmap
 import os
+import threading
 from types import TracebackType
 
 import numpy as np
 
 BLOCK = 1 << 12  # a multiple of the logical block size of the disks in use
 STAGING = 1 << 22  # bytes handed to the disk per write
+_THREAD = threading.local()  # a staging buffer per thread, kept: a new one faults in anew
 
 
 class DirectFile:
-    """Writes to the open descriptor `fd` (owned from here on) from offset 0 through an
-    aligned staging buffer; `sync` makes what was written durable, `close` lets go.
-    ``direct=False`` writes through the page cache, as a filesystem without O_DIRECT does."""
+    """Writes to the open descriptor `fd` (owned from here on) from offset 0 through its
+    thread's aligned staging buffer (so one at a time per thread); `sync` makes what was
+    written durable, `close` lets go. ``direct=False`` writes through the page cache, as
+    a filesystem without O_DIRECT does."""
 
     def __init__(self, fd: int, direct: bool = True) -> None:
         self._fd = fd
-        self._staging = mmap.mmap(-1, STAGING)  # page-aligned, as O_DIRECT requires
+        if not hasattr(_THREAD, "staging"):
+            _THREAD.staging = mmap.mmap(-1, STAGING)  # page-aligned, as O_DIRECT requires
+        self._staging: mmap.mmap = _THREAD.staging
         self._bytes = np.frombuffer(self._staging, dtype=np.uint8)
         self._filled = self._size = 0
         self.direct = direct and _set_direct(fd, True)
@@ -59,8 +64,6 @@ class DirectFile:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._fd)
-        self._bytes = np.empty(0, np.uint8)  # the mmap closes once no view holds it
-        self._staging.close()
 
     def __enter__(self) -> DirectFile:
         return self
@@ -71,7 +74,6 @@ class DirectFile:
         self.close()
 
     def _flush(self) -> None:
-        # released on every way out, so that `close` can unmap the buffer after an error
         with memoryview(self._staging) as whole, whole[: self._filled] as view:
             try:
                 written = os.write(self._fd, view)
