@@ -52,13 +52,19 @@ class DirectFile:
         return int(source.size)
 
     def sync(self) -> None:
-        """Write the staged tail, cut the file to the bytes written, and fsync it."""
+        """Write the staged tail, cut the file to the bytes written, and fsync it. A file
+        that never filled the staging buffer goes through the page cache whole: for a
+        few blocks, padding and cutting cost more than the kernel's copy."""
         tail = self._filled
+        if self.direct and self._size == tail:
+            self.direct = _set_direct(self._fd, False)
         if tail:
-            self._filled = -(-tail // BLOCK) * BLOCK  # whole blocks; the padding is cut
-            self._bytes[tail : self._filled] = 0
+            if self.direct:
+                self._filled = -(-tail // BLOCK) * BLOCK  # whole blocks; the padding is cut
+                self._bytes[tail : self._filled] = 0
             self._flush()
-        os.ftruncate(self._fd, self._size)
+        if self.direct:
+            os.ftruncate(self._fd, self._size)
         os.fsync(self._fd)
 
     def close(self) -> None:
