@@ -55,15 +55,16 @@ class DirectFile:
         """Write the staged tail, cut the file to the bytes written, and fsync it. A file
         that never filled the staging buffer goes through the page cache whole: for a
         few blocks, padding and cutting cost more than the kernel's copy."""
-        tail = self._filled
+        tail = padded = self._filled
         if self.direct and self._size == tail:
             self.direct = _set_direct(self._fd, False)
-        if tail:
-            if self.direct:
-                self._filled = -(-tail // BLOCK) * BLOCK  # whole blocks; the padding is cut
-                self._bytes[tail : self._filled] = 0
-            self._flush()
         if self.direct:
+            padded = -(-tail // BLOCK) * BLOCK  # whole blocks; the padding is cut
+            self._bytes[tail:padded] = 0
+        if padded:
+            self._filled = padded
+            self._flush()  # may fall back to the page cache, padding and all
+        if padded != tail:
             os.ftruncate(self._fd, self._size)
         os.fsync(self._fd)
 
