@@ -25,8 +25,10 @@ _THREAD = threading.local()  # a staging buffer per thread, kept: a new one faul
 class DirectFile:
     """Writes to the open descriptor `fd` (owned from here on) from offset 0 through its
     thread's aligned staging buffer (so one at a time per thread); `sync` makes what was
-    written durable, `close` lets go. ``direct=False`` writes through the page cache, as
-    a filesystem without O_DIRECT does."""
+    written durable, `close` lets go. O_DIRECT goes on when the staging buffer first
+    fills: a smaller file goes through the page cache whole, since for a few blocks
+    padding and cutting cost more than the kernel's copy. ``direct=False`` always writes
+    through the page cache, as a filesystem without O_DIRECT does."""
 
     def __init__(self, fd: int, direct: bool = True) -> None:
         self._fd = fd
@@ -35,7 +37,7 @@ class DirectFile:
         self._staging: mmap.mmap = _THREAD.staging
         self._bytes = np.frombuffer(self._staging, dtype=np.uint8)
         self._filled = self._size = 0
-        self.direct = direct and _set_direct(fd, True)
+        self._try_direct, self.direct = direct, False
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Stage `data`; full staging buffers go to the disk. Returns its length."""
@@ -47,24 +49,22 @@ class DirectFile:
             self._filled += take
             done += take
             if self._filled == STAGING:
+                if self._try_direct:
+                    self.direct, self._try_direct = _set_direct(self._fd, True), False
                 self._flush()
         self._size += source.size
         return int(source.size)
 
     def sync(self) -> None:
-        """Write the staged tail, cut the file to the bytes written, and fsync it. A file
-        that never filled the staging buffer goes through the page cache whole: for a
-        few blocks, padding and cutting cost more than the kernel's copy."""
-        tail = padded = self._filled
-        if self.direct and self._size == tail:
-            self.direct = _set_direct(self._fd, False)
+        """Write the staged tail, cut the file to the bytes written, and fsync it."""
+        tail = self._filled
         if self.direct:
-            padded = -(-tail // BLOCK) * BLOCK  # whole blocks; the padding is cut
-            self._bytes[tail:padded] = 0
-        if padded:
-            self._filled = padded
+            self._filled = -(-tail // BLOCK) * BLOCK  # whole blocks; the padding is cut
+            self._bytes[tail : self._filled] = 0
+        padded = self._filled != tail
+        if self._filled:
             self._flush()  # may fall back to the page cache, padding and all
-        if padded != tail:
+        if padded:
             os.ftruncate(self._fd, self._size)
         os.fsync(self._fd)
 
