@@ -79,8 +79,9 @@ def start_server(tree: Path, *args: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"the server of {tree} did not start")
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds of a running process (Linux)."""
+def process_cpu_seconds(pid: int | str) -> float:
+    """User plus system CPU seconds of a running process, or of one thread with
+    `pid` "self/task/<tid>" (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

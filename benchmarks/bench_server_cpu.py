@@ -88,10 +88,19 @@ def measure(
 ) -> dict[str, float]:
     """Wall time and what `cpu_of()` counts (the server's CPU seconds, ...) per step while
     two clients of `tree` exchange `steps` steps, each after `compute` seconds of CPU."""
-    args = [kind, address, job, "worker", str(steps), str(compute)]
     clients = [
         subprocess.Popen(
-            [sys.executable, __file__, "--client", *args[:3], str(w), *args[4:]],
+            [
+                sys.executable,
+                __file__,
+                "--client",
+                kind,
+                address,
+                job,
+                str(w),
+                str(steps),
+                str(compute),
+            ],
             env=bench_checkpoints.tree_env(tree),
         )
         for w in range(WORKERS)
@@ -120,13 +129,11 @@ def thread_groups() -> dict[str, float]:
     totals = dict.fromkeys((*GROUPS, "cpu", "switches"), 0.0)
     for tid in os.listdir("/proc/self/task"):
         try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            cpu = bench_checkpoints.process_cpu_seconds(f"self/task/{tid}")
             with open(f"/proc/self/task/{tid}/status") as f:
                 status = f.read()
         except OSError:  # the thread ended meanwhile
             continue
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         name = names.get(int(tid), "")
         if name.startswith(("gradfleet-ps", "ThreadPoolExecutor")):
             group = "handlers"
