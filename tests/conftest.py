@@ -37,3 +37,25 @@ def active_streams() -> Callable[[Any], int]:
         return int(server.metrics.registry.get_sample_value("gradfleet_active_streams"))
 
     return read
+
+
+@pytest.fixture(scope="session")
+def scoring_processes() -> Callable[[], list[int]]:
+    """Lists the held-out scoring processes this test process started that still run,
+    read from /proc as `ps` would."""
+
+    def find() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    command = f.read()
+            except (OSError, ValueError, IndexError):  # not a process, or one that just ended
+                continue
+            if parent == os.getpid() and b"gradfleet.worker.scoring" in command:
+                found.append(int(entry))
+        return found
+
+    return find

@@ -145,6 +145,10 @@ def test_server_node_loss_resumes_from_shared_checkpoint(
     assert nodes_after and server_node.node_id not in nodes_after
     assert distributed.final_metrics["steps"] == job.total_steps
     assert relative_difference(distributed.model.flat, local.model.flat) <= 1e-12
+    # the held-out scoring found the moved server too
+    last, local_last = distributed.evaluations[-1], local.evaluations[-1]
+    assert last["step"] == local_last["step"] == job.total_steps
+    assert last["val_accuracy"] == local_last["val_accuracy"]
 
 
 def test_server_node_loss_without_checkpoint_dir_fails_clearly(two_worker_nodes: Any) -> None:

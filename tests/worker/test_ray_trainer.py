@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -212,22 +213,30 @@ def port_is_closed(address: str) -> bool:
         return s.connect_ex((host, int(port))) != 0
 
 
-def test_nothing_outlives_train_when_it_returns_or_raises() -> None:
-    job = digits_job(2, steps=60)
+def test_nothing_outlives_train_when_it_returns_or_raises(
+    scoring_processes: Callable[[], list[int]],
+) -> None:
+    job = digits_job(2, steps=60, eval_every=10)
+    scoring_while_training: list[int] = []
 
-    finished = train(job, backend="ray")
-    after_return = our_live_actors()
+    def watch(entry: dict[str, float]) -> None:
+        scoring_while_training.extend(scoring_processes())
+
+    finished = train(job, backend="ray", progress=watch)
+    after_return = our_live_actors(), scoring_processes()
 
     def fail_midway(entry: dict[str, float]) -> None:
+        watch(entry)
         if entry["step"] >= 5:
             raise RuntimeError("stopped by the test")
 
     with pytest.raises(RuntimeError, match="stopped by the test"):
-        train(job, backend="ray", progress=fail_midway)
-    after_raise = our_live_actors()
+        train(digits_job(2, steps=20_000, eval_every=10), backend="ray", progress=fail_midway)
+    after_raise = our_live_actors(), scoring_processes()
 
-    assert after_return == []
-    assert after_raise == []
+    assert scoring_while_training
+    assert after_return == ([], [])
+    assert after_raise == ([], [])
     assert port_is_closed(finished.server_address)
 
 

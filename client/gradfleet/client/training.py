@@ -13,29 +13,27 @@ import contextlib
 import dataclasses
 import logging
 import os
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from threadpoolctl import ThreadpoolController
-
 from gradfleet.nn import MLP
 from gradfleet.proto.client import counters_dict, membership_event
-from gradfleet.proto.errors import DeadlineExceeded, GradfleetError, WrongState
+from gradfleet.proto.errors import GradfleetError
 from gradfleet.proto.runtime import long_lived_objects_frozen
 from gradfleet.proto.shard_watch import ShardWatch
 from gradfleet.proto.sharded import ShardedClient
 from gradfleet.proto.v1 import parameter_server_pb2 as pb
-from gradfleet.worker.actor import SERVER_PATIENCE, ServerClient, server_client
+from gradfleet.worker.actor import SERVER_PATIENCE, server_client
 from gradfleet.worker.config import JobConfig
 from gradfleet.worker.local import train_local
 from gradfleet.worker.result import TrainResult, evaluate, held_out_metrics
+from gradfleet.worker.scoring import Scorer, ScoringOrder
 
 logger = logging.getLogger(__name__)
 ProgressFn = Callable[[dict[str, float]], None]
 BACKENDS = ("local", "ray")
+SCORER_START = 60.0  # seconds the first step waits for the scoring process
 
 
 def train(
@@ -138,11 +136,14 @@ def _train_ray(
                 group = ElasticWorkers(
                     job, client, server_address, job_id, token, worker_options, actor_names
                 )
-                timings = group.run(poll=monitor.poll)
-            else:
+            else:  # the actors start while the scorer does
                 group = ray_runner.start_workers(
                     job, server_address, job_id, token, worker_options, actor_names
                 )
+            monitor.wait_for_scorer()
+            if isinstance(group, ElasticWorkers):
+                timings = group.run(poll=monitor.poll)
+            else:
                 timings = ray_runner.run_workers(group, poll=monitor.poll)
             monitor.poll()
             result = monitor.result(timings)
@@ -173,75 +174,32 @@ def _stop_abandoned_job(address: str, token: str | None, job_id: str) -> None:
         logger.warning("could not stop job %s on %s: %s", job_id, address, exc)
 
 
-class _Evaluator:
-    """Follows the job and scores the held-out rows at every ``eval_every``-th step.
+def _start_scorer(
+    address: str, job_id: str, job: JobConfig, actor_name: str | None, token: str | None
+) -> Scorer | None:
+    """The held-out scoring process, when the job scores anything while it trains."""
+    data = job.data
+    if not job.eval_every or data.x_val is None or data.y_val is None or not len(data.x_val):
+        return None
+    ray_address = None
+    if actor_name is not None:
+        import ray
 
-    Each version it scores is exactly that step's (an exact pull: the job keeps every
-    ``eval_every``-th version for it); the scores go to the server too, for ``status``.
-    The driver shares the cores with the workers and hosts the parameter server by
-    default, so the thread runs at the lowest priority with one BLAS thread. A scorer
-    that falls so far behind that the job no longer keeps a version skips it.
-    """
-
-    def __init__(self, client: ServerClient, job_id: str, job: JobConfig) -> None:
-        self.client, self.job_id, self.job = client, job_id, job
-        self.model = MLP.from_spec(job.model_spec)
-        self.results: list[dict[str, float]] = []
-        self._lock = threading.Lock()
-        self._error: BaseException | None = None
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="gradfleet-eval", daemon=True)
-        self._thread.start()
-
-    def latest(self) -> dict[str, float]:
-        with self._lock:
-            return self.results[-1] if self.results else {}
-
-    def close(self, finished: bool) -> list[dict[str, float]]:
-        """Every score, in step order; when the job `finished`, after scoring the rest."""
-        if not finished:
-            self._stopping.set()
-        self._thread.join()
-        if self._error is not None and finished:
-            raise self._error
-        with self._lock:
-            return list(self.results)
-
-    def _run(self) -> None:
-        if sys.platform.startswith("linux"):
-            with contextlib.suppress(OSError):  # Linux: a thread id renices that thread only
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        every, total = self.job.eval_every, self.job.total_steps
-        data = self.job.data
-        try:
-            # found once: looking for the BLAS libraries costs milliseconds of the GIL
-            blas = ThreadpoolController()
-            for step in range(every, total + 1, every) if every else ():
-                if not self._pull(step):
-                    continue
-                with blas.limit(limits=1):
-                    scores = evaluate(self.model, data.x_val, data.y_val, self.job.loss)
-                with self._lock:
-                    self.results.append({"step": step, **scores})
-                if scores:
-                    self.client.record_evaluation(self.job_id, step, scores)
-        except BaseException as exc:  # raised by close()
-            self._error = exc
-
-    def _pull(self, step: int) -> bool:
-        """Pull exactly version `step` into the model; False when it is gone or stopping."""
-        while not self._stopping.is_set():
-            try:
-                self.client.pull_weights(
-                    self.job_id, min_version=step, out=self.model.flat, timeout=2.0, exact=True
-                )
-                return True
-            except DeadlineExceeded:
-                continue
-            except WrongState:  # not kept any more: scoring fell behind
-                logger.debug("version %d was not kept long enough to score it", step)
-                return False
-        return False
+        ray_address = ray.get_runtime_context().gcs_address
+    order = ScoringOrder(
+        address,
+        token,
+        job_id,
+        job.model_spec,
+        job.loss,
+        job.eval_every,
+        job.total_steps,
+        data.x_val,
+        data.y_val,
+        server_actor_name=actor_name,
+        ray_address=ray_address,
+    )
+    return Scorer(order)
 
 
 class _Monitor:
@@ -266,9 +224,12 @@ class _Monitor:
         self._shards = (
             ShardWatch(self.client, job_id) if isinstance(self.client, ShardedClient) else None
         )
-        self._evaluator = _Evaluator(
-            server_client(address, token, actor_name, SERVER_PATIENCE), job_id, job
-        )
+        self._scorer = _start_scorer(address, job_id, job, actor_name, token)
+
+    def wait_for_scorer(self, timeout: float = SCORER_START) -> None:
+        """Let the scorer start before the first step, so that it misses no version."""
+        if self._scorer is not None and not self._scorer.wait_ready(timeout):
+            logger.warning("held-out scoring is slow to start; it may skip early versions")
 
     def poll(self) -> None:
         if self._shards is not None:
@@ -276,7 +237,8 @@ class _Monitor:
         info = self.client.get_job(self.job_id, history_since=len(self.history))
         self._record(info.history)
         if self.progress is not None and self.history:
-            self.progress(self.history[-1] | held_out_metrics([self._evaluator.latest()]))
+            latest = self._scorer.latest() if self._scorer else {}
+            self.progress(self.history[-1] | held_out_metrics([latest]))
 
     def _record(self, records: Iterable[pb.StepRecord]) -> int:
         """Append the records not yet seen; returns how many were new."""
@@ -305,9 +267,8 @@ class _Monitor:
     def close(self, finished: bool) -> list[dict[str, float]]:
         """The evaluations (waiting for the rest when the job `finished`), then let go."""
         try:
-            evaluations = self._evaluator.close(finished)
+            evaluations = self._scorer.close(finished) if self._scorer else []
         finally:
-            self._evaluator.client.close()
             self.client.close()
         for evaluation in evaluations:  # when its step was applied, by the server's clock
             step = int(evaluation["step"])

@@ -56,15 +56,22 @@ SERVER_ACTOR_NAMESPACE = "gradfleet"
 SERVER_PATIENCE = 120.0
 
 
-def server_locator(actor_name: str | None) -> Callable[[], str] | None:
+def server_locator(
+    actor_name: str | None, ray_address: str | None = None
+) -> Callable[[], str] | None:
     """For a server running as the named Ray actor: a function that asks the actor for
-    the server's current address (waiting while Ray restarts it)."""
+    the server's current address (waiting while Ray restarts it). A process outside Ray
+    gives the cluster's `ray_address`, joined the first time the server must be found."""
     if actor_name is None:
         return None
 
     def locate() -> str:
         import ray
 
+        if ray_address is not None and not ray.is_initialized():
+            from gradfleet.worker.ray_runner import init_ray
+
+            init_ray(address=ray_address, logging_level=logging.ERROR, log_to_driver=False)
         for _ in range(3):
             try:
                 server = ray.get_actor(actor_name, namespace=SERVER_ACTOR_NAMESPACE)
@@ -110,14 +117,21 @@ def _settled(exchange: Exchange, wait: Callable[[], Any]) -> Any:
 
 
 def server_client(
-    address: str, token: str | None, actor_name: str | None, patience: float
+    address: str,
+    token: str | None,
+    actor_name: str | None,
+    patience: float,
+    ray_address: str | None = None,
 ) -> ServerClient:
     """A client of the server at ``address`` that follows it if it moves (server actor);
-    of every shard when ``address`` (and ``actor_name``) list several, comma-separated."""
+    of every shard when ``address`` (and ``actor_name``) list several, comma-separated.
+    `ray_address` is for a process outside Ray (see `server_locator`)."""
     addresses = address.split(",")
     names: list[str | None] = list(actor_name.split(",")) if actor_name else [None] * len(addresses)
     clients = [
-        ParameterServerClient(a, token=token, patience=patience, locate=server_locator(n))
+        ParameterServerClient(
+            a, token=token, patience=patience, locate=server_locator(n, ray_address)
+        )
         for a, n in zip(addresses, names, strict=True)
     ]
     return clients[0] if len(clients) == 1 else ShardedClient(clients)
