@@ -7,8 +7,8 @@ held-out accuracy after 5 epochs and after ``--epochs`` (default 10), and the ti
 first step (start-up); for gradfleet's Ray backend also the per-step split per worker
 (pull, compute, exchange = push + wait for the step + pull of the next weights).
 The held-out split is scored four times an epoch. The hand-written and local runs leave
-that time out; on Ray the trainer scores each of those versions on the driver's cores
-while the workers train, so Ray's samples/s pay for it. Variants run one after another
+that time out; on Ray a process at idle priority scores each of those versions while the
+workers train, so Ray's samples/s pay for what it takes from them. Variants run one after another
 in each round; ``--rounds`` rounds are interleaved and the median is printed.
 
     python benchmarks/bench_e2e.py                 # 64 rows per worker
