@@ -40,21 +40,21 @@ def active_streams() -> Callable[[Any], int]:
 
 
 @pytest.fixture(scope="session")
-def scoring_processes() -> Callable[[], list[int]]:
-    """Lists the held-out scoring processes this test process started that still run,
-    read from /proc as `ps` would."""
+def scoring_processes() -> Callable[..., list[int]]:
+    """Lists the held-out scoring processes that still run and whose parent is this test
+    process (or `parent`), read from /proc as `ps` would."""
 
-    def find() -> list[int]:
+    def find(parent: int | None = None) -> list[int]:
         found = []
         for entry in os.listdir("/proc"):
             try:
                 with open(f"/proc/{entry}/stat") as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
                     command = f.read()
             except (OSError, ValueError, IndexError):  # not a process, or one that just ended
                 continue
-            if parent == os.getpid() and b"gradfleet.worker.scoring" in command:
+            if ppid == (parent or os.getpid()) and b"gradfleet.worker.scoring" in command:
                 found.append(int(entry))
         return found
 

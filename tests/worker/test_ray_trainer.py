@@ -7,6 +7,7 @@ and nothing of ours outlives ``train()``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -214,13 +215,15 @@ def port_is_closed(address: str) -> bool:
 
 
 def test_nothing_outlives_train_when_it_returns_or_raises(
-    scoring_processes: Callable[[], list[int]],
+    scoring_processes: Callable[..., list[int]],
 ) -> None:
     job = digits_job(2, steps=60, eval_every=10)
-    scoring_while_training: list[int] = []
+    scoring_policies: list[int] = []  # the scheduling policy of each one seen
 
     def watch(entry: dict[str, float]) -> None:
-        scoring_while_training.extend(scoring_processes())
+        for pid in scoring_processes():
+            with contextlib.suppress(OSError):  # it just ended
+                scoring_policies.append(os.sched_getscheduler(pid))
 
     finished = train(job, backend="ray", progress=watch)
     after_return = our_live_actors(), scoring_processes()
@@ -234,7 +237,7 @@ def test_nothing_outlives_train_when_it_returns_or_raises(
         train(digits_job(2, steps=20_000, eval_every=10), backend="ray", progress=fail_midway)
     after_raise = our_live_actors(), scoring_processes()
 
-    assert scoring_while_training
+    assert os.SCHED_IDLE in scoring_policies
     assert after_return == ([], [])
     assert after_raise == ([], [])
     assert port_is_closed(finished.server_address)

@@ -4,6 +4,9 @@ back typed, and ends when stopped, even with the server gone."""
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -92,8 +95,8 @@ def test_an_error_in_the_scoring_process_comes_back_typed(server: ParameterServe
         scorer.close(finished=True)
 
 
-def test_a_stopped_scorer_ends_with_the_scores_it_had_even_with_the_server_gone(
-    scoring_processes: Callable[[], list[int]],
+def test_a_stopped_scorer_exits_with_the_scores_it_had_even_with_the_server_gone(
+    scoring_processes: Callable[..., list[int]], caplog: pytest.LogCaptureFixture
 ) -> None:
     job = digits_job(steps=1000)
     with serve(host="127.0.0.1", port=0) as running, ParameterServerClient(running.address) as c:
@@ -102,11 +105,74 @@ def test_a_stopped_scorer_ends_with_the_scores_it_had_even_with_the_server_gone(
         assert scorer.wait_ready(60)
         for step in range(job.eval_every):
             c.push_gradient(job_id, 0, step, 16, 1.0, np.zeros(c.layout(job_id).total_elements))
-        while not scorer.latest():  # until the first kept version is scored
+        deadline = time.monotonic() + 60
+        while not scorer.latest() and time.monotonic() < deadline:  # version 4 is scored
             time.sleep(0.01)
-    # the server is gone; the scorer waits for version 8 that will never come
+    # the server is gone; the scorer waits for version 8, which will never come
 
     scores = scorer.close(finished=False)
 
     assert [s["step"] for s in scores] == [4]
     assert scoring_processes() == []
+    assert "killing it" not in caplog.text  # it exited by itself when told to
+
+
+def test_a_scorer_that_fails_to_start_says_why_before_training(server: ParameterServer) -> None:
+    job = digits_job()
+    order = order_for(server.address, "any-job", job)
+    broken = dataclasses.replace(order, model_spec={**job.model_spec, "sizes": [64]})
+    scorer = Scorer(broken)
+
+    with pytest.raises(ValueError, match="sizes"):
+        scorer.wait_ready(60)
+    scorer.close(finished=False)
+
+
+TRAINER = """
+import sys, time
+from gradfleet import nn
+from gradfleet.client import JobConfig
+from gradfleet.client.data import load_dataset
+from gradfleet.proto.client import ParameterServerClient
+from gradfleet.worker.scoring import Scorer, ScoringOrder
+
+job = JobConfig(model=nn.MLP([64, 16, 10], seed=3), dataset=load_dataset("digits"),
+                steps=1000, workers=1, batch_size=16, eval_every=4)
+with ParameterServerClient(sys.argv[1]) as client:
+    job_id = client.create_job(**job.server_settings())
+data = job.data
+scorer = Scorer(ScoringOrder(sys.argv[1], None, job_id, job.model_spec, job.loss, 4, 1000,
+                             data.x_val, data.y_val))
+assert scorer.wait_ready(60)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_scorer_exits_when_its_trainer_is_killed(
+    server: ParameterServer, scoring_processes: Callable[..., list[int]]
+) -> None:
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", TRAINER, server.address], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert trainer.stdout is not None and trainer.stdout.readline() == "ready\n"
+        scorers = scoring_processes(trainer.pid)
+        assert len(scorers) == 1
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+    deadline = time.monotonic() + 60
+    while is_running(scorers[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_running(scorers[0])
+
+
+def is_running(pid: int) -> bool:
+    """Whether `pid` is alive (a zombie waiting for its new parent to reap it is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

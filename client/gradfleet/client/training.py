@@ -199,7 +199,11 @@ def _start_scorer(
         server_actor_name=actor_name,
         ray_address=ray_address,
     )
-    return Scorer(order)
+    try:
+        return Scorer(order)
+    except OSError as exc:  # no Python to start (an embedded interpreter)
+        logger.warning("held-out scoring could not start, so nothing is scored: %s", exc)
+        return None
 
 
 class _Monitor:
@@ -267,7 +271,11 @@ class _Monitor:
     def close(self, finished: bool) -> list[dict[str, float]]:
         """The evaluations (waiting for the rest when the job `finished`), then let go."""
         try:
-            evaluations = self._scorer.close(finished) if self._scorer else []
+            if self._scorer is not None:
+                evaluations = self._scorer.close(finished)
+            else:  # nothing to score them on: the steps alone, as local mode gives them
+                every, steps = self.job.eval_every, len(self.history)
+                evaluations = [{"step": s} for s in range(every, steps + 1, every)] if every else []
         finally:
             self.client.close()
         for evaluation in evaluations:  # when its step was applied, by the server's clock

@@ -3,10 +3,10 @@
 The trainer scores the exact weights of every ``eval_every``-th version (the job keeps
 them for it). That is CPU the workers and the parameter server want too, and the server
 usually runs in the driver: a scoring thread there would take the server's GIL and a
-share of the cores. A child process under Linux's ``SCHED_IDLE`` policy runs only on
-cycles nothing else wants and yields the moment a worker wakes (elsewhere it runs at
-the lowest nice level). Its scores come back over its stdout as pickles; closing its
-stdin stops it, so it never outlives the trainer.
+share of the cores. A child process under Linux's ``SCHED_IDLE`` policy gets only
+a tiny share of a busy core, and a worker that wakes preempts it at once (elsewhere it
+runs at the lowest nice level or priority class). Its scores come back over its stdout
+as pickles; when its stdin closes (the trainer is done with it, or gone) it exits.
 """
 
 from __future__ import annotations
@@ -53,15 +53,19 @@ class Scorer:
     def __init__(self, order: ScoringOrder) -> None:
         self.results: list[dict[str, float]] = []
         self._lock = threading.Lock()
-        self._ready = threading.Event()
+        self._ready, self._sent = threading.Event(), threading.Event()
+        self._up = False  # it said READY (the ready event is also set when it ends)
         self._error: BaseException | None = None
-        # the child imports gradfleet from wherever this process did
-        path = os.pathsep.join(p for p in sys.path if p)
+        # the child imports gradfleet from wherever this process did (-P: and not from
+        # the working directory)
+        path = os.pathsep.join(p for p in sys.path if isinstance(p, str) and p)
         self._process = subprocess.Popen(
-            [sys.executable, "-m", __name__],
+            [sys.executable, "-P", "-m", __name__],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=os.environ | {"PYTHONPATH": path},
+            start_new_session=True,  # the trainer's Ctrl-C is the trainer's to handle
+            creationflags=getattr(subprocess, "IDLE_PRIORITY_CLASS", 0),  # Windows
         )
         self._reader = threading.Thread(
             target=self._talk, args=(order,), name="gradfleet-scores", daemon=True
@@ -69,8 +73,13 @@ class Scorer:
         self._reader.start()
 
     def wait_ready(self, timeout: float) -> bool:
-        """Whether the process is ready to pull the first version it scores."""
-        return self._ready.wait(timeout)
+        """Whether the process is ready to pull the first version it scores; raises its
+        error if it ended first."""
+        ready = self._ready.wait(timeout)
+        if ready and not self._up:
+            self._reader.join()
+            raise self._error or self._exit_error()
+        return ready
 
     def latest(self) -> dict[str, float]:
         with self._lock:
@@ -80,42 +89,55 @@ class Scorer:
         """Every score, in step order; when the job `finished`, after scoring the rest."""
         assert self._process.stdin is not None
         if not finished:
+            if not self._sent.is_set():  # it may never read its order
+                self._process.kill()
             with contextlib.suppress(OSError):
                 self._process.stdin.close()
             try:
                 self._process.wait(timeout=self.STOP_GRACE)
             except subprocess.TimeoutExpired:
+                logger.warning("the held-out scoring process did not stop; killing it")
                 self._process.kill()
         self._reader.join()
-        code = self._process.wait()
+        self._process.wait()
         with contextlib.suppress(OSError):
             self._process.stdin.close()
-        if finished and self._error is not None:
-            raise self._error
-        if finished and code != 0:
-            raise RuntimeError(f"the held-out scoring process exited with code {code}")
+        if finished and (self._error is not None or self._process.returncode):
+            raise self._error or self._exit_error()
         with self._lock:
             return list(self.results)
 
+    def _exit_error(self) -> RuntimeError:
+        code = self._process.wait()
+        return RuntimeError(f"the held-out scoring process exited with code {code}; see above")
+
     def _talk(self, order: ScoringOrder) -> None:
-        """Send the order, then read what the process says until it closes its end."""
+        """Send the order, then read what the process says until it closes its end; if
+        what it says cannot be read, stop it (it would block on a full pipe)."""
         assert self._process.stdin is not None and self._process.stdout is not None
-        with contextlib.suppress(OSError):  # gone already: its exit code says why
+        with contextlib.suppress(OSError, ValueError):  # gone or stopped already
             pickle.dump(order, self._process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
             self._process.stdin.flush()
-        while True:
-            try:
-                said = pickle.load(self._process.stdout)
-            except (EOFError, OSError, pickle.UnpicklingError):  # the process is done
-                self._ready.set()
-                return
-            if said == READY:
-                self._ready.set()
-            elif isinstance(said, BaseException):
-                self._error = said
-            else:
-                with self._lock:
-                    self.results.append(said)
+            self._sent.set()
+        try:
+            while True:
+                try:
+                    said = pickle.load(self._process.stdout)
+                except EOFError:  # the process is done
+                    return
+                if said == READY:
+                    self._up = True
+                    self._ready.set()
+                elif isinstance(said, BaseException):
+                    self._error = said
+                else:
+                    with self._lock:
+                        self.results.append(said)
+        except Exception as exc:
+            self._error = RuntimeError(f"could not read the held-out scoring process: {exc}")
+            self._process.kill()
+        finally:
+            self._ready.set()
 
 
 def score(order: ScoringOrder, say: Callable[[Any], None]) -> None:
@@ -158,15 +180,17 @@ def _pull_exact(client: Any, job_id: str, step: int, out: np.ndarray) -> bool:
 
 
 def _lowest_priority() -> None:
-    """Run only when nothing else wants a core: the job's workers and server come first.
-    Every thread of the process (gRPC's too); threads started later inherit it."""
+    """The smallest share of a busy core: the job's workers and server come first. Every
+    thread of the process (gRPC's too); threads started later inherit it."""
+    switched = False
     if hasattr(os, "SCHED_IDLE") and os.path.isdir("/proc/self/task"):
         for thread in os.listdir("/proc/self/task"):
-            with contextlib.suppress(OSError):  # a thread that just ended
+            with contextlib.suppress(OSError):  # a thread that just ended; not allowed
                 os.sched_setscheduler(int(thread), os.SCHED_IDLE, os.sched_param(0))
-        return
-    with contextlib.suppress(OSError, AttributeError):  # no os.nice on Windows
-        os.nice(19)
+                switched = True
+    if not switched and hasattr(os, "nice"):  # on Windows its priority class does it
+        with contextlib.suppress(OSError):
+            os.nice(19)
 
 
 def main() -> None:
