@@ -43,21 +43,6 @@ def digits_job(**changes: Any) -> JobConfig:
     return JobConfig(**(settings | changes))
 
 
-def order_for(address: str, job_id: str, job: JobConfig) -> ScoringOrder:
-    data = job.data
-    return ScoringOrder(
-        address,
-        None,
-        job_id,
-        job.model_spec,
-        job.loss,
-        job.eval_every,
-        job.total_steps,
-        data.x_val,
-        data.y_val,
-    )
-
-
 def test_every_kept_version_is_scored_on_its_exact_weights(server: ParameterServer) -> None:
     job = digits_job()
     model = nn.MLP.from_spec(job.model_spec)
@@ -65,14 +50,16 @@ def test_every_kept_version_is_scored_on_its_exact_weights(server: ParameterServ
     expected = []
     with ParameterServerClient(server.address) as client:
         job_id = client.create_job(**job.server_settings())
-        scorer = Scorer(order_for(server.address, job_id, job))
+        scorer = Scorer(ScoringOrder.for_job(job, server.address, job_id))
         assert scorer.wait_ready(60)
         for step in range(job.total_steps):
             gradient = rng.standard_normal(model.flat.size)
             client.push_gradient(job_id, 0, step, 16, 1.0, gradient)
             if (step + 1) % job.eval_every == 0:
                 client.pull_weights(job_id, step + 1, out=model.flat, exact=True)
-                expected.append({"step": step + 1, **evaluate(model, *held_out(job), job.loss)})
+                expected.append(
+                    {"step": step + 1, **evaluate(model, job.data.x_val, job.data.y_val, job.loss)}
+                )
         scores = scorer.close(finished=True)
         reported = client.get_job(job_id).latest_evaluation
 
@@ -84,12 +71,8 @@ def test_every_kept_version_is_scored_on_its_exact_weights(server: ParameterServ
     assert reported.metrics["val_accuracy"] == scores[-1]["val_accuracy"]
 
 
-def held_out(job: JobConfig) -> tuple[np.ndarray, np.ndarray]:
-    return job.data.x_val, job.data.y_val
-
-
 def test_an_error_in_the_scoring_process_comes_back_typed(server: ParameterServer) -> None:
-    scorer = Scorer(order_for(server.address, "no-such-job", digits_job()))
+    scorer = Scorer(ScoringOrder.for_job(digits_job(), server.address, "no-such-job"))
 
     with pytest.raises(JobNotFound, match="no-such-job"):
         scorer.close(finished=True)
@@ -101,7 +84,7 @@ def test_a_stopped_scorer_exits_with_the_scores_it_had_even_with_the_server_gone
     job = digits_job(steps=1000)
     with serve(host="127.0.0.1", port=0) as running, ParameterServerClient(running.address) as c:
         job_id = c.create_job(**job.server_settings())
-        scorer = Scorer(order_for(running.address, job_id, job))
+        scorer = Scorer(ScoringOrder.for_job(job, running.address, job_id))
         assert scorer.wait_ready(60)
         for step in range(job.eval_every):
             c.push_gradient(job_id, 0, step, 16, 1.0, np.zeros(c.layout(job_id).total_elements))
@@ -119,7 +102,7 @@ def test_a_stopped_scorer_exits_with_the_scores_it_had_even_with_the_server_gone
 
 def test_a_scorer_that_fails_to_start_says_why_before_training(server: ParameterServer) -> None:
     job = digits_job()
-    order = order_for(server.address, "any-job", job)
+    order = ScoringOrder.for_job(job, server.address, "any-job")
     broken = dataclasses.replace(order, model_spec={**job.model_spec, "sizes": [64]})
     scorer = Scorer(broken)
 
@@ -140,9 +123,7 @@ job = JobConfig(model=nn.MLP([64, 16, 10], seed=3), dataset=load_dataset("digits
                 steps=1000, workers=1, batch_size=16, eval_every=4)
 with ParameterServerClient(sys.argv[1]) as client:
     job_id = client.create_job(**job.server_settings())
-data = job.data
-scorer = Scorer(ScoringOrder(sys.argv[1], None, job_id, job.model_spec, job.loss, 4, 1000,
-                             data.x_val, data.y_val))
+scorer = Scorer(ScoringOrder.for_job(job, sys.argv[1], job_id))
 assert scorer.wait_ready(60)
 print("ready", flush=True)
 time.sleep(600)

@@ -186,18 +186,8 @@ def _start_scorer(
         import ray
 
         ray_address = ray.get_runtime_context().gcs_address
-    order = ScoringOrder(
-        address,
-        token,
-        job_id,
-        job.model_spec,
-        job.loss,
-        job.eval_every,
-        job.total_steps,
-        data.x_val,
-        data.y_val,
-        server_actor_name=actor_name,
-        ray_address=ray_address,
+    order = ScoringOrder.for_job(
+        job, address, job_id, token=token, server_actor_name=actor_name, ray_address=ray_address
     )
     try:
         return Scorer(order)

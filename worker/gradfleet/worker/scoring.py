@@ -20,9 +20,13 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from gradfleet.worker.actor import ServerClient
+    from gradfleet.worker.config import JobConfig
 
 logger = logging.getLogger(__name__)
 READY = "ready"
@@ -33,7 +37,6 @@ class ScoringOrder:
     """What the scoring process needs: where the job is, which versions, which rows."""
 
     address: str  # host:port, or one per shard, comma-separated
-    token: str | None
     job_id: str
     model_spec: dict[str, Any]
     loss: str
@@ -41,8 +44,27 @@ class ScoringOrder:
     total_steps: int
     x_val: np.ndarray
     y_val: np.ndarray
+    token: str | None = None
     server_actor_name: str | None = None  # the server's Ray actor, when it runs as one
     ray_address: str | None = None  # joined only to ask that actor where the server moved
+
+    @classmethod
+    def for_job(cls, job: JobConfig, address: str, job_id: str, **settings: Any) -> ScoringOrder:
+        """The order for `job` (created on the server at `address` as `job_id`), which has
+        held-out rows; `settings` sets the fields that do not come from the job."""
+        data = job.data
+        assert data.x_val is not None and data.y_val is not None, "no held-out rows"
+        return cls(
+            address=address,
+            job_id=job_id,
+            model_spec=job.model_spec,
+            loss=job.loss,
+            eval_every=job.eval_every,
+            total_steps=job.total_steps,
+            x_val=data.x_val,
+            y_val=data.y_val,
+            **settings,
+        )
 
 
 class Scorer:
@@ -164,7 +186,7 @@ def score(order: ScoringOrder, say: Callable[[Any], None]) -> None:
             client.record_evaluation(order.job_id, step, scores)
 
 
-def _pull_exact(client: Any, job_id: str, step: int, out: np.ndarray) -> bool:
+def _pull_exact(client: ServerClient, job_id: str, step: int, out: np.ndarray) -> bool:
     """Pull exactly version `step` into `out` (waiting for it); False when it is gone."""
     from gradfleet.proto.errors import DeadlineExceeded, WrongState
 
