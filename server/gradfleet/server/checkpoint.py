@@ -3,8 +3,8 @@
 The `.npz` (weights, optimiser state and the step history as two arrays, loaded with
 `allow_pickle=False`) is written first, then the JSON metadata (spec, layout, version,
 counters, the `.npz`'s size and XXH3-128 digest, and a checksum of itself); each goes to a
-temporary file that is fsynced and renamed, then the directory is fsynced. The JSON is
-the commit marker: a checkpoint counts only when both files load and agree, so a torn
+temporary file that is fsynced, then both are renamed and the directory is fsynced once.
+The JSON is the commit marker: a checkpoint counts only when both files load and agree, so a torn
 write is skipped in favour of the previous good checkpoint, which is kept until a newer
 one is complete. These functions do disk I/O and are called off the job's lock
 (`CheckpointWriter`).
@@ -85,39 +85,43 @@ def _fsync_dir(path: Path) -> None:
 
 
 class _HashingWriter:
-    """A write-only stream that hashes what passes through it, so the digest is of
-    exactly the file's bytes, without reading the file again."""
+    """A write-only stream that hashes and counts what passes through it, so the digest
+    and size are of exactly the file's bytes, without reading the file again."""
 
     def __init__(self, f: DirectFile) -> None:
         self._f = f
         self.digest = _npz_digest_kind(FORMAT_VERSION)[1]()
+        self.size = 0
 
     def write(self, data: bytes | memoryview) -> int:
         self.digest.update(data)
-        return self._f.write(data)
+        written = self._f.write(data)
+        self.size += written
+        return written
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> str:
-    """Write `path` atomically (temporary file, fsync, rename, directory fsync); returns
-    the digest of its bytes."""
+def _synced_temporary(path: Path, write: Callable[[IO[bytes]], Any]) -> tuple[str, _HashingWriter]:
+    """A temporary file beside `path` holding what `write` wrote, on disk (fsynced);
+    returns its name and the digest and size of its bytes."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with DirectFile(fd) as f:
             hashing = _HashingWriter(f)
             write(hashing)  # type: ignore[arg-type]
             f.sync()
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
-    return hashing.digest.hexdigest()
+    return tmp, hashing
 
 
-def write_checkpoint(root: Path, snap: JobSnapshot, keep: int = _KEEP) -> Path:
+def write_checkpoint(
+    root: Path, snap: JobSnapshot, keep: int = _KEEP
+) -> tuple[Path, tuple[int, ...]]:
     """Write `snap` under `root`, keeping the `keep` newest checkpoints of its job (a
-    shard of a job keeps more: see `Job`); returns the JSON path."""
+    shard of a job keeps more: see `Job`); returns the JSON path and the versions the
+    job's directory then holds."""
     job_dir = root / snap.job_id
     job_dir.mkdir(parents=True, exist_ok=True)
     stem = f"ckpt-{snap.version:012d}"
@@ -125,8 +129,29 @@ def write_checkpoint(root: Path, snap: JobSnapshot, keep: int = _KEEP) -> Path:
     for key, value in snap.optimizer_state.items():
         arrays[_OPT_PREFIX + key] = np.asarray(value)
     arrays[_HISTORY_INTS], arrays[_HISTORY_FLOATS] = snap.history
-    npz_path = job_dir / f"{stem}.npz"
-    npz_digest = _atomic_write(npz_path, lambda f: npzfile.save(f, arrays))
+    npz_path, json_path = job_dir / f"{stem}.npz", job_dir / f"{stem}.json"
+    npz_tmp, npz = _synced_temporary(npz_path, lambda f: npzfile.save(f, arrays))
+    try:
+        meta = json.dumps(_metadata(snap, npz_path.name, npz)).encode()
+        json_tmp, _ = _synced_temporary(json_path, lambda f: f.write(meta))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(npz_tmp)
+        raise
+    # both files are on disk before either name is, and one directory fsync makes both
+    # names durable. Until then a crash may keep one rename without the other: a weights
+    # file without its JSON is a leftover, a JSON without its weights file is refused, and
+    # the previous checkpoint is not pruned yet.
+    os.replace(npz_tmp, npz_path)
+    os.replace(json_tmp, json_path)
+    _fsync_dir(job_dir)
+    held = _prune(job_dir, stem, keep)
+    log.debug("checkpoint of job %s at version %d", snap.job_id, snap.version)
+    return json_path, held
+
+
+def _metadata(snap: JobSnapshot, npz_name: str, npz: _HashingWriter) -> dict[str, Any]:
+    """A checkpoint's JSON metadata, with the checksum of itself."""
     c = snap.counters
     meta = {
         "format": FORMAT_VERSION,
@@ -135,9 +160,9 @@ def write_checkpoint(root: Path, snap: JobSnapshot, keep: int = _KEEP) -> Path:
         "state": _STATE_NAMES[snap.state],
         "spec": snap.spec.to_json(),
         "layout": snap.layout.to_json(),
-        "npz": npz_path.name,
-        "npz_bytes": npz_path.stat().st_size,
-        _npz_digest_kind(FORMAT_VERSION)[0]: npz_digest,
+        "npz": npz_name,
+        "npz_bytes": npz.size,
+        _npz_digest_kind(FORMAT_VERSION)[0]: npz.digest.hexdigest(),
         "created_at": snap.created_at,
         "counters": {
             "received": c.received,
@@ -153,33 +178,33 @@ def write_checkpoint(root: Path, snap: JobSnapshot, keep: int = _KEEP) -> Path:
     if snap.evaluation is not None:
         meta["evaluation"] = {"step": snap.evaluation.step, "metrics": snap.evaluation.metrics}
     meta["checksum"] = _meta_checksum(meta)
-    json_path = job_dir / f"{stem}.json"
-    _atomic_write(json_path, lambda f: f.write(json.dumps(meta).encode()))
-    _prune(job_dir, stem, keep)
-    log.debug("checkpoint of job %s at version %d", snap.job_id, snap.version)
-    return json_path
+    return meta
 
 
-def _prune(job_dir: Path, current: str, keep: int) -> None:
+def _prune(job_dir: Path, current: str, keep: int) -> tuple[int, ...]:
     """Keep the checkpoint just written (stem `current`) and the `keep - 1` newest before
     it; drop older ones and leftovers of writes a crash cut short. Newer files (left by an
     earlier job of the same id that could not be resumed from them) stay for the
-    operator."""
-    metas = sorted(job_dir.glob("ckpt-*.json"))
-    older = [m for m in metas if m.stem < current]
-    kept = {current} | {m.stem for m in metas if m.stem > current}
-    kept |= {m.stem for m in older[len(older) - (keep - 1) :]}
-    for old in metas:
-        if old.stem not in kept:
-            for path in (old, old.with_suffix(".npz")):
-                with contextlib.suppress(OSError):
-                    path.unlink()
-    # one writer per job directory, so what no kept checkpoint names is an orphan
-    leftovers = [p for p in job_dir.glob("ckpt-*.npz") if p.stem not in kept]
-    leftovers += job_dir.glob(".ckpt-*.tmp")
-    for path in leftovers:
+    operator. Returns the versions kept, oldest first."""
+    names = os.listdir(job_dir)
+    metas = sorted(n[:-5] for n in names if n.startswith("ckpt-") and n.endswith(".json"))
+    older = [m for m in metas if m < current]
+    kept = {current} | {m for m in metas if m > current}
+    kept |= set(older[len(older) - (keep - 1) :])
+    # one writer per job directory, so a weights file no kept checkpoint names, and a
+    # temporary file, are leftovers
+    doomed = []
+    for name in names:
+        stem, _, suffix = name.rpartition(".")
+        ours = name.startswith("ckpt-") and suffix in ("json", "npz") and stem not in kept
+        if ours or (name.startswith(".ckpt-") and suffix == "tmp"):
+            doomed.append(name)
+    # commit markers first: a crash part-way leaves leftovers, never a JSON whose weights
+    # file is gone
+    for name in sorted(doomed, key=lambda name: not name.endswith(".json")):
         with contextlib.suppress(OSError):
-            path.unlink()
+            os.unlink(job_dir / name)
+    return tuple(sorted(int(m[5:]) for m in kept if _STEM.match(m)))
 
 
 def _load_one(json_path: Path) -> JobSnapshot:

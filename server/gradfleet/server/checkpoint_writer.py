@@ -121,8 +121,8 @@ class CheckpointWriter:
                 snap, keep, future = entry
                 self._writing = snap.job_id
             try:
-                path = checkpoint.write_checkpoint(self.root, snap, keep)
-                self._on_written(snap, checkpoint.versions(path.parent))
+                path, held = checkpoint.write_checkpoint(self.root, snap, keep)
+                self._on_written(snap, held)
             except Exception as exc:
                 log.exception(
                     "checkpoint of job %s at version %d failed", snap.job_id, snap.version
