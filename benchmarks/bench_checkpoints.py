@@ -7,9 +7,10 @@ rounds that each start with the next tree:
 * **exchange latency**, 10M float32 parameters (1000-4000-1500-10), sync, 2 clients
   (``--clients``) in threads each doing ``push_and_pull`` against a ``gradfleet server``
   subprocess, with a checkpoint every step or none: p50 and p99 of one exchange;
-* **the writer alone**: ``write_checkpoint`` of a 10M float32 snapshot to a temporary
-  directory (``.npz``, digest, fsync, pruning), in a process of each tree: median CPU
-  and wall time per checkpoint;
+* **the writer alone**: ``write_checkpoint`` of a 10M float32 snapshot, and of the small
+  job's model (1,058 float64), to a temporary directory (``.npz``, digest, fsyncs,
+  pruning), in a process of each tree: median CPU and wall time per checkpoint, and the
+  machine's busy CPU per checkpoint (the kernel's work for the fsyncs included);
 * **a small job's wall time**: ``gradfleet train`` of breast_cancer (float64, 2 Ray
   workers, 2,800 sync steps) with ``checkpoint_every = 7`` or without checkpoints.
 
@@ -126,15 +127,28 @@ def exchange_latencies(
     return np.array([t for own in times for t in own[2:]]), cpu
 
 
-def write_checkpoints(writes: int) -> None:
-    """`--writer`: time `writes` checkpoints of a 10M float32 snapshot with the
-    `write_checkpoint` this process imports, and print the seconds as JSON."""
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (Linux: ``/proc/stat``), the kernel's
+    work for a process's fsyncs included."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+# (label, elements, dtype) of the snapshots `--writer` writes
+WRITER_SIZES = {"10M": (10_000_000, np.float32), "small": (30 * 32 + 32 + 32 * 2 + 2, np.float64)}
+
+
+def write_checkpoints(writes: int, size: str) -> None:
+    """`--writer`: time `writes` checkpoints of a snapshot of `size` (`WRITER_SIZES`) with
+    the `write_checkpoint` this process imports, and print the seconds as JSON."""
     from gradfleet.proto.wire import FlatLayout
     from gradfleet.server import checkpoint
     from gradfleet.server.domain import JobSnapshot
     from gradfleet.server.settings import JobSettings, JobSpec
 
-    weights = np.random.default_rng(0).random(10_000_000, dtype=np.float32)
+    elements, dtype = WRITER_SIZES[size]
+    weights = np.random.default_rng(0).random(elements).astype(dtype)
     spec = JobSpec(
         model_spec_json="{}",
         optimizer_json='{"name": "sgd", "lr": 0.5}',
@@ -143,20 +157,24 @@ def write_checkpoints(writes: int) -> None:
     )
     layout = FlatLayout.from_arrays({"w": weights})
     snap = JobSnapshot.new("j", JobSettings.validate(spec).spec, layout, weights)
-    cpu, wall = [], []
+    cpu, wall, busy = [], [], []
     with tempfile.TemporaryDirectory() as root:
         for version in range(1, writes + 3):
             start, start_cpu = time.perf_counter(), time.process_time()
+            start_busy = machine_busy_seconds()
             checkpoint.write_checkpoint(Path(root), dataclasses.replace(snap, version=version))
             cpu.append(time.process_time() - start_cpu)
             wall.append(time.perf_counter() - start)
-    print(json.dumps({"cpu": cpu[2:], "wall": wall[2:]}))  # two writes warm the page cache
+            busy.append(machine_busy_seconds() - start_busy)
+    # two writes warm the page cache; the machine's CPU is counted in ticks, so it is
+    # reported as a mean
+    print(json.dumps({"cpu": cpu[2:], "wall": wall[2:], "busy": [float(np.mean(busy[2:]))]}))
 
 
-def writer_seconds(tree: Path, writes: int) -> dict[str, list[float]]:
+def writer_seconds(tree: Path, writes: int, size: str) -> dict[str, list[float]]:
     """CPU and wall seconds of each of `writes` calls of `write_checkpoint` in `tree`."""
     done = subprocess.run(
-        [sys.executable, __file__, "--writer", str(writes)],
+        [sys.executable, __file__, "--writer", str(writes), "--writer-size", size],
         capture_output=True,
         text=True,
         env=tree_env(tree),
@@ -202,26 +220,28 @@ def main() -> None:
     parser.add_argument("--writes", type=int, default=10, help="checkpoints per writer run")
     parser.add_argument("--no-job", action="store_true", help="skip the small job's timing")
     parser.add_argument("--writer", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--writer-size", default="10M", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.writer is not None:
-        write_checkpoints(args.writer)
+        write_checkpoints(args.writer, args.writer_size)
         return
     trees = [HERE, *(args.tree or [])]
     names = {tree: "this tree" if tree == HERE else str(tree) for tree in trees}
 
-    writer: dict[Path, dict[str, list[float]]] = {tree: {"cpu": [], "wall": []} for tree in trees}
-    for round_ in range(args.rounds):
-        for tree in rotated(trees, round_):
-            for key, runs in writer_seconds(tree, args.writes).items():
-                writer[tree][key] += runs
-    print(f"write_checkpoint alone, 10M float32, {args.rounds} x {args.writes} checkpoints")
-    print(f"  {'tree':30s} {'CPU ms':>8} {'wall ms':>8}   (median)")
-    for tree, runs in writer.items():
-        print(
-            f"  {names[tree]:30s} {np.median(runs['cpu']) * 1e3:8.1f} "
-            f"{np.median(runs['wall']) * 1e3:8.1f}"
-        )
-    print()
+    for size, count in (("10M", args.writes), ("small", 50 * args.writes)):
+        writer = {tree: {"cpu": [], "wall": [], "busy": []} for tree in trees}
+        for round_ in range(args.rounds):
+            for tree in rotated(trees, round_):
+                for key, runs in writer_seconds(tree, count, size).items():
+                    writer[tree][key] += runs
+        print(f"write_checkpoint alone, {size}, {args.rounds} x {count} checkpoints")
+        print(f"  {'tree':30s} {'CPU ms':>8} {'wall ms':>8} {'machine CPU ms':>15}   (median)")
+        for tree, runs in writer.items():
+            print(
+                f"  {names[tree]:30s} {np.median(runs['cpu']) * 1e3:8.2f} "
+                f"{np.median(runs['wall']) * 1e3:8.2f} {np.median(runs['busy']) * 1e3:15.2f}"
+            )
+        print()
 
     latency: dict[tuple[Path, int], list[np.ndarray]] = {}
     cpu: dict[tuple[Path, int], list[float]] = {}
