@@ -4,9 +4,9 @@ The `.npz` (weights, optimiser state and the step history as two arrays, loaded 
 `allow_pickle=False`) is written first, then the JSON metadata (spec, layout, version,
 counters, the `.npz`'s size and XXH3-128 digest, and a checksum of itself); each goes to a
 temporary file that is fsynced, then both are renamed and the directory is fsynced once.
-The JSON is the commit marker: a checkpoint counts only when both files load and agree, so a torn
-write is skipped in favour of the previous good checkpoint, which is kept until a newer
-one is complete. These functions do disk I/O and are called off the job's lock
+The JSON is the commit marker: a checkpoint counts only when both files load and agree,
+so a torn write is skipped in favour of the previous good checkpoint, which is kept until
+a newer one is complete. These functions do disk I/O and are called off the job's lock
 (`CheckpointWriter`).
 """
 
@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -204,7 +204,7 @@ def _prune(job_dir: Path, current: str, keep: int) -> tuple[int, ...]:
     for name in sorted(doomed, key=lambda name: not name.endswith(".json")):
         with contextlib.suppress(OSError):
             os.unlink(job_dir / name)
-    return tuple(sorted(int(m[5:]) for m in kept if _STEM.match(m)))
+    return _versions_of(kept)
 
 
 def _load_one(json_path: Path) -> JobSnapshot:
@@ -298,9 +298,12 @@ def _parse(json_path: Path) -> JobSnapshot:
 
 def versions(job_dir: Path) -> tuple[int, ...]:
     """The versions `job_dir` holds checkpoints of, oldest first (not yet checked)."""
-    return tuple(
-        sorted(int(p.stem[5:]) for p in job_dir.glob("ckpt-*.json") if _STEM.match(p.stem))
-    )
+    return _versions_of(p.stem for p in job_dir.glob("ckpt-*.json"))
+
+
+def _versions_of(stems: Iterable[str]) -> tuple[int, ...]:
+    """The versions of the checkpoint stems among `stems`, oldest first."""
+    return tuple(sorted(int(stem[5:]) for stem in stems if _STEM.match(stem)))
 
 
 def load_version(job_dir: Path, version: int) -> JobSnapshot:
